@@ -1,0 +1,257 @@
+"""Evaluation of recovered text against the client's private sentences.
+
+This module is the only part of ``dager`` that sees the ground truth: the attacker
+(:mod:`dager.attack`) never receives it. The attacker returns its sentences in its own
+order (it cannot know the client's), so scoring first finds the best one-to-one
+matching of predictions to references, then scores each matched pair.
+
+Scores follow DAGER's evaluation (Petrov et al., NeurIPS 2024, Sec. 6): ROUGE-1/2/L F1
+via the ``rouge-score`` package, averaged over references, plus the fraction of
+sentences recovered exactly and a positional token accuracy.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from rouge_score import rouge_scorer
+from scipy.optimize import linear_sum_assignment
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+_TIE_BREAK = 1e-6
+"""Weight of the secondary matching criteria (exactness, ROUGE-L) next to ROUGE-1.
+
+ROUGE-1 F1 values of sentences under a few hundred words differ by far more than this,
+so the secondary terms only decide between matchings with equal ROUGE-1 totals (for
+example two predictions that are permutations of the same words).
+"""
+
+
+@dataclass(frozen=True)
+class PairScore:
+    """One reference and the prediction matched to it.
+
+    Attributes:
+        reference_index: index into the references.
+        prediction_index: index into the predictions, or ``None`` when no prediction
+            was left for this reference (it is then scored as an empty prediction).
+        reference: the reference text, as given.
+        prediction: the matched prediction, as given (``""`` when unmatched).
+        exact: the normalised texts are identical.
+        rouge1: ROUGE-1 F1 of this pair.
+        rouge2: ROUGE-2 F1 of this pair.
+        rougeL: ROUGE-L F1 of this pair.
+        tokens_correct: reference tokens recovered in place (see :func:`evaluate_text`).
+        tokens_total: tokens in the reference.
+    """
+
+    reference_index: int
+    prediction_index: int | None
+    reference: str
+    prediction: str
+    exact: bool
+    rouge1: float
+    rouge2: float
+    rougeL: float  # noqa: N815 - the metric's usual name
+    tokens_correct: int
+    tokens_total: int
+
+
+@dataclass(frozen=True)
+class TextScores:
+    """Scores of a set of predictions against a set of references.
+
+    Attributes:
+        rouge1: mean ROUGE-1 F1 over references (unmatched references score 0).
+        rouge2: mean ROUGE-2 F1 over references.
+        rougeL: mean ROUGE-L F1 over references.
+        exact_match: fraction of references recovered exactly.
+        token_accuracy: fraction of reference tokens recovered in place.
+        pairs: one :class:`PairScore` per reference, in reference order.
+        unmatched_predictions: indices of predictions matched to no reference (when
+            there are more predictions than references), ascending.
+    """
+
+    rouge1: float
+    rouge2: float
+    rougeL: float  # noqa: N815 - the metric's usual name
+    exact_match: float
+    token_accuracy: float
+    pairs: tuple[PairScore, ...]
+    unmatched_predictions: tuple[int, ...] = ()
+
+    @property
+    def num_exact(self) -> int:
+        """How many references were recovered exactly."""
+        return sum(p.exact for p in self.pairs)
+
+    @property
+    def matched_predictions(self) -> tuple[str, ...]:
+        """The prediction matched to each reference, in reference order (``""`` if none)."""
+        return tuple(p.prediction for p in self.pairs)
+
+
+@dataclass(frozen=True)
+class _Scored:
+    exact: bool
+    rouge1: float
+    rouge2: float
+    rougeL: float  # noqa: N815
+    tokens_correct: int
+    tokens_total: int
+
+
+def _identity(text: str) -> str:
+    return text
+
+
+def _tokens(text: str) -> list[str]:
+    """Whitespace tokens: the unit of :func:`token_diff` and token accuracy."""
+    return text.split()
+
+
+def _score_pair(scorer: rouge_scorer.RougeScorer, reference: str, prediction: str) -> _Scored:
+    """Score one normalised pair."""
+    ref_tokens, pred_tokens = _tokens(reference), _tokens(prediction)
+    exact = ref_tokens == pred_tokens
+    if exact:
+        # rouge-score gives 0 to texts without bigrams (one-word sentences) or without
+        # alphanumeric words; an exactly recovered sentence scores 1 on every metric.
+        r1 = r2 = rl = 1.0
+    else:
+        s = scorer.score(reference, prediction)
+        r1, r2, rl = (float(s[t].fmeasure) for t in ROUGE_TYPES)
+    correct = sum(1 for r, p in zip(ref_tokens, pred_tokens) if r == p)
+    return _Scored(exact, r1, r2, rl, correct, len(ref_tokens))
+
+
+def evaluate_text(
+    references: Sequence[str],
+    predictions: Sequence[str],
+    *,
+    normalize: Callable[[str], str] | None = None,
+) -> TextScores:
+    """Match predictions to references one-to-one and score the matching.
+
+    Matching: the Hungarian algorithm (:func:`scipy.optimize.linear_sum_assignment`)
+    maximises the total ROUGE-1 F1 over matched pairs; ties are broken in favour of
+    exact matches, then ROUGE-L. References left without a prediction (fewer
+    predictions than references) are scored as empty predictions; predictions left
+    without a reference are listed in ``unmatched_predictions`` and do not lower the
+    scores (DAGER's protocol, which scores each client sentence).
+
+    Scores, each averaged over the references:
+
+    * ``rouge1``/``rouge2``/``rougeL``: F1 from ``rouge-score`` (its tokenizer
+      lowercases and keeps alphanumeric words). A pair whose normalised texts are
+      identical scores 1.0 on all three, even when ``rouge-score`` finds no n-grams.
+    * ``exact_match``: fraction of references whose matched prediction has exactly the
+      same whitespace tokens (so only whitespace runs may differ).
+    * ``token_accuracy``: split reference and matched prediction on whitespace; a
+      reference token at position i is recovered when the prediction's token at
+      position i is identical (case and punctuation count). The score is the number of
+      recovered tokens over all references divided by the number of reference tokens.
+      A prediction that is right but shifted by one word scores low here while its
+      ROUGE stays high: the two are complementary.
+
+    Args:
+        references: the client's sentences (ground truth).
+        predictions: the attacker's sentences, in any order, any number.
+        normalize: applied to both sides before scoring (for example the model's
+            tokenizer normalisation, so that an uncased model's lowercase output can be
+            exact); the pairs keep the original texts.
+
+    Returns:
+        The scores and the matching.
+    """
+    norm = normalize or _identity
+    refs = [norm(r) for r in references]
+    preds = [norm(p) for p in predictions]
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False)
+
+    n, m = len(refs), len(preds)
+    scored: dict[tuple[int, int], _Scored] = {}
+    assignment: dict[int, int] = {}
+    if n and m:
+        weight = np.zeros((n, m), dtype=np.float64)  # (refs, preds)
+        for i, ref in enumerate(refs):
+            for j, pred in enumerate(preds):
+                s = _score_pair(scorer, ref, pred)
+                scored[(i, j)] = s
+                weight[i, j] = s.rouge1 + _TIE_BREAK * (float(s.exact) + s.rougeL)
+        rows, cols = linear_sum_assignment(weight, maximize=True)
+        assignment = {int(i): int(j) for i, j in zip(rows, cols)}
+
+    pairs: list[PairScore] = []
+    for i, ref in enumerate(refs):
+        j = assignment.get(i)
+        s = scored[(i, j)] if j is not None else _score_pair(scorer, ref, "")
+        pairs.append(
+            PairScore(
+                reference_index=i,
+                prediction_index=j,
+                reference=references[i],
+                prediction=predictions[j] if j is not None else "",
+                exact=s.exact,
+                rouge1=s.rouge1,
+                rouge2=s.rouge2,
+                rougeL=s.rougeL,
+                tokens_correct=s.tokens_correct,
+                tokens_total=s.tokens_total,
+            )
+        )
+    used = set(assignment.values())
+    unmatched = tuple(j for j in range(m) if j not in used)
+
+    def mean(values: list[float]) -> float:
+        return float(sum(values) / len(values)) if values else 0.0
+
+    total_tokens = sum(p.tokens_total for p in pairs)
+    return TextScores(
+        rouge1=mean([p.rouge1 for p in pairs]),
+        rouge2=mean([p.rouge2 for p in pairs]),
+        rougeL=mean([p.rougeL for p in pairs]),
+        exact_match=mean([float(p.exact) for p in pairs]),
+        token_accuracy=(sum(p.tokens_correct for p in pairs) / total_tokens) if total_tokens else 0.0,
+        pairs=tuple(pairs),
+        unmatched_predictions=unmatched,
+    )
+
+
+DIFF_STATUSES = ("equal", "missing", "extra")
+"""Statuses of :func:`token_diff`: in both texts, only in the reference, only in the prediction."""
+
+
+def token_diff(reference: str, prediction: str) -> list[tuple[str, str]]:
+    """A word-level diff of a prediction against its reference, for display.
+
+    Words are whitespace tokens. A replaced span appears as the reference's words
+    (``"missing"``) followed by the prediction's words (``"extra"``).
+
+    Args:
+        reference: the true sentence.
+        prediction: the recovered sentence.
+
+    Returns:
+        ``(token, status)`` pairs in reading order, status one of :data:`DIFF_STATUSES`.
+    """
+    ref, pred = _tokens(reference), _tokens(prediction)
+    out: list[tuple[str, str]] = []
+    matcher = difflib.SequenceMatcher(a=ref, b=pred, autojunk=False)
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        if op == "equal":
+            out.extend((t, "equal") for t in ref[i1:i2])
+        elif op == "delete":
+            out.extend((t, "missing") for t in ref[i1:i2])
+        elif op == "insert":
+            out.extend((t, "extra") for t in pred[j1:j2])
+        elif op == "replace":
+            out.extend((t, "missing") for t in ref[i1:i2])
+            out.extend((t, "extra") for t in pred[j1:j2])
+        else:  # difflib documents exactly these four opcodes
+            raise ValueError(f"unexpected diff opcode {op!r}")
+    return out
