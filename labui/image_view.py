@@ -1,0 +1,196 @@
+"""The DLG image attack's event stream as display values."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from dlg.events import DlgFinished, DlgStarted, DlgStep, LabelsInferred
+from labui import plots
+
+IMAGE_KEYS = ("status", "preview", "loss", "psnr", "comparison")
+"""The DLG view's outputs, in the order the app wires them."""
+
+
+def to_grid(images: torch.Tensor, *, scale: int = 4, pad: int = 2) -> np.ndarray:
+    """``(B, C, H, W)`` in [0, 1] -> one ``(H', W', 3)`` uint8 row, upscaled (nearest)."""
+    x = images.detach().float().clamp(0, 1).cpu()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)  # (B, 3, sH, sW)
+    b, _, h, w = x.shape
+    out = torch.ones(3, h, b * w + (b - 1) * pad)
+    for i in range(b):
+        out[:, :, i * (w + pad): i * (w + pad) + w] = x[i]
+    return (out.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def matched_psnr(reference: torch.Tensor, images: torch.Tensor) -> float:
+    """Mean PSNR (dB, peak 1) under the best one-to-one matching of images.
+
+    The order of a reconstructed batch is arbitrary, so each reconstruction is paired
+    with the original it is closest to (Hungarian matching on MSE).
+    """
+    ref = reference.detach().float().cpu().flatten(1)  # (B, D)
+    rec = images.detach().float().cpu().clamp(0, 1).flatten(1)  # (B, D)
+    mse = ((ref[:, None, :] - rec[None, :, :]) ** 2).mean(dim=2).numpy()  # (B, B)
+    rows, cols = linear_sum_assignment(mse)
+    psnr = [10 * np.log10(1.0 / max(float(mse[r, c]), 1e-10)) for r, c in zip(rows, cols)]
+    return float(np.mean(psnr))
+
+
+@dataclass
+class DlgView:
+    """Accumulated state of one DLG run, for display.
+
+    Attributes:
+        originals: ``(B, C, H, W)`` the client's images (the demo's evaluator knows them).
+        labels: the client's true labels, for the label-accuracy line.
+        clock: a monotonic clock (injectable for tests).
+    """
+
+    originals: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    clock: Callable[[], float] = time.perf_counter
+
+    started: DlgStarted | None = None
+    inferred: LabelsInferred | None = None
+    iterations: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    psnr_iterations: list[int] = field(default_factory=list)
+    psnrs: list[float] = field(default_factory=list)
+    preview: torch.Tensor | None = None
+    restart: int = 0
+    finished: DlgFinished | None = None
+    scores: object | None = None
+    t0: float = 0.0
+    frames_shown: int = 0
+    dirty: set[str] = field(default_factory=lambda: set(IMAGE_KEYS))
+
+    def __post_init__(self) -> None:
+        self.t0 = self.clock()
+        self._handlers = {
+            DlgStarted: self._started,
+            LabelsInferred: self._labels,
+            DlgStep: self._step,
+            DlgFinished: self._finished,
+        }
+
+    def apply(self, event: object) -> None:
+        """Fold one event into the view.
+
+        Raises:
+            TypeError: for an event type this view does not know.
+        """
+        handler = self._handlers.get(type(event))
+        if handler is None:
+            raise TypeError(f"DlgView cannot display a {type(event).__name__} event")
+        handler(event)
+
+    def _started(self, e: DlgStarted) -> None:
+        self.started = e
+        self.dirty.add("status")
+
+    def _labels(self, e: LabelsInferred) -> None:
+        self.inferred = e
+        self.dirty.add("status")
+
+    def _step(self, e: DlgStep) -> None:
+        if e.restart != self.restart:  # a new restart: curves start over
+            self.restart = int(e.restart)
+            self.iterations.clear(), self.losses.clear()
+            self.psnr_iterations.clear(), self.psnrs.clear()
+        self.iterations.append(int(e.iteration))
+        self.losses.append(float(e.loss))
+        self.dirty |= {"status", "loss"}
+        if e.preview is not None:
+            self.preview = e.preview
+            self.frames_shown += 1
+            self.dirty.add("preview")
+            if self.originals is not None and e.preview.shape == self.originals.shape:
+                self.psnr_iterations.append(int(e.iteration))
+                self.psnrs.append(matched_psnr(self.originals, e.preview))
+                self.dirty.add("psnr")
+
+    def _finished(self, e: DlgFinished) -> None:
+        self.finished = e
+        r = e.result
+        self.preview = r.images
+        if r.losses and len(r.losses) >= len(self.losses):
+            self.iterations = list(range(1, len(r.losses) + 1))
+            self.losses = [float(v) for v in r.losses]
+        if self.originals is not None and r.images.shape == self.originals.shape:
+            final = matched_psnr(self.originals, r.images)
+            last = self.iterations[-1] if self.iterations else 0
+            if not self.psnr_iterations or self.psnr_iterations[-1] < last:
+                self.psnr_iterations.append(last)
+                self.psnrs.append(final)
+        self.dirty |= set(IMAGE_KEYS)
+
+    @property
+    def final_psnr(self) -> float | None:
+        if self.finished is None or self.originals is None:
+            return None
+        return matched_psnr(self.originals, self.finished.result.images)
+
+    def take_dirty(self) -> set[str]:
+        d, self.dirty = self.dirty, set()
+        return d
+
+    def render(self) -> dict[str, object]:
+        """All outputs (numpy images, plotly figures, Markdown)."""
+        loss = plots.curve_figure(self.iterations, self.losses, title="Gradient distance (matching loss)",
+                                  ytitle="distance", log=True, empty="waiting for the first iteration…")
+        psnr = plots.curve_figure(self.psnr_iterations, self.psnrs, title="PSNR against the original",
+                                  ytitle="PSNR (dB)", log=False, colour=plots.ACCEPT,
+                                  empty="PSNR appears with the first preview", hline=30.0,
+                                  hline_text="30 dB: visually identical")
+        preview = None if self.preview is None else to_grid(self.preview)
+        comparison = None
+        if self.finished is not None and self.originals is not None:
+            comparison = np.concatenate(
+                [to_grid(self.originals), np.full((6, to_grid(self.originals).shape[1], 3), 255, np.uint8),
+                 to_grid(self.finished.result.images)], axis=0,
+            ) if self.originals.shape == self.finished.result.images.shape else to_grid(self.finished.result.images)
+        return {"status": self.status_markdown(), "preview": preview, "loss": loss, "psnr": psnr,
+                "comparison": comparison}
+
+    def status_markdown(self) -> str:
+        s = self.started
+        if s is None:
+            return "**Running:** computing the client's gradient…"
+        head = f"**{s.method.upper()}** on **{s.model}** · batch {s.batch_size} · budget {s.iterations} iterations"
+        if s.restarts > 1:
+            head += f" · restart {self.restart + 1} of {s.restarts}"
+        lines = [head]
+        if self.inferred is not None:
+            inferred = sorted(int(v) for v in self.inferred.labels.tolist())
+            line = f"Labels read from the last layer's gradient: {inferred}"
+            if self.labels is not None:
+                truth = sorted(int(v) for v in self.labels.tolist())
+                line += " ✓ (correct)" if truth == inferred else f" (true: {truth})"
+            lines.append(line)
+        if self.finished is None:
+            it = self.iterations[-1] if self.iterations else 0
+            loss = f", distance {self.losses[-1]:.3g}" if self.losses else ""
+            psnr = f", PSNR {self.psnrs[-1]:.1f} dB" if self.psnrs else ""
+            lines.append(f"**Running:** iteration {it}{loss}{psnr}…")
+        else:
+            r = self.finished.result
+            stop = {
+                "tolerance": "the gradient distance fell below the tolerance",
+                "plateau": "the gradient distance stopped improving",
+                "budget": "the iteration budget ran out",
+                "diverged": "the optimisation diverged",
+                "cancelled": "it was stopped",
+            }.get(r.stop_reason, r.stop_reason)
+            at = f" at iteration {r.converged_iteration}" if r.converged_iteration else ""
+            psnr = self.final_psnr
+            tail = f"; PSNR **{psnr:.1f} dB**" if psnr is not None else ""
+            lines.append(f"**Done** in {r.seconds:.1f} s: stopped{at} because {stop}{tail}.")
+        return "\n\n".join(lines)

@@ -1,0 +1,169 @@
+"""Plotly figures for the app (pure functions of event data; no attack logic)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import plotly.graph_objects as go
+
+ACCEPT = "#16a34a"
+REJECT = "#9ca3af"
+CUT = "#dc2626"
+CAPACITY = "#7c3aed"
+LINE = "#2563eb"
+
+_LAYOUT = dict(
+    template="plotly_white",
+    height=300,
+    margin=dict(l=55, r=15, t=45, b=45),
+    font=dict(family="system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif", size=12),
+    legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+)
+
+
+def _empty(title: str, message: str) -> go.Figure:
+    fig = go.Figure()
+    fig.update_layout(**_LAYOUT, title=dict(text=title, font=dict(size=14)))
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                       font=dict(color="#6b7280"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
+
+
+def spectrum_figure(
+    spectra: dict[int, tuple[Sequence[float], int]],
+    hidden_size: int | None,
+) -> go.Figure:
+    """Singular values of the layer gradients (log scale), the rank cut and capacity d.
+
+    Args:
+        spectra: layer -> (singular values descending, chosen rank).
+        hidden_size: model width d (the span can hold at most d vectors), or None.
+    """
+    title = "Singular values of the shared gradient"
+    if not spectra:
+        return _empty(title, "waiting for the gradient spectrum…")
+    fig = go.Figure()
+    colours = {1: LINE, 2: "#f59e0b"}
+    top = 1.0
+    for layer, (values, rank) in sorted(spectra.items()):
+        vals = [max(float(v), 1e-30) for v in values]
+        top = max(top, len(vals))
+        fig.add_trace(go.Scatter(
+            x=list(range(1, len(vals) + 1)), y=vals, mode="lines",
+            name=f"layer {layer}", line=dict(color=colours.get(layer, "#0891b2"), width=2),
+            hovertemplate="σ<sub>%{x}</sub> = %{y:.3g}<extra>layer " + str(layer) + "</extra>",
+        ))
+        fig.add_vline(x=rank + 0.5, line=dict(color=CUT if layer == 1 else "#f59e0b", dash="dash"),
+                      annotation_text=f"rank {rank}" + ("" if layer == 1 else f" (L{layer})"),
+                      annotation_position="top right" if layer == 1 else "bottom right")
+    if hidden_size:
+        fig.add_vline(x=hidden_size, line=dict(color=CAPACITY, dash="dot"),
+                      annotation_text=f"capacity d={hidden_size}", annotation_position="top left")
+    fig.update_layout(**_LAYOUT, title=dict(text=title, font=dict(size=14)))
+    fig.update_yaxes(type="log", title="singular value", exponentformat="power")
+    fig.update_xaxes(title="index", range=[0, max(top, hidden_size or 0) * 1.02])
+    return fig
+
+
+def distances_figure(
+    filters: Sequence[object],
+    decode: Callable[[int], str] | None = None,
+    *,
+    max_points: int = 60,
+) -> go.Figure:
+    """Per-position span distances of the nearest vocabulary tokens (log scale).
+
+    Each column is a position (or one "bag" column for position-free RoPE checks);
+    accepted tokens are green, rejected ones grey, the threshold is a red tick.
+
+    Args:
+        filters: :class:`dager.events.TokensFiltered` events, at most one per position.
+        decode: token id -> text, for hover labels.
+        max_points: nearest tokens drawn per position.
+    """
+    title = "Layer-1 filter: distance of each vocabulary token to the gradient span"
+    if not filters:
+        return _empty(title, "waiting for the token filter…")
+    acc_x: list[object] = []
+    acc_y: list[float] = []
+    acc_t: list[str] = []
+    rej_x: list[object] = []
+    rej_y: list[float] = []
+    rej_t: list[str] = []
+    thr_x: list[object] = []
+    thr_y: list[float] = []
+    for f in filters:
+        x = "bag" if f.position is None else int(f.position)
+        accepted = {int(t) for t in f.token_ids.tolist()}
+        dists = f.vocab_distances.tolist()[:max_points]
+        ids = f.vocab_token_ids.tolist()[:max_points]
+        for tid, dist in zip(ids, dists):
+            label = repr(decode(int(tid))) if decode else str(tid)
+            if int(tid) in accepted:
+                acc_x.append(x), acc_y.append(max(float(dist), 1e-12)), acc_t.append(label)
+            else:
+                rej_x.append(x), rej_y.append(max(float(dist), 1e-12)), rej_t.append(label)
+        thr_x.append(x)
+        thr_y.append(max(float(f.threshold), 1e-12))
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=rej_x, y=rej_y, mode="markers", name="rejected",
+                             marker=dict(color=REJECT, size=5, opacity=0.6), text=rej_t,
+                             hovertemplate="%{text}: %{y:.2e}<extra>rejected</extra>"))
+    fig.add_trace(go.Scatter(x=acc_x, y=acc_y, mode="markers", name="accepted",
+                             marker=dict(color=ACCEPT, size=8, line=dict(color="white", width=1)),
+                             text=acc_t, hovertemplate="%{text}: %{y:.2e}<extra>accepted</extra>"))
+    fig.add_trace(go.Scatter(x=thr_x, y=thr_y, mode="markers", name="threshold",
+                             marker=dict(color=CUT, symbol="line-ew-open", size=22, line=dict(width=2)),
+                             hovertemplate="threshold %{y:.2e}<extra></extra>"))
+    fig.update_layout(**_LAYOUT, title=dict(text=title, font=dict(size=14)))
+    fig.update_yaxes(type="log", title="relative distance to span", exponentformat="power")
+    fig.update_xaxes(title="position", type="category" if any(x == "bag" for x in thr_x) else "linear",
+                     dtick=1 if len(thr_x) <= 40 else None)
+    return fig
+
+
+def curve_figure(
+    xs: Sequence[float],
+    ys: Sequence[float],
+    *,
+    title: str,
+    ytitle: str,
+    log: bool,
+    empty: str,
+    colour: str = LINE,
+    hline: float | None = None,
+    hline_text: str = "",
+) -> go.Figure:
+    """A single curve over iterations (gradient distance, PSNR)."""
+    if not xs:
+        return _empty(title, empty)
+    fig = go.Figure(go.Scatter(x=list(xs), y=[max(y, 1e-30) if log else y for y in ys],
+                               mode="lines", line=dict(color=colour, width=2),
+                               hovertemplate="iteration %{x}: %{y:.4g}<extra></extra>"))
+    if hline is not None:
+        fig.add_hline(y=hline, line=dict(color="#6b7280", dash="dot"), annotation_text=hline_text)
+    fig.update_layout(**_LAYOUT, title=dict(text=title, font=dict(size=14)), showlegend=False)
+    fig.update_yaxes(type="log" if log else "linear", title=ytitle,
+                     exponentformat="power" if log else "none")
+    fig.update_xaxes(title="iteration")
+    return fig
+
+
+def sweep_figure(rows: Sequence[dict[str, object]], *, x: str, y: str, title: str,
+                 log_x: bool = False) -> go.Figure:
+    """Attack success against defense strength (one line per attack)."""
+    if not rows:
+        return _empty(title, "run a sweep to see how the attack degrades")
+    fig = go.Figure()
+    groups: dict[str, list[dict[str, object]]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get("attack", "")), []).append(r)
+    for name, rs in groups.items():
+        fig.add_trace(go.Scatter(x=[r[x] for r in rs], y=[r[y] for r in rs], mode="lines+markers",
+                                 name=name or y))
+    fig.update_layout(**_LAYOUT, title=dict(text=title, font=dict(size=14)))
+    fig.update_xaxes(title=x, type="log" if log_x else "linear")
+    fig.update_yaxes(title=y)
+    return fig
