@@ -345,8 +345,6 @@ def load_client_image(source: str, upload: object, sketch: object) -> torch.Tens
     Raises:
         gr.Error: nothing given, an unreadable file, or an absurd size.
     """
-    from dlg.images import load_image
-
     if source == "sketch":
         value = _sketch_array(sketch)
         if value is None:
@@ -358,6 +356,8 @@ def load_client_image(source: str, upload: object, sketch: object) -> torch.Tens
         if isinstance(value, np.ndarray) and max(value.shape[:2]) > MAX_IMAGE_SIDE:
             raise gr.Error(f"The image is {value.shape[1]}x{value.shape[0]} pixels; use one under "
                            f"{MAX_IMAGE_SIDE} pixels a side.")
+    from dlg.images import load_image
+
     try:
         return load_image(value)
     except LabInputError as exc:

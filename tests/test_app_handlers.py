@@ -1,0 +1,285 @@
+"""The app's handlers fed hand-built event streams (no attack engine, no browser)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import app  # noqa: E402
+from dager.events import (  # noqa: E402
+    AttackFinished,
+    AttackStarted,
+    AttackWarning,
+    DagerResult,
+    PrefixesExtended,
+    SentenceRecovered,
+    SpectrumComputed,
+    TokensFiltered,
+)
+from dager.metrics import evaluate_text  # noqa: E402
+from dlg.events import (  # noqa: E402
+    DlgFinished,
+    DlgResult,
+    DlgStarted,
+    DlgStep,
+    LabelsInferred,
+    TextDlgFinished,
+    TextDlgResult,
+    TextDlgStep,
+)
+from labui import DagerView, DlgView, TextDlgView  # noqa: E402
+from labui.image_view import matched_psnr, to_grid  # noqa: E402
+from labui.text_view import TEXT_KEYS  # noqa: E402
+
+REFS = ["the cat sat", "a dog ran home"]
+
+
+def _skipped(value) -> bool:
+    return value == gr.skip()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _ids(bundle, text):
+    return tuple(bundle.tokenize(text))
+
+
+def _dager_stream(bundle, sentences, *, wrong_last: bool = False):
+    """A plausible DAGER stream that recovers ``sentences`` (the last one garbled if asked)."""
+    rows = [_ids(bundle, s) for s in sentences]
+    d = bundle.hidden_size
+    rank = sum(len(r) for r in rows)
+    yield AttackStarted("tiny", bundle.task, len(rows), d, rank, False, ("transformer.h.0.attn.c_attn.weight",))
+    sv = torch.cat([torch.logspace(0, -2, rank, dtype=torch.float64), torch.full((d - rank,), 1e-14, dtype=torch.float64)])
+    yield SpectrumComputed(1, sv, rank, 1e-6)
+    width = max(len(r) for r in rows)
+    for p in range(width):
+        true = sorted({r[p] for r in rows if p < len(r)})
+        others = [t for t in range(1000, 1010) if t not in true]
+        yield TokensFiltered(
+            position=p,
+            token_ids=torch.tensor(true),
+            distances=torch.full((len(true),), 1e-7),
+            threshold=1e-4,
+            vocab_distances=torch.tensor([1e-7] * len(true) + [0.3] * len(others)),
+            vocab_token_ids=torch.tensor(true + others),
+        )
+        prefixes = tuple(r[: p + 1] for r in rows if len(r) > p)
+        yield PrefixesExtended(p, prefixes, len(prefixes), 10 * len(prefixes))
+    texts, exact = [], []
+    for i, r in enumerate(rows):
+        text = bundle.decode(r)
+        ok = True
+        if wrong_last and i == len(rows) - 1:
+            text, ok = text.replace("home", "away"), False
+        texts.append(text), exact.append(ok)
+        yield SentenceRecovered(i, r, text, ok, 1e-7)
+    yield AttackWarning("incomplete", 1.0) if wrong_last else AttackWarning("budget_exhausted", 5000)
+    yield AttackFinished(DagerResult(tuple(texts), tuple(rows), tuple(exact), rank, d, False, False, 0.5))
+
+
+def _view(bundle, refs, clock=None):
+    return DagerView(
+        references=refs,
+        token_text=lambda i: bundle.tokenizer.decode([int(i)]),
+        special_ids=frozenset(bundle.tokenizer.all_special_ids),
+        normalize=lambda s: app._normalize(bundle, s),
+        model_note=app.model_note(bundle),
+        scorer=app.text_scorer(bundle),
+        clock=clock or FakeClock(),
+    )
+
+
+def test_dager_view_renders_every_stage(tiny):
+    bundle = tiny("gpt2")
+    clock = FakeClock()
+    view = _view(bundle, REFS, clock)
+    out = view.render()
+    assert "computing the client's update" in out["status"]
+    assert "Random weights" in out["status"]  # honest note for a seeded init
+    assert "fills in" in out["grid"] and "appear here" in out["sentences"]
+
+    events = list(_dager_stream(bundle, REFS, wrong_last=True))
+    for e in events[:2]:
+        view.apply(e)
+    out = view.render()
+    rank = events[0].rank
+    assert f"rank **{rank}** of d = {bundle.hidden_size}" in out["status"]
+    fig = out["spectrum"]
+    assert len(fig.data) == 1 and fig.layout.yaxis.type == "log"
+    assert np.allclose(fig.data[0].y[:rank], events[1].singular_values[:rank].numpy())
+    cuts = [s.x0 for s in fig.layout.shapes]
+    assert rank + 0.5 in cuts and bundle.hidden_size in cuts  # rank cut and capacity line
+
+    clock.t += 0.8
+    for e in events[2:4]:  # first filter + first prefixes
+        view.apply(e)
+    assert view.first_tokens_s == pytest.approx(0.8)
+    out = view.render()
+    dist = out["distances"]
+    accepted = next(t for t in dist.data if t.name == "accepted")
+    rejected = next(t for t in dist.data if t.name == "rejected")
+    threshold = next(t for t in dist.data if t.name == "threshold")
+    first_tokens = {r[0] for r in (_ids(bundle, s) for s in REFS)}
+    assert len(accepted.y) == len(first_tokens) and max(accepted.y) < threshold.y[0] < min(rejected.y)
+    assert out["grid"].count('class="gll-row-live"') == 2  # two live prefixes of length 1
+
+    for e in events[4:]:
+        view.apply(e)
+    out = view.render()
+    # Grid: one exact row, one inexact row, no stale live prefixes once finished.
+    assert out["grid"].count('class="gll-row-exact"') == 1
+    assert out["grid"].count('class="gll-row-inexact"') == 1
+    assert "gll-row-live" not in out["grid"]
+    assert ">the</td>" in out["grid"] or "·cat" in out["grid"]
+    # Sentences: the first equals its original, the second shows a word diff.
+    assert "= original" in out["sentences"] and "differs" in out["sentences"]
+    assert '<del class="gll-del">home</del>' in out["sentences"]
+    assert '<ins class="gll-ins">away</ins>' in out["sentences"]
+    expected = evaluate_text(REFS, [bundle.decode(_ids(bundle, REFS[0])), "a dog ran away"])
+    assert f"| ROUGE-1 F1 | {100 * expected.rouge1:.1f} |" in out["metrics"]
+    assert "| exact match | 50 % |" in out["metrics"]
+    assert "could not be completed exactly" in out["status"]
+    assert "Done:** 2 sentence(s)" in out["status"]
+
+
+def test_dager_view_rejects_unknown_events(tiny):
+    view = _view(tiny("gpt2"), REFS)
+    with pytest.raises(TypeError, match="cannot display a DlgStep"):
+        view.apply(DlgStep(1, 0, 0.5))
+    with pytest.raises(TypeError):
+        DlgView().apply(AttackWarning("x"))
+    with pytest.raises(TypeError):
+        TextDlgView().apply(object())
+
+
+def test_stream_throttles_and_skips_unchanged_plots(tiny):
+    bundle = tiny("gpt2")
+    clock = FakeClock()
+    view = _view(bundle, REFS, clock)
+    view.render(), view.take_dirty()
+    events = list(_dager_stream(bundle, REFS))
+    outs = list(app.stream_dager(view, iter(events), clock=clock))  # the clock never moves
+    urgent = sum(type(e).__name__ in ("AttackStarted", "SentenceRecovered", "AttackFinished", "PrefixesExtended")
+                 for e in events)
+    assert len(outs) == urgent + 1  # only urgent events yield when no time passes, plus the final
+    assert all(len(o) == len(TEXT_KEYS) + 1 for o in outs)
+    first = outs[0]  # after AttackStarted: the spectrum changed, the grid did not
+    assert not _skipped(first[1]) and _skipped(first[3])
+    final = outs[-1]
+    assert not any(_skipped(v) for v in final)
+    assert final[-1]["recovered"] == [bundle.decode(_ids(bundle, s)) for s in REFS]
+    assert final[-1]["exact_match"] == 1.0 and final[-1]["done"] is True
+
+
+def test_run_text_attack_end_to_end_with_a_hand_built_stream(tiny, monkeypatch):
+    bundle = tiny("gpt2")
+    seen = {}
+
+    def fake_events(b, update):
+        seen["update"] = update
+        return _dager_stream(b, typed)
+
+    monkeypatch.setattr(app, "load_model", lambda name, task, device="cpu": bundle)
+    monkeypatch.setattr(app, "dager_parameters", lambda b: ["transformer.h.0.attn.c_attn.weight"])
+    monkeypatch.setattr(app, "dager_events", fake_events)
+    typed = ["Alice owes Bob ten pounds.", "The meeting is at noon."]
+    outs = list(app.run_text_attack("\n".join(typed) + "\n\n", "tiny", "", "classification"))
+    final = outs[-1]
+    assert final[-1]["recovered"] == typed and final[-1]["exact_match"] == 1.0
+    assert set(seen["update"]) == {"transformer.h.0.attn.c_attn.weight"}  # only what DAGER reads
+    assert seen["update"].batch_size == 2
+    assert "= original" in final[4] and "differs" not in final[4]
+
+
+def test_input_limits_become_clear_messages(tiny, monkeypatch):
+    with pytest.raises(gr.Error, match="at least one sentence"):
+        app.parse_sentences(" \n \n")
+    with pytest.raises(gr.Error, match=f"at most {app.MAX_SENTENCES}"):
+        app.parse_sentences("\n".join(f"s{i}" for i in range(app.MAX_SENTENCES + 1)))
+    with pytest.raises(gr.Error, match="characters"):
+        app.parse_sentences("x" * (app.MAX_SENTENCE_CHARS + 1))
+    with pytest.raises(gr.Error, match="unreachable"):
+        app._bundle("gpt2-small-random", "someone/some-model", "classification")
+    monkeypatch.setattr(app, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
+    with pytest.raises(gr.Error, match="tokens long"):
+        list(app.run_text_attack(" ".join(["a"] * 80), "tiny", "", "classification"))
+    with pytest.raises(gr.Error, match="between 1 and"):
+        app._iterations(app.MAX_ITERATIONS + 1)
+    with pytest.raises(gr.Error, match="sketchpad is empty"):
+        app.load_client_image("sketch", None, {"composite": np.full((64, 64, 4), 0, np.uint8)})
+
+
+def _dlg_stream(originals):
+    b = originals.shape[0]
+    yield DlgStarted("idlg", "lenet", b, 50)
+    yield LabelsInferred(torch.tensor([7] * b), torch.zeros(100))
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.rand(originals.shape, generator=gen)
+    losses = []
+    for it in range(1, 51):
+        w = it / 50
+        losses.append(10 ** (-it / 10))
+        preview = (1 - w) * noise + w * originals if it % 10 == 0 else None
+        yield DlgStep(it, 0, losses[-1], preview)
+    frames = tuple((it, (1 - it / 50) * noise + it / 50 * originals) for it in (10, 20, 30, 40, 50))
+    yield DlgFinished(DlgResult(originals.clone(), torch.tensor([7] * b), tuple(losses), 50, "tolerance", frames, 1.5))
+
+
+def test_dlg_view_and_stream():
+    originals = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    view = DlgView(originals=originals, labels=torch.tensor([7]), clock=FakeClock())
+    outs = list(app.stream_dlg(view, _dlg_stream(originals), clock=FakeClock()))
+    # Start, labels, the 5 preview-free... only non-step events yield when no time passes, plus the final.
+    assert len(outs) == 3 + 1
+    status, preview, loss, psnr, comparison, gif = outs[-1]
+    assert "✓ (correct)" in status and "stopped at iteration 50" in status
+    assert "fell below the tolerance" in status and "PSNR **100.0 dB**" in status
+    assert preview.shape == (128, 128, 3) and preview.dtype == np.uint8
+    assert comparison.shape == (128 * 2 + 6, 128, 3)
+    assert loss.layout.yaxis.type == "log" and len(loss.data[0].x) == 50
+    psnrs = list(psnr.data[0].y)
+    assert len(psnrs) == 5 and psnrs == sorted(psnrs) and psnrs[-1] == pytest.approx(100.0)
+    assert gif is not None and os.path.getsize(gif) > 0
+    import imageio.v2 as imageio
+
+    assert len(imageio.mimread(gif)) == 5
+    os.remove(gif)
+
+
+def test_matched_psnr_ignores_batch_order():
+    a = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert matched_psnr(a, a[[2, 0, 1]]) == pytest.approx(100.0)
+    assert to_grid(a, scale=2, pad=2).shape == (16, 3 * 16 + 2 * 2, 3)
+
+
+def test_text_baseline_view(tiny):
+    bundle = tiny("gpt2")
+    view = TextDlgView(references=REFS, scorer=app.text_scorer(bundle))
+    view.apply(DlgStarted("dlg-text", "tiny", 2, 100))
+    view.apply(TextDlgStep(10, 0.5, torch.zeros(2, 3, dtype=torch.long), ("the dog sat", "a cat ran")))
+    out = view.render()
+    assert "iteration 10 of 100" in out["race_status"] and "gll-del" in out["race_sentences"]
+    view.apply(TextDlgFinished(TextDlgResult(("the cat sat", "a dog ran"), ((1,), (2,)), (0.5, 0.1), 2.0)))
+    out = view.render()
+    assert "done" in out["race_status"] and "exact match 50 %" in out["race_status"]
+    assert list(out["race_loss"].data[0].y) == [0.5]
+
+
+def test_app_builds_with_named_endpoints():
+    demo = app.build_app()
+    names = {d.get("api_name") for d in demo.config["dependencies"]}
+    assert {"dager", "dlg", "dlg_text"} <= names
+    assert demo.analytics_enabled is False
