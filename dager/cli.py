@@ -171,7 +171,10 @@ def _configure_logging(verbose: bool) -> None:
         from transformers.utils import logging as hf_logging
 
         # Load reports (newly initialised task heads) and weight-loading bars are noise here.
-        hf_logging.set_verbosity_error()
+        if verbose:
+            hf_logging.set_verbosity_warning()
+        else:
+            hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     except ImportError:  # transformers is a dependency; stay usable without it anyway
         pass
@@ -350,7 +353,7 @@ def _attack_batch(
         )
         print(f"dager: error: batch {index} (lines {_line_span(sentences)}): {exc}", file=sys.stderr)
         return outcome
-    except (RuntimeError, ValueError, KeyError, IndexError, TypeError, MemoryError) as exc:
+    except Exception as exc:  # noqa: BLE001 - one failing batch must not end the run
         if args.debug:
             raise
         outcome.failed = True
