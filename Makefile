@@ -9,6 +9,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+PIP    := $(PY) -m pip -q --disable-pip-version-check
 TORCH  ?= torch==2.13.0
 
 .PHONY: app test test-slow bench setup clean
@@ -17,9 +18,12 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --no-index "$(TORCH)" 2>/dev/null \
-	  || $(PY) -m pip install -q --disable-pip-version-check "$(TORCH)" --index-url https://download.pytorch.org/whl/cpu
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	@# torch: a local CPU wheel when pip can find one offline, else PyTorch's CPU index.
+	$(PIP) install --no-deps --no-index "$(TORCH)" 2>/dev/null \
+	  || $(PIP) install "$(TORCH)" --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+	@# Everything else with uv (parallel downloads); the installed torch satisfies the range.
+	$(PIP) install uv
+	$(VENV)/bin/uv pip install -q --python $(PY) -e ".[test]"
 	touch $@
 
 app: $(STAMP)
