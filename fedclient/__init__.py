@@ -1,11 +1,29 @@
 """The simulated federated client, shared by every attack.
 
 It turns a private batch into the update a client would share (FedSGD gradient, or a
-defended variant). It imports no attack and no UI.
+defended variant: :mod:`fedclient.defenses`, with DP-SGD internals in :mod:`fedclient.dp`
+and attack-agnostic defense sweeps in :mod:`fedclient.sweep`). It imports no attack and
+no UI.
 """
 
 from fedclient.batch import TEXT_TASKS, ImageBatch, TextBatch
 from fedclient.client import Defense, batch_loss, compute_update, fedsgd_gradient
+from fedclient.defenses import (
+    DPSGD,
+    Compose,
+    FedAvg,
+    GaussianNoise,
+    Prune,
+    Quantize,
+    RandomMask,
+    SecureAggregation,
+    compose,
+    describe,
+    epsilon_of,
+    parse_defense,
+    parse_defenses,
+    utility_cost,
+)
 from fedclient.errors import (
     EmptyBatchError,
     EmptySentenceError,
@@ -20,8 +38,16 @@ from fedclient.errors import (
 from fedclient.update import SharedUpdate
 
 __all__ = [
+    "DPSGD",
     "TEXT_TASKS",
+    "Compose",
     "Defense",
+    "FedAvg",
+    "GaussianNoise",
+    "Prune",
+    "Quantize",
+    "RandomMask",
+    "SecureAggregation",
     "EmptyBatchError",
     "EmptySentenceError",
     "HubUnreachableError",
@@ -35,6 +61,12 @@ __all__ = [
     "UnsupportedModelError",
     "UnsupportedTaskError",
     "batch_loss",
+    "compose",
     "compute_update",
+    "describe",
+    "epsilon_of",
     "fedsgd_gradient",
+    "parse_defense",
+    "parse_defenses",
+    "utility_cost",
 ]

@@ -1,0 +1,339 @@
+"""Per-example gradients, per-example clipping and privacy accounting for DP-SGD.
+
+DP-SGD (Abadi et al., 2016, "Deep Learning with Differential Privacy", Alg. 1) clips
+each example's gradient to norm ``C``, sums, adds ``N(0, (zC)^2)`` and divides by the
+batch size. Clipping needs one gradient per example; this module computes them with
+``torch.func`` (``functional_call`` + ``vmap(grad)``, the approach of Opacus' functorch
+grad sampler) and falls back to a loop over examples when a model cannot be vmapped.
+
+Hugging Face text models read their 2D attention mask in Python control flow
+(``transformers.masking_utils`` checks ``mask.all()`` to skip mask creation), which
+``vmap`` cannot trace. For families whose mask we know (:data:`MASK_KINDS`, keyed by
+``config.model_type``), the vmapped per-example call therefore passes the equivalent
+ready-made 4D additive mask, which transformers forwards as is. Other models are tried
+with their 2D mask and fall back to the loop if that fails. Both paths compute the same
+numbers (tests compare them).
+
+The privacy budget comes from Opacus' accountants (RDP by default, PRV on request),
+never from a hand-written formula.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from fedclient.batch import Batch, ImageBatch, TextBatch
+from fedclient.client import batch_loss
+from fedclient.errors import InvalidConfigError
+
+log = logging.getLogger(__name__)
+
+MASK_KINDS: dict[str, str] = {
+    "gpt2": "causal",
+    "llama": "causal",
+    "bert": "bidirectional",
+}
+"""``config.model_type`` -> the attention pattern its 4D mask encodes.
+
+Only families whose 4D mask is exactly "padding (and causality)" belong here; a family
+with sliding windows or custom position logic must not be added without a test that
+compares the vmapped gradients with the per-example loop.
+"""
+
+PER_EXAMPLE_METHODS = ("auto", "vmap", "loop")
+"""``auto``: vmap, falling back to the loop if the model cannot be vmapped."""
+
+ACCOUNTANTS = ("rdp", "prv")
+"""Opacus accountants: Renyi DP (Mironov 2017) and PRV (Gopi et al. 2021)."""
+
+DEFAULT_CHUNK_BYTES = 2 * 1024**3
+"""Per-example gradients are computed in chunks of examples of at most about this size."""
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def batch_tensors(batch: Batch) -> tuple[tuple[torch.Tensor, ...], Callable[..., Batch]]:
+    """The per-example tensors of a batch (batch dim first) and how to rebuild one.
+
+    Returns:
+        ``(tensors, rebuild)`` where ``rebuild(*tensors)`` makes a batch of the same kind
+        (task, padding side) from tensors sliced along dim 0.
+    """
+    if isinstance(batch, TextBatch):
+        task, side = batch.task, batch.padding_side
+
+        def rebuild_text(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> Batch:
+            return TextBatch(input_ids=ids, attention_mask=mask, labels=labels, task=task, padding_side=side)
+
+        return (batch.input_ids, batch.attention_mask, batch.labels), rebuild_text
+    if isinstance(batch, ImageBatch):
+        image_task = batch.task
+
+        def rebuild_image(images: torch.Tensor, labels: torch.Tensor) -> Batch:
+            return ImageBatch(images=images, labels=labels, task=image_task)
+
+        return (batch.images, batch.labels), rebuild_image
+    raise ValueError(f"unknown batch type {type(batch).__name__}")
+
+
+def select_examples(batch: Batch, index: torch.Tensor | slice | Sequence[int]) -> Batch:
+    """The sub-batch of the examples at ``index`` (same task and padding)."""
+    tensors, rebuild = batch_tensors(batch)
+    if not isinstance(index, slice):
+        index = torch.as_tensor(list(index) if not isinstance(index, torch.Tensor) else index, dtype=torch.long)
+    return rebuild(*(t[index] for t in tensors))
+
+
+# ------------------------------------------------------------------ functional model
+
+
+def _additive_mask(mask_2d: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """A ``(B, 1, T, T)`` additive attention mask from a ``(B, T)`` padding mask.
+
+    0 where a query may attend to a key, the dtype's minimum elsewhere (transformers'
+    convention, understood by both its eager and SDPA attention).
+    """
+    keep = mask_2d.bool()[:, None, None, :]  # (B, 1, 1, T)
+    t = mask_2d.shape[-1]
+    if kind == "causal":
+        causal = torch.ones(t, t, dtype=torch.bool, device=mask_2d.device).tril()  # (T, T)
+        keep = keep & causal  # (B, 1, T, T)
+    elif kind == "bidirectional":
+        keep = keep.expand(-1, -1, t, -1)  # (B, 1, T, T)
+    else:
+        raise ValueError(f"unknown mask kind {kind!r}")
+    zero = torch.zeros((), dtype=dtype, device=mask_2d.device)
+    low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask_2d.device)
+    return torch.where(keep, zero, low)
+
+
+class FunctionalModel:
+    """Calls ``model`` with substituted tensors (``torch.func.functional_call``).
+
+    It quacks like the model for :func:`fedclient.client.batch_loss`, which lets the
+    client's own loss be differentiated with respect to a parameter dict, vmapped, or
+    evaluated at locally trained weights without touching the caller's model.
+
+    Args:
+        model: the module whose code runs.
+        tensors: parameter and buffer name -> tensor to use instead of the module's own.
+        mask_kind: when set (``"causal"`` / ``"bidirectional"``), a 2D ``attention_mask``
+            keyword is replaced by the equivalent 4D additive mask (see module docs).
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], mask_kind: str | None = None
+    ) -> None:
+        self.model = model
+        self.tensors = dict(tensors)
+        self.mask_kind = mask_kind
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        mask = kwargs.get("attention_mask")
+        if self.mask_kind is not None and isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            kwargs["attention_mask"] = _additive_mask(mask, self.mask_kind, _float_dtype(self.tensors))
+        return functional_call(self.model, self.tensors, args, kwargs)
+
+
+def _float_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
+    for t in tensors.values():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def mask_kind_for(model: torch.nn.Module) -> str | None:
+    """The 4D mask kind for a model's family, or None when unknown (see :data:`MASK_KINDS`)."""
+    config = getattr(model, "config", None)
+    return MASK_KINDS.get(getattr(config, "model_type", None) or "")
+
+
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters that require a gradient, in model order."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ------------------------------------------------------------ per-example gradients
+
+
+def per_example_gradients(
+    model: torch.nn.Module,
+    batch: Batch,
+    *,
+    parameters: Sequence[str],
+    method: str = "auto",
+) -> tuple[dict[str, torch.Tensor], str]:
+    """One gradient per example of the client's per-example loss.
+
+    The per-example loss is ``batch_loss(..., reduction="none")``: for next-token
+    prediction that is each sentence's mean token loss (so the mean of the per-example
+    gradients is the sentence-averaged, not the token-averaged, FedSGD gradient).
+
+    Args:
+        model: the model (not modified; put it in eval mode for deterministic results).
+        batch: the private batch of ``B`` examples.
+        parameters: the parameter names to differentiate.
+        method: ``"vmap"``, ``"loop"`` or ``"auto"`` (vmap, else loop).
+
+    Returns:
+        ``(grads, method_used)``: name -> ``(B, *param.shape)`` tensor, and the method
+        that produced them.
+
+    Raises:
+        InvalidConfigError: for an unknown method.
+        RuntimeError: when ``method="vmap"`` and the model cannot be vmapped.
+    """
+    chunks = iter_per_example_gradients(model, batch, parameters=parameters, method=method, chunk_bytes=None)
+    grads, used = next(chunks)
+    return grads, used
+
+
+def iter_per_example_gradients(
+    model: torch.nn.Module,
+    batch: Batch,
+    *,
+    parameters: Sequence[str],
+    method: str = "auto",
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+) -> Iterator[tuple[dict[str, torch.Tensor], str]]:
+    """Per-example gradients, chunk by chunk of examples, to bound memory.
+
+    Yields:
+        ``(grads, method_used)`` per chunk, examples in batch order; ``grads`` maps each
+        name to ``(b, *param.shape)`` for the ``b`` examples of the chunk.
+    """
+    if method not in PER_EXAMPLE_METHODS:
+        raise InvalidConfigError(
+            f"Unknown per-example gradient method {method!r}: use one of {', '.join(PER_EXAMPLE_METHODS)}."
+        )
+    named = dict(model.named_parameters())
+    names = list(dict.fromkeys(parameters))
+    size = batch.batch_size
+    if chunk_bytes is None:
+        per_chunk = size
+    else:
+        bytes_per_example = sum(named[n].numel() * named[n].element_size() for n in names)
+        per_chunk = max(1, min(size, chunk_bytes // max(1, bytes_per_example)))
+    use = method
+    for start in range(0, size, per_chunk):
+        part = select_examples(batch, slice(start, min(size, start + per_chunk)))
+        if use in ("auto", "vmap"):
+            try:
+                yield _vmap_gradients(model, part, names), "vmap"
+                use = "vmap"
+                continue
+            except (RuntimeError, NotImplementedError) as exc:
+                if use == "vmap":
+                    raise
+                log.info("per-example gradients: vmap failed (%s); using a loop over examples", type(exc).__name__)
+                use = "loop"
+        yield _loop_gradients(model, part, names), "loop"
+
+
+def _vmap_gradients(model: torch.nn.Module, batch: Batch, names: list[str]) -> dict[str, torch.Tensor]:
+    """``vmap(grad(per-example loss))`` over the batch (torch.func)."""
+    named = dict(model.named_parameters())
+    diff = {n: named[n].detach() for n in names}
+    frozen = {n: p.detach() for n, p in named.items() if n not in diff}
+    buffers = dict(model.named_buffers())
+    mask_kind = mask_kind_for(model) if isinstance(batch, TextBatch) else None
+    tensors, rebuild = batch_tensors(batch)
+
+    def example_loss(params: dict[str, torch.Tensor], *example: torch.Tensor) -> torch.Tensor:
+        one = rebuild(*(t.unsqueeze(0) for t in example))  # a batch of one example
+        fmodel = FunctionalModel(model, {**frozen, **buffers, **params}, mask_kind)
+        return batch_loss(fmodel, one, reduction="none")[0]  # type: ignore[arg-type]
+
+    in_dims = (None, *([0] * len(tensors)))
+    with torch.enable_grad():
+        grads = vmap(grad(example_loss), in_dims=in_dims)(diff, *tensors)
+    return {n: grads[n].detach() for n in names}
+
+
+def _loop_gradients(model: torch.nn.Module, batch: Batch, names: list[str]) -> dict[str, torch.Tensor]:
+    """The reference: one backward pass per example."""
+    named = dict(model.named_parameters())
+    targets = [named[n] for n in names]
+    rows: list[list[torch.Tensor]] = []
+    with torch.enable_grad():
+        for i in range(batch.batch_size):
+            loss = batch_loss(model, select_examples(batch, [i]), reduction="none")[0]
+            got = torch.autograd.grad(loss, targets, allow_unused=True)
+            rows.append([torch.zeros_like(t) if g is None else g.detach() for g, t in zip(got, targets)])
+    return {n: torch.stack([row[j] for row in rows]) for j, n in enumerate(names)}
+
+
+# ------------------------------------------------------------------------- clipping
+
+
+def per_example_norms(grads: Mapping[str, torch.Tensor], names: Sequence[str] | None = None) -> torch.Tensor:
+    """``(B,)`` L2 norms of each example's gradient over ``names`` (default: all keys)."""
+    keys = list(grads) if names is None else list(names)
+    squares = [grads[n].flatten(1).double().pow(2).sum(dim=1) for n in keys]  # each (B,)
+    return torch.stack(squares).sum(dim=0).sqrt().to(next(iter(grads.values())).dtype)
+
+
+def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """``min(1, C / norm)`` per example: examples above the bound are scaled onto it."""
+    return torch.where(norms > clip_norm, clip_norm / norms.clamp(min=1e-30), torch.ones_like(norms))
+
+
+def clip_per_example(
+    grads: Mapping[str, torch.Tensor],
+    clip_norm: float,
+    *,
+    norm_over: Sequence[str] | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Clip each example's gradient to L2 norm at most ``clip_norm``.
+
+    Args:
+        grads: name -> ``(B, ...)`` per-example gradients.
+        clip_norm: the bound ``C``.
+        norm_over: the names the norm is measured over (default: all of ``grads``).
+
+    Returns:
+        ``(clipped, norms)``: the clipped per-example gradients (every key scaled by the
+        same per-example factor) and the ``(B,)`` norms before clipping.
+    """
+    norms = per_example_norms(grads, norm_over)
+    factors = clip_factors(norms, clip_norm)
+    clipped = {n: g * factors.view(-1, *([1] * (g.ndim - 1))).to(g.dtype) for n, g in grads.items()}
+    return clipped, norms
+
+
+# ----------------------------------------------------------------------- accounting
+
+
+def dp_epsilon(
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountant: str = "rdp",
+) -> float:
+    """The privacy budget epsilon at ``delta`` of ``steps`` DP-SGD steps (Opacus).
+
+    Each step is recorded with ``accountant.step(noise_multiplier=z, sample_rate=q)``
+    and the total read with ``accountant.get_epsilon(delta)``. A noise multiplier of 0
+    gives no privacy: ``inf``.
+
+    Raises:
+        InvalidConfigError: for an unknown accountant.
+    """
+    if accountant not in ACCOUNTANTS:
+        raise InvalidConfigError(f"Unknown privacy accountant {accountant!r}: use one of {', '.join(ACCOUNTANTS)}.")
+    if noise_multiplier <= 0:
+        return math.inf
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    for _ in range(steps):
+        acc.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+    return float(acc.get_epsilon(delta=delta))

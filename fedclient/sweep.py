@@ -1,0 +1,334 @@
+"""Defense sweeps: attack success against defense strength, for any attack.
+
+The runner knows nothing about attacks. An attack is any callable that takes a defense
+(or ``None``) and returns its metrics::
+
+    def attack(defense: Defense | None) -> Mapping[str, float]:
+        update = compute_update(model, batch, defense=defense, seed=0)
+        ...  # reconstruct from `update`, score against the ground truth
+        return {"rouge1": 0.93, "exact": 1.0, **utility_cost(model, batch, update)}
+
+and a sweep is a list of :class:`SweepPoint` (label, strength, defense), usually from a
+standard grid::
+
+    rows = run_sweep(noise_grid(), attack)          # or iter_sweep(...) to stream rows
+    write_csv(rows, "noise.csv")
+    save_plot(plot_sweep(rows, y=["rouge1"], title="DAGER under noise"), "noise.html")
+
+Each row is a flat dict: ``label``, ``axis``, ``strength``, ``defense`` (the spec, or
+``"none"``), ``epsilon`` (DP grids only), the attack's metrics, and ``seconds``.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedclient.client import Defense
+from fedclient.defenses import DPSGD, GaussianNoise, Prune, Quantize, RandomMask, compose, epsilon_of
+from fedclient.errors import InvalidConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIGMAS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+"""Noise standard deviations of :func:`noise_grid`."""
+
+DEFAULT_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
+"""Fractions of :func:`prune_grid` and :func:`mask_grid`."""
+
+DEFAULT_NOISE_MULTIPLIERS = (0.0, 0.1, 0.3, 1.0, 3.0)
+"""DP-SGD noise multipliers of :func:`dp_grid` (0: clipping only, epsilon = inf)."""
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One setting of a sweep.
+
+    Attributes:
+        label: short text for tables and plot ticks, e.g. ``"sigma=1e-3"``.
+        strength: the number plotted on the x axis (sigma, fraction, noise multiplier).
+        defense: the defense to apply, ``None`` for the undefended baseline.
+        axis: what ``strength`` measures, e.g. ``"noise sigma"``.
+        extra: more columns for this point's row (e.g. ``{"epsilon": 4.7}``).
+    """
+
+    label: str
+    strength: float
+    defense: Defense | None
+    axis: str = "strength"
+    extra: Mapping[str, float | str] = field(default_factory=dict)
+
+
+def iter_sweep(
+    points: Sequence[SweepPoint],
+    attack: Callable[[Defense | None], Mapping[str, float]],
+) -> Iterator[dict[str, object]]:
+    """Run ``attack`` once per point, yielding each row as soon as it is done.
+
+    Yields:
+        One flat dict per point, in order (see the module docs for the columns).
+    """
+    for point in points:
+        start = time.perf_counter()
+        metrics = dict(attack(point.defense))
+        row: dict[str, object] = {
+            "label": point.label,
+            "axis": point.axis,
+            "strength": point.strength,
+            "defense": "none" if point.defense is None else getattr(point.defense, "name", repr(point.defense)),
+        }
+        eps = epsilon_of(point.defense)
+        if eps is not None:
+            row["epsilon"] = eps
+        row.update(point.extra)
+        row.update(metrics)
+        row["seconds"] = time.perf_counter() - start
+        log.debug("sweep point %s done in %.2fs", point.label, row["seconds"])
+        yield row
+
+
+def run_sweep(
+    points: Sequence[SweepPoint],
+    attack: Callable[[Defense | None], Mapping[str, float]],
+) -> list[dict[str, object]]:
+    """Run a whole sweep (drains :func:`iter_sweep`)."""
+    return list(iter_sweep(points, attack))
+
+
+# -------------------------------------------------------------------------- grids
+
+
+def noise_grid(sigmas: Sequence[float] = DEFAULT_SIGMAS, *, base: Defense | None = None) -> list[SweepPoint]:
+    """Gaussian noise of each standard deviation (0: no noise), after ``base`` if given.
+
+    DLG labels its levels by variance; pass ``[v ** 0.5 for v in variances]`` to match.
+    """
+    return [
+        SweepPoint(
+            label="none" if s == 0 else f"sigma={s:g}",
+            strength=float(s),
+            defense=compose(base, GaussianNoise(s) if s > 0 else None),
+            axis="noise sigma",
+        )
+        for s in sigmas
+    ]
+
+
+def prune_grid(
+    fractions: Sequence[float] = DEFAULT_FRACTIONS, *, scope: str = "tensor", base: Defense | None = None
+) -> list[SweepPoint]:
+    """Magnitude pruning of each fraction (0: no pruning)."""
+    return [
+        SweepPoint(
+            label="none" if p == 0 else f"prune {p:.0%}",
+            strength=float(p),
+            defense=compose(base, Prune(p, scope=scope) if p > 0 else None),
+            axis="pruned fraction",
+        )
+        for p in fractions
+    ]
+
+
+def mask_grid(fractions: Sequence[float] = DEFAULT_FRACTIONS, *, base: Defense | None = None) -> list[SweepPoint]:
+    """Random masking of each fraction (0: no masking)."""
+    return [
+        SweepPoint(
+            label="none" if p == 0 else f"mask {p:.0%}",
+            strength=float(p),
+            defense=compose(base, RandomMask(p) if p > 0 else None),
+            axis="masked fraction",
+        )
+        for p in fractions
+    ]
+
+
+def precision_grid(*, base: Defense | None = None) -> list[SweepPoint]:
+    """Full precision, fp16 and int8 (strength: bits dropped from 32)."""
+    return [
+        SweepPoint(label="fp32", strength=0.0, defense=base, axis="bits removed"),
+        SweepPoint(label="fp16", strength=16.0, defense=compose(base, Quantize("fp16")), axis="bits removed"),
+        SweepPoint(label="int8", strength=24.0, defense=compose(base, Quantize("int8")), axis="bits removed"),
+    ]
+
+
+def dp_grid(
+    noise_multipliers: Sequence[float] = DEFAULT_NOISE_MULTIPLIERS,
+    *,
+    clip_norm: float = 1.0,
+    delta: float = 1e-5,
+    sample_rate: float = 1.0,
+    steps: int = 1,
+    include_baseline: bool = True,
+) -> list[SweepPoint]:
+    """DP-SGD at each noise multiplier, with its epsilon (Opacus RDP accountant).
+
+    The first point is the undefended baseline when ``include_baseline``. Each DP
+    point's row carries ``epsilon`` (``inf`` for multiplier 0, clipping only); plot
+    against ``x="epsilon"`` or ``x="strength"`` (the multiplier).
+    """
+    points = [SweepPoint(label="none", strength=math.nan, defense=None, axis="noise multiplier")] if include_baseline else []
+    for z in noise_multipliers:
+        d = DPSGD(clip_norm=clip_norm, noise_multiplier=z, delta=delta, sample_rate=sample_rate, steps=steps)
+        eps = d.epsilon
+        eps_text = "inf" if math.isinf(eps) else f"{eps:.3g}"
+        points.append(
+            SweepPoint(label=f"z={z:g} (eps={eps_text})", strength=float(z), defense=d, axis="noise multiplier")
+        )
+    return points
+
+
+GRIDS: dict[str, Callable[..., list[SweepPoint]]] = {
+    "noise": noise_grid,
+    "prune": prune_grid,
+    "mask": mask_grid,
+    "precision": precision_grid,
+    "dp": dp_grid,
+}
+"""Standard grids by name, for CLIs (``--sweep noise``)."""
+
+
+def grid(name: str, **kwargs: object) -> list[SweepPoint]:
+    """A standard grid by name (:data:`GRIDS`).
+
+    Raises:
+        InvalidConfigError: for an unknown name.
+    """
+    try:
+        make = GRIDS[name]
+    except KeyError:
+        raise InvalidConfigError(f"Unknown sweep {name!r}: use one of {', '.join(GRIDS)}.") from None
+    return make(**kwargs)
+
+
+# --------------------------------------------------------------------- CSV / plots
+
+
+def write_csv(rows: Sequence[Mapping[str, object]], path: str | Path) -> Path:
+    """Write rows to CSV (columns: every key, in order of first appearance)."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(dict(row))
+    return out
+
+
+def plot_sweep(
+    rows: Sequence[Mapping[str, object]],
+    *,
+    x: str = "strength",
+    y: Sequence[str] = (),
+    title: str | None = None,
+    x_scale: str = "category",
+    y_title: str | None = None,
+):  # noqa: ANN201 - plotly.graph_objects.Figure
+    """A line plot of metrics ``y`` against ``x``, one trace per metric.
+
+    Args:
+        rows: sweep rows.
+        x: the x column (``"strength"``, ``"epsilon"``, ...).
+        y: metric columns (default: every numeric column except the bookkeeping ones).
+        title: the plot title.
+        x_scale: ``"category"`` (default: one evenly spaced tick per point, labelled with
+            the point's label, which keeps 0 and 1e-4 .. 1e-1 readable on one axis),
+            ``"linear"`` or ``"log"`` (points with x <= 0 or non-finite are dropped).
+        y_title: the y axis title.
+
+    Raises:
+        InvalidConfigError: for an unknown scale or a metric missing from every row.
+    """
+    import plotly.graph_objects as go
+
+    if x_scale not in ("category", "linear", "log"):
+        raise InvalidConfigError(f"Unknown x scale {x_scale!r}: use category, linear or log.")
+    bookkeeping = {"label", "axis", "strength", "defense", "epsilon", "seconds", x}
+    metrics = list(y) or [
+        k for k in dict.fromkeys(k for r in rows for k in r)
+        if k not in bookkeeping and all(isinstance(r.get(k), (int, float)) for r in rows if k in r)
+    ]
+    for m in metrics:
+        if not any(m in r for r in rows):
+            raise InvalidConfigError(f"No sweep row has the metric {m!r}: choose from {sorted({k for r in rows for k in r})}.")
+    fig = go.Figure()
+    for m in metrics:
+        xs: list[object] = []
+        ys: list[object] = []
+        for r in rows:
+            if m not in r:
+                continue
+            xv = r.get(x)
+            if x_scale == "category":
+                xs.append(str(r.get("label", xv)))
+            else:
+                if not isinstance(xv, (int, float)) or not math.isfinite(xv) or (x_scale == "log" and xv <= 0):
+                    continue
+                xs.append(xv)
+            ys.append(r[m])
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=m))
+    axis_name = next((str(r["axis"]) for r in rows if "axis" in r), x) if x == "strength" else x
+    fig.update_layout(
+        title=title,
+        xaxis_title=axis_name,
+        yaxis_title=y_title or (metrics[0] if len(metrics) == 1 else "metric"),
+        template="plotly_white",
+    )
+    fig.update_xaxes(type=x_scale)
+    return fig
+
+
+def save_plot(fig, path: str | Path) -> list[Path]:  # noqa: ANN001 - plotly Figure
+    """Write the figure as HTML (always) and PNG (only if ``kaleido`` is installed).
+
+    ``path`` may end in ``.html``, ``.png`` or nothing; both files share its stem.
+
+    Returns:
+        The files written.
+    """
+    base = Path(path)
+    if base.suffix.lower() in (".html", ".png"):
+        base = base.with_suffix("")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    html = base.with_suffix(".html")
+    fig.write_html(str(html), include_plotlyjs=True)
+    written = [html]
+    if importlib.util.find_spec("kaleido") is not None:
+        png = base.with_suffix(".png")
+        try:
+            fig.write_image(str(png))
+            written.append(png)
+        except (ValueError, RuntimeError) as exc:  # kaleido present but no browser/engine
+            log.warning("could not write %s: %s", png, exc)
+    else:
+        log.info("kaleido is not installed: wrote %s only", html)
+    return written
+
+
+__all__ = [
+    "DEFAULT_FRACTIONS",
+    "DEFAULT_NOISE_MULTIPLIERS",
+    "DEFAULT_SIGMAS",
+    "GRIDS",
+    "SweepPoint",
+    "dp_grid",
+    "grid",
+    "iter_sweep",
+    "mask_grid",
+    "noise_grid",
+    "plot_sweep",
+    "precision_grid",
+    "prune_grid",
+    "run_sweep",
+    "save_plot",
+    "write_csv",
+]
