@@ -87,10 +87,12 @@ def _dager_engine():  # noqa: ANN202
     return attack, DagerConfig
 
 
-def dager_events(bundle, update) -> Iterator[object]:  # noqa: ANN001
+def dager_events(bundle, update, *, noise_tolerant: bool = False) -> Iterator[object]:  # noqa: ANN001
     """The DAGER event stream for a shared update (monkeypatched in handler tests)."""
     attack, config_cls = _dager_engine()
-    return attack.iter_dager(bundle, update, config=config_cls(device=DEVICE) if _has_field(config_cls, "device") else config_cls())
+    options = {"device": DEVICE, "noise_tolerant": bool(noise_tolerant)}
+    config = config_cls(**{k: v for k, v in options.items() if _has_field(config_cls, k)})
+    return attack.iter_dager(bundle, update, config=config)
 
 
 def dager_parameters(bundle) -> list[str] | None:  # noqa: ANN001
@@ -256,9 +258,13 @@ def stream_dager(view: DagerView, events: Iterator[object], *, clock: Callable[[
     yield (*_emit(view, TEXT_KEYS, force=True), _result_json(view))
 
 
-def run_text_attack(sentences_text: str, model: str, hub_id: str, task: str, *defense_settings) -> Iterator[tuple]:
+def run_text_attack(sentences_text: str, model: str, hub_id: str, task: str, noise_tolerant: bool = False,
+                    *defense_settings) -> Iterator[tuple]:
     """Gradio handler: the client shares its gradient; DAGER reconstructs; the app scores."""
     sentences = parse_sentences(sentences_text)
+    name = (hub_id or "").strip() or model
+    yield (f"**Preparing:** loading {name} (only the first run of a model takes long)…",
+           *(gr.skip() for _ in TEXT_KEYS[1:]), gr.skip())
     bundle = _bundle(model, hub_id, task)
     _check_lengths(bundle, sentences)
     view = DagerView(
@@ -275,7 +281,9 @@ def run_text_attack(sentences_text: str, model: str, hub_id: str, task: str, *de
         batch = bundle.encode(sentences, seed=0)
         update = compute_update(bundle.model, batch, parameters=dager_parameters(bundle),
                                 defense=defense, seed=0)
-        yield from stream_dager(view, dager_events(bundle, update))
+        view.mark_update_done()
+        yield (*_emit(view, TEXT_KEYS), _result_json(view))
+        yield from stream_dager(view, dager_events(bundle, update, noise_tolerant=noise_tolerant))
     except LabInputError as exc:
         raise gr.Error(str(exc)) from None
 
@@ -573,6 +581,7 @@ def build_app() -> gr.Blocks:
                         hub_id = gr.Textbox(value="", label="…or a Hugging Face model id (needs the hub)",
                                             placeholder="e.g. gpt2")
                         task = gr.Radio(["classification", "next-token"], value="classification", label="Task")
+                        tolerant = gr.Checkbox(value=False, label="Noise-tolerant mode (for defended updates)")
                         with gr.Row():
                             run = gr.Button("Run DAGER", variant="primary", elem_id="gll-run-text")
                             stop = gr.Button("Stop", variant="stop")
@@ -647,7 +656,7 @@ def build_app() -> gr.Blocks:
         sample.change(lambda name: sets.get(name, ""), inputs=sample, outputs=sentences,
                       api_name=False, queue=False)
         text_outputs = [text_status, spectrum, distances, grid, recovered, metrics, text_json]
-        text_event = run.click(run_text_attack, inputs=[sentences, model, hub_id, task, *defense_inputs],
+        text_event = run.click(run_text_attack, inputs=[sentences, model, hub_id, task, tolerant, *defense_inputs],
                                outputs=text_outputs, api_name="dager", concurrency_id="attack")
         stop.click(None, cancels=[text_event], api_name=False, queue=False)
         race_event = race.click(run_text_baseline,

@@ -55,7 +55,7 @@ def _sentences(n: int) -> list[str]:
 def time_text(client, model: str, sentences: list[str]) -> tuple[float, float, float]:
     """(first tokens on screen, finished, exact-match) in seconds for one run."""
     t0 = time.perf_counter()
-    job = client.submit("\n".join(sentences), model, "", "classification", *DEFENSES_OFF, api_name="/dager")
+    job = client.submit("\n".join(sentences), model, "", "classification", False, *DEFENSES_OFF, api_name="/dager")
     first = None
     for out in job:
         grid = out[3]

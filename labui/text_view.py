@@ -38,6 +38,7 @@ WARNINGS = {
     "span checks are unreliable, results are a best effort.",
     "combinations_capped": "The encoder search hit its cap on combinations ({value:.0f}).",
     "incomplete": "Some sentences could not be completed exactly ({value:.0f}).",
+    "left_padding": "The update was computed on left-padded batches; positions are shifted.",
 }
 
 
@@ -80,6 +81,8 @@ class DagerView:
     finished: AttackFinished | None = None
     scores: object | None = None
     t0: float = 0.0
+    phase: str = "computing the client's update…"
+    update_s: float | None = None
     first_tokens_s: float | None = None
     finished_s: float | None = None
     dirty: set[str] = field(default_factory=lambda: set(TEXT_KEYS))
@@ -109,6 +112,12 @@ class DagerView:
         if handler is None:
             raise TypeError(f"DagerView cannot display a {type(event).__name__} event")
         handler(event)
+
+    def mark_update_done(self) -> None:
+        """The client's update is computed; the attack starts (for the timings)."""
+        self.update_s = self.clock() - self.t0
+        self.phase = "the attacker reads the shared gradient…"
+        self.dirty |= {"status", "metrics"}
 
     def _started(self, e: AttackStarted) -> None:
         self.started = e
@@ -191,7 +200,7 @@ class DagerView:
             lines.append(self.model_note)
         s = self.started
         if s is None:
-            lines.append("**Running:** computing the client's update…")
+            lines.append(f"**Running:** {self.phase}")
         else:
             verdict = (
                 "⚠️ over capacity: best effort" if s.over_capacity
@@ -275,7 +284,8 @@ class DagerView:
     def metrics_markdown(self) -> str:
         if self.finished is None:
             first = "–" if self.first_tokens_s is None else f"{self.first_tokens_s:.2f} s"
-            return f"First tokens after {first}. Scores appear when the attack finishes."
+            upd = "" if self.update_s is None else f"Client update computed after {self.update_s:.2f} s. "
+            return f"{upd}First tokens after {first}. Scores appear when the attack finishes."
         r = self.finished.result
         lines = ["| metric | value |", "|---|---|"]
         sc = self.scores
@@ -289,6 +299,8 @@ class DagerView:
                 lines.append(f"| token accuracy | {100 * float(sc.token_accuracy):.1f} % |")
         lines.append(f"| sentences recovered | {len(r.sentences)} of {len(self.references) or r.rank} |")
         lines.append(f"| layer-1 rank / d | {r.rank} / {r.hidden_size} |")
+        if self.update_s is not None:
+            lines.append(f"| client update computed | {self.update_s:.2f} s |")
         if self.first_tokens_s is not None:
             lines.append(f"| first tokens shown | {self.first_tokens_s:.2f} s |")
         lines.append(f"| attack time | {r.seconds:.2f} s |")

@@ -63,7 +63,7 @@ def private_png(tmp_path_factory) -> str:
 
 def test_text_endpoint_streams_and_recovers_typed_sentences(served):
     _, client, _ = served
-    job = client.submit("\n".join(SENTENCES), "gpt2-small-random", "", "classification", *DEFENSES_OFF,
+    job = client.submit("\n".join(SENTENCES), "gpt2-small-random", "", "classification", False, *DEFENSES_OFF,
                         api_name="/dager")
     final = job.result(timeout=120)
     outputs = job.outputs()
@@ -80,7 +80,7 @@ def test_text_endpoint_reports_bad_input_as_a_message(served):
 
     _, client, _ = served
     with pytest.raises(AppError, match="at least one sentence"):
-        client.predict("  \n ", "gpt2-small-random", "", "classification", *DEFENSES_OFF, api_name="/dager")
+        client.predict("  \n ", "gpt2-small-random", "", "classification", False, *DEFENSES_OFF, api_name="/dager")
 
 
 def test_image_endpoint_returns_a_reconstruction(served, private_png):
@@ -126,6 +126,6 @@ def test_cancelling_a_job_stops_the_attack(served, private_png):
         time.sleep(0.1)
     assert job.status().code == Status.CANCELLED
     # The server is free again: a new text job runs to the end.
-    final = client.predict(SENTENCES[0], "gpt2-small-random", "", "classification", *DEFENSES_OFF,
+    final = client.predict(SENTENCES[0], "gpt2-small-random", "", "classification", False, *DEFENSES_OFF,
                            api_name="/dager")
     assert final[-1]["recovered"] == [SENTENCES[0]]

@@ -188,7 +188,7 @@ def test_run_text_attack_end_to_end_with_a_hand_built_stream(tiny, monkeypatch):
     bundle = tiny("gpt2")
     seen = {}
 
-    def fake_events(b, update):
+    def fake_events(b, update, **options):
         seen["update"] = update
         return _dager_stream(b, typed)
 
