@@ -146,25 +146,47 @@ def _normalize(bundle, text: str) -> str:  # noqa: ANN001
 
 # -- defenses -------------------------------------------------------------------------
 
-DEFENSE_DEFAULTS = {"sigma": 0.0, "dp": False, "clip": 1.0, "z": 1.0, "prune": 0.0,
-                    "precision": "fp32", "fedavg_steps": 1, "clients": 1}
+SWEEPS = {"noise σ": "noise", "prune fraction": "prune", "DP-SGD noise multiplier": "dp", "precision": "precision"}
 
 
 def build_defense(sigma: float, dp: bool, clip: float, z: float, prune: float, precision: str,
                   fedavg_steps: int, clients: int):  # noqa: ANN201
-    """The client-side defense from the panel's settings (None when all are off)."""
-    settings = dict(sigma=float(sigma or 0), dp=bool(dp), clip=float(clip or 0), z=float(z or 0),
-                    prune=float(prune or 0), precision=str(precision or "fp32"),
-                    fedavg_steps=int(fedavg_steps or 1), clients=int(clients or 1))
-    active = (settings["sigma"] > 0 or settings["dp"] or settings["prune"] > 0
-              or settings["precision"] != "fp32" or settings["fedavg_steps"] > 1 or settings["clients"] > 1)
-    if not active:
-        return None
+    """The client-side defense from the panel's settings (None when all are off).
+
+    Raises:
+        gr.Error: for an out-of-range setting (the message says which).
+    """
+    from fedclient import defenses as dfn
+
     try:
-        from fedclient import defenses
-    except ImportError as exc:
-        raise gr.Error("Defenses are not available in this build; set the panel back to 'none'.") from exc
-    return defenses.from_settings(**settings)
+        sigma = float(sigma or 0)
+        steps, clients = int(fedavg_steps or 1), int(clients or 1)
+        if dp and steps > 1:
+            raise gr.Error("DP-SGD and FedAvg both change how the update is computed: pick one.")
+        computing = None
+        if dp:
+            computing = dfn.DPSGD(clip_norm=float(clip), noise_multiplier=float(z))
+        elif steps > 1:
+            computing = dfn.FedAvg(local_steps=steps)
+        return dfn.compose(
+            computing,
+            dfn.GaussianNoise(sigma) if sigma != 0 else None,
+            dfn.Prune(float(prune)) if float(prune or 0) != 0 else None,
+            dfn.Quantize(str(precision)) if precision and precision != "fp32" else None,
+            dfn.SecureAggregation(clients=clients) if clients > 1 else None,
+        )
+    except (LabInputError, TypeError) as exc:
+        raise gr.Error(str(exc)) from None
+
+
+def describe_defense(*settings) -> str:
+    """One line about the panel's current defense (with DP's epsilon)."""
+    from fedclient.defenses import describe
+
+    try:
+        return "**Shared update:** " + describe(build_defense(*settings))
+    except gr.Error as exc:
+        return f"⚠️ {exc.message}"
 
 
 # -- input checks ---------------------------------------------------------------------
@@ -364,10 +386,10 @@ def load_client_image(source: str, upload: object, sketch: object) -> torch.Tens
         if isinstance(value, np.ndarray) and max(value.shape[:2]) > MAX_IMAGE_SIDE:
             raise gr.Error(f"The image is {value.shape[1]}x{value.shape[0]} pixels; use one under "
                            f"{MAX_IMAGE_SIDE} pixels a side.")
-    from dlg.images import load_image
+    from dlg.images import load_images
 
     try:
-        return load_image(value)
+        return load_images([value])
     except LabInputError as exc:
         raise gr.Error(str(exc)) from None
 
@@ -425,6 +447,74 @@ def run_image_attack(source: str, upload: object, sketch: object, label: float, 
         update = compute_update(net, ImageBatch(images=images.to(DEVICE), labels=labels.to(DEVICE)),
                                 defense=defense, seed=0)
         yield from stream_dlg(view, dlg_events(net, update, method=method, iterations=iterations, name=model))
+    except LabInputError as exc:
+        raise gr.Error(str(exc)) from None
+
+
+# -- defense sweep ---------------------------------------------------------------------
+
+
+def _drain(events: Iterator[object]) -> object:
+    last = None
+    for event in events:
+        last = event
+    return getattr(last, "result", None)
+
+
+def run_defense_sweep(target: str, axis: str, sentences_text: str, model: str, hub_id: str, task: str,
+                      noise_tolerant: bool, source: str, upload: object, sketch: object, label: float,
+                      vmodel: str, method: str, iterations: float) -> Iterator[tuple]:
+    """Gradio handler: attack success against defense strength, one row at a time."""
+    from fedclient.defenses import utility_cost
+    from fedclient.sweep import grid, iter_sweep, plot_sweep
+    from labui.image_view import matched_psnr
+
+    if axis not in SWEEPS:
+        raise gr.Error(f"Unknown sweep {axis!r}; choose one of {', '.join(SWEEPS)}.")
+    points = grid(SWEEPS[axis])
+    if target == "text":
+        sentences = parse_sentences(sentences_text)
+        bundle = _bundle(model, hub_id, task)
+        _check_lengths(bundle, sentences)
+        batch = bundle.encode(sentences, seed=0)
+        params = dager_parameters(bundle)
+        scorer = text_scorer(bundle)
+        metrics = ["rouge1", "exact_match"]
+
+        def attack(defense):  # noqa: ANN001, ANN202
+            update = compute_update(bundle.model, batch, parameters=params, defense=defense, seed=0)
+            result = _drain(dager_events(bundle, update, noise_tolerant=noise_tolerant))
+            sc = scorer(sentences, list(result.sentences))
+            return {"rouge1": sc.rouge1, "exact_match": sc.exact_match,
+                    **utility_cost(bundle.model, batch, update)}
+    elif target == "images":
+        n_iter = _iterations(iterations)
+        images = load_client_image(source, upload, sketch)
+        labels = torch.full((images.shape[0],), int(label or 0) % NUM_CLASSES, dtype=torch.long)
+        net = vision_model(vmodel)
+        batch = ImageBatch(images=images.to(DEVICE), labels=labels.to(DEVICE))
+        metrics = ["psnr"]
+
+        def attack(defense):  # noqa: ANN001, ANN202
+            update = compute_update(net, batch, defense=defense, seed=0)
+            result = _drain(dlg_events(net, update, method=method, iterations=n_iter, name=vmodel))
+            return {"psnr": matched_psnr(images, result.images), **utility_cost(net, batch, update)}
+    else:
+        raise gr.Error(f"Unknown sweep target {target!r}.")
+    rows: list[dict[str, object]] = []
+    title = f"{'DAGER' if target == 'text' else method.upper()} under {axis}"
+    yield f"**Sweep:** {len(points)} settings of {axis}…", gr.skip(), gr.skip()
+    try:
+        for row in iter_sweep(points, attack):
+            rows.append(row)
+            table = [[str(r["label"]), *(round(float(r[m]), 4) for m in metrics),
+                      round(float(r.get("utility_cosine", float("nan"))), 4),
+                      round(float(r["seconds"]), 2)] for r in rows]
+            done = len(rows) == len(points)
+            status = f"**Sweep:** {len(rows)} of {len(points)} settings done" + ("." if done else "…")
+            yield status, plot_sweep(rows, y=metrics, title=title), {"headers": ["setting", *metrics,
+                                                                                 "utility cosine", "seconds"],
+                                                                     "data": table}
     except LabInputError as exc:
         raise gr.Error(str(exc)) from None
 
@@ -548,7 +638,12 @@ def _defense_panel() -> list[gr.components.Component]:
             z = gr.Number(value=1.0, label="DP noise multiplier z", minimum=0.0)
             fedavg = gr.Slider(1, 10, value=1, step=1, label="FedAvg local steps (1 = FedSGD)")
             clients = gr.Slider(1, 16, value=1, step=1, label="Secure aggregation: clients")
-    return [sigma, dp, clip, z, prune, precision, fedavg, clients]
+        settings = [sigma, dp, clip, z, prune, precision, fedavg, clients]
+        summary = gr.Markdown(describe_defense(0.0, False, 1.0, 1.0, 0.0, "fp32", 1, 1))
+        for component in settings:
+            component.change(describe_defense, inputs=settings, outputs=summary, api_name=False,
+                             queue=False, show_progress="hidden")
+    return settings
 
 
 def build_app() -> gr.Blocks:
@@ -565,6 +660,19 @@ def build_app() -> gr.Blocks:
             "nothing you type or draw is stored or sent anywhere."
         )
         defense_inputs = _defense_panel()
+        with gr.Accordion("Defense sweep: attack success against defense strength", open=False):
+            gr.Markdown("Runs the attack once per setting on the current text or image "
+                        "(the other panel settings are ignored here).")
+            with gr.Row():
+                sweep_target = gr.Radio([("Text (DAGER)", "text"), ("Images (DLG)", "images")], value="text",
+                                        label="Attack")
+                sweep_axis = gr.Dropdown(list(SWEEPS), value="noise σ", label="Vary")
+                sweep_run = gr.Button("Run sweep", variant="primary")
+                sweep_stop = gr.Button("Stop sweep", variant="stop")
+            sweep_status = gr.Markdown()
+            with gr.Row():
+                sweep_plot = gr.Plot(label="Attack success")
+                sweep_table = gr.Dataframe(label="Rows", interactive=False, wrap=True)
 
         with gr.Tabs():
             # ---------------------------------------------------------------- text
@@ -669,6 +777,12 @@ def build_app() -> gr.Blocks:
                                   inputs=[source, upload, sketch, label, vmodel, method, iterations, *defense_inputs],
                                   outputs=img_outputs, api_name="dlg", concurrency_id="attack")
         stop_img.click(None, cancels=[img_event], api_name=False, queue=False)
+        sweep_event = sweep_run.click(
+            run_defense_sweep,
+            inputs=[sweep_target, sweep_axis, sentences, model, hub_id, task, tolerant, source, upload, sketch,
+                    label, vmodel, method, iterations],
+            outputs=[sweep_status, sweep_plot, sweep_table], api_name="sweep", concurrency_id="attack")
+        sweep_stop.click(None, cancels=[sweep_event], api_name=False, queue=False)
         sketch.change(lambda _: "sketch", inputs=sketch, outputs=source, api_name=False, queue=False,
                       show_progress="hidden")
         upload.change(lambda v: "upload" if v is not None else gr.skip(), inputs=upload, outputs=source,

@@ -283,3 +283,23 @@ def test_app_builds_with_named_endpoints():
     names = {d.get("api_name") for d in demo.config["dependencies"]}
     assert {"dager", "dlg", "dlg_text"} <= names
     assert demo.analytics_enabled is False
+
+
+def test_defense_panel_settings_build_the_shared_defense():
+    from fedclient import defenses as dfn
+
+    off = (0.0, False, 1.0, 1.0, 0.0, "fp32", 1, 1)
+    assert app.build_defense(*off) is None
+    assert "No defense" in app.describe_defense(*off)
+    d = app.build_defense(1e-3, False, 1.0, 1.0, 0.3, "fp16", 1, 4)
+    assert isinstance(d, dfn.Compose)
+    kinds = [type(x) for x in d.defenses]
+    assert kinds[:3] == [dfn.GaussianNoise, dfn.Prune, dfn.Quantize] and kinds[-1] is dfn.SecureAggregation
+    dp = app.build_defense(0.0, True, 2.0, 1.1, 0.0, "fp32", 1, 1)
+    assert isinstance(dp, dfn.DPSGD) and dp.clip_norm == 2.0 and dp.noise_multiplier == 1.1
+    assert f"epsilon = {dp.epsilon:.3g}" in app.describe_defense(0.0, True, 2.0, 1.1, 0.0, "fp32", 1, 1)
+    with pytest.raises(gr.Error, match="pick one"):
+        app.build_defense(0.0, True, 1.0, 1.0, 0.0, "fp32", 3, 1)
+    with pytest.raises(gr.Error):
+        app.build_defense(-1.0, False, 1.0, 1.0, 0.0, "fp32", 1, 1)  # caught by the defense's checks
+    assert "⚠️" in app.describe_defense(0.0, False, 1.0, 1.0, 1.5, "fp32", 1, 1)
