@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -50,6 +51,7 @@ import dager
 from dager.config import DagerConfig
 from dager.metrics import PairScore, evaluate_text
 from dager.textio import Sentence, canonical_text, check_sentences, distinct_prefixes, read_sentences, split_batches
+from fedclient.defenses import describe, epsilon_of, parse_defenses
 from fedclient.errors import LabInputError
 
 log = logging.getLogger("dager.cli")
@@ -120,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rank candidates by distance instead of fixed thresholds (for noisy, defended updates)",
     )
+    p.add_argument(
+        "--defense",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="client-side defense, repeatable: noise:1e-3, dp:clip=1.0,noise=1.0, prune:0.3, mask:0.3, "
+        "fp16, int8, fedavg:steps=4,lr=0.01, secagg:clients=4",
+    )
     p.add_argument("--show-text", action="store_true", help="print each sentence and its recovery in the summary")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, notes or summary table")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress details to stderr")
@@ -151,6 +161,7 @@ class _BatchOutcome:
     failed: bool = False
     seconds: float = 0.0
     client_seconds: float = 0.0
+    hidden_size: int = 0
     warnings: list[str] = field(default_factory=list)
 
 
@@ -270,8 +281,10 @@ def _batch_record(
     (1-based), ``lines`` (file line numbers), ``client_seconds``, ``verified`` (the
     attacker's own exactness flag for each aligned prediction: it cannot see the
     references), ``unmatched_predictions`` (recovered texts matched to no reference),
-    ``num_predictions``, ``hidden_size``, ``distinct_prefixes``, ``over_capacity``,
-    ``budget_exhausted``, per-batch ``rouge1``/``rouge2``/``rougeL``/
+    ``num_predictions``, ``hidden_size``, ``distinct_prefixes`` (of the true batch,
+    known to the evaluation only), ``capacity_exceeded`` (``distinct_prefixes`` > d:
+    exact recovery is not guaranteed), ``over_capacity`` (the attacker's own verdict,
+    from the rank), ``budget_exhausted``, per-batch ``rouge1``/``rouge2``/``rougeL``/
     ``exact_match``/``token_accuracy``, and ``error`` (``null`` or why it failed).
     """
     refs = [s.text for s in outcome.sentences]
@@ -286,6 +299,7 @@ def _batch_record(
         "seconds": outcome.seconds,
         "client_seconds": outcome.client_seconds,
         "distinct_prefixes": prefixes,
+        "capacity_exceeded": prefixes > outcome.hidden_size,
         "error": error,
     }
     if result is not None and scores is not None:
@@ -327,7 +341,7 @@ def _attack_batch(
     from fedclient import compute_update
 
     run_dager, required_parameters = _engine()
-    outcome = _BatchOutcome(index=index, sentences=sentences, record={})
+    outcome = _BatchOutcome(index=index, sentences=sentences, record={}, hidden_size=int(bundle.hidden_size))  # type: ignore[attr-defined]
     refs = [s.text for s in sentences]
     total_tokens = 0
     try:
@@ -372,7 +386,7 @@ def _attack_batch(
     outcome.record = _batch_record(
         outcome, result=result, scores=scores, total_tokens=total_tokens, prefixes=prefixes, error=None
     )
-    if result.over_capacity:  # type: ignore[attr-defined]
+    if result.over_capacity or prefixes > outcome.hidden_size:  # type: ignore[attr-defined]
         outcome.warnings.append("over_capacity")
     if result.budget_exhausted:  # type: ignore[attr-defined]
         outcome.warnings.append("budget_exhausted")
@@ -402,9 +416,10 @@ def _report(
     Contract keys: see the module docstring. Scores are over all attacked sentences
     (failed batches count as unrecovered). Extra keys: ``num_sentences``,
     ``num_exact``, ``num_batches``, ``failed_batches`` (1-based indices),
-    ``interrupted``, ``over_capacity``/``budget_exhausted`` (any batch),
-    ``hidden_size``, ``device``, ``seed``, ``max_batches``, ``defense`` (the specs
-    applied, in order), ``sentences_in_file``.
+    ``interrupted``, ``over_capacity``/``capacity_exceeded``/``budget_exhausted`` (any batch),
+    ``hidden_size``, ``device``, ``seed``, ``max_batches``, ``defense`` (the
+    ``--defense`` specs as given), ``defense_description`` (one sentence),
+    ``epsilon`` (DP epsilon, or ``null``), ``sentences_in_file``.
     """
     pairs: list[PairScore] = []
     for o in outcomes:
@@ -437,6 +452,7 @@ def _report(
         "failed_batches": [o.index for o in outcomes if o.failed],
         "interrupted": interrupted,
         "over_capacity": any(bool(o.record.get("over_capacity")) for o in outcomes),
+        "capacity_exceeded": any(bool(o.record.get("capacity_exceeded")) for o in outcomes),
         "budget_exhausted": any(bool(o.record.get("budget_exhausted")) for o in outcomes),
         "hidden_size": int(bundle.hidden_size),  # type: ignore[attr-defined]
         "device": args.device,
@@ -503,23 +519,21 @@ def _print_summary(args: argparse.Namespace, report: dict[str, object], outcomes
 
 
 def _parse_defenses(specs: Sequence[str]) -> object | None:
-    """One client-side defense from the ``--defense`` specs (applied in order)."""
-    if not specs:
-        return None
-    from fedclient.defenses import parse_defense  # noqa: PLC0415 - optional until it lands
+    """One client-side defense from the repeated ``--defense`` specs.
 
-    defenses = [parse_defense(s) for s in specs]
-    if len(defenses) == 1:
-        return defenses[0]
-    from fedclient.defenses import chain  # type: ignore[attr-defined]  # noqa: PLC0415
+    :func:`fedclient.defenses.parse_defenses` orders them by role (how the update is
+    computed, then transforms in the order given, then secure aggregation).
 
-    return chain(*defenses)
+    Raises:
+        fedclient.errors.InvalidConfigError: a spec cannot be parsed.
+    """
+    return parse_defenses(list(specs)) if specs else None
 
 
 def _run(args: argparse.Namespace) -> int:
     _check_environment(args)
     config = _build_config(args)
-    defense = _parse_defenses(getattr(args, "defense", None) or [])
+    defense = _parse_defenses(args.defense)
     file = read_sentences(args.input)
     if file.blank_lines:
         shown = ", ".join(str(n) for n in file.blank_lines[:10])
@@ -566,10 +580,13 @@ def _run(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-    specs = list(getattr(args, "defense", None) or [])
     report = _report(
-        args, bundle, outcomes, defenses=specs, interrupted=interrupted, num_sentences_in_file=len(file.sentences)
+        args, bundle, outcomes, defenses=list(args.defense), interrupted=interrupted,
+        num_sentences_in_file=len(file.sentences),
     )
+    report["defense_description"] = describe(defense)
+    eps = epsilon_of(defense)
+    report["epsilon"] = eps if eps is not None and math.isfinite(eps) else None  # JSON has no inf
     _write_json(args.output, report)
     if not args.quiet:
         _print_summary(args, report, outcomes)

@@ -310,3 +310,90 @@ def test_far_over_capacity_is_refused_then_flagged_when_allowed(tmp_path, capsys
     assert report["batches"][0]["distinct_prefixes"] > 96
     assert "exceed the model's capacity" in err and "over_capacity" in out
     assert report["exact_match"] == pytest.approx(3 / 12)
+
+
+def test_defense_specs_reach_the_client_and_the_json(tmp_path, capsys, monkeypatch, tiny_zoo):
+    path = write(tmp_path, "one two\n")
+    seen = []
+    engine = FakeEngine([["one two"]])
+    original = engine.run_dager
+
+    def run(bundle, update, *, config=None):
+        seen.append(update.defenses)
+        return original(bundle, update, config=config)
+
+    monkeypatch.setattr(cli, "_engine", lambda: (run, engine.required_parameters))
+    out_path = tmp_path / "r.json"
+    code, _, err = run_cli(
+        ["--model", "tiny-gpt2", "--input", path, "--batch-size", 1, "--output", out_path, "--defense", "fp16"], capsys
+    )
+    assert code == 0, err
+    assert seen == [("fp16",)]  # the attacker received the defended update
+    report = json.loads(out_path.read_text())
+    assert report["defense"] == ["fp16"] and "fp16" in report["defense_description"]
+    assert report["epsilon"] is None
+    code, _, err = run_cli(
+        ["--model", "tiny-gpt2", "--input", path, "--batch-size", 1, "--output", out_path, "--defense", "nois:1"], capsys
+    )
+    assert code == 2 and "Unknown defense 'nois'" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------
+# The real engine on tiny models, end to end
+
+SHORT = ["the cat sat on the mat", "a dog ran home", "Hello private world", "Gradients leak data."]
+
+
+@pytest.mark.parametrize(("family", "task"), [("gpt2", "classification"), ("llama", "next-token")])
+def test_cli_real_engine_recovers_tiny_batches_exactly(family, task, tmp_path, capsys, tiny_zoo):
+    path = write(tmp_path, "\n".join(SHORT) + "\n")
+    out_path = tmp_path / "r.json"
+    code, out, err = run_cli(
+        ["--model", f"tiny-{family}", "--task", task, "--input", path, "--batch-size", 2, "--output", out_path],
+        capsys,
+    )
+    assert code == 0, err
+    report = json.loads(out_path.read_text())
+    assert CONTRACT_KEYS <= set(report) and report["task"] == task
+    assert report["exact_match"] == 1.0 and report["rouge1"] == 1.0 and report["token_accuracy"] == 1.0
+    assert [b["references"] for b in report["batches"]] == [SHORT[:2], SHORT[2:]]
+    for b in report["batches"]:
+        assert BATCH_KEYS <= set(b)
+        assert b["predictions"] == b["references"] and b["exact"] == [True, True]
+        assert b["verified"] == [True, True] and b["error"] is None
+        assert 0 < b["rank"] <= 64 and b["seconds"] > 0
+    if family == "gpt2":
+        # Learned positions: the rank is the number of distinct (token, position) inputs.
+        assert [b["rank"] for b in report["batches"]] == [b["total_tokens"] for b in report["batches"]]
+    assert report["seconds"] > 0 and report["client_seconds"] > 0
+    assert "4/4 exact" in out
+
+
+def test_cli_real_engine_uncased_encoder_is_exact_up_to_its_normalisation(tmp_path, capsys, tiny_zoo):
+    path = write(tmp_path, "Hello private world\n")
+    out_path = tmp_path / "r.json"
+    code, _, err = run_cli(
+        ["--model", "tiny-bert", "--input", path, "--batch-size", 1, "--output", out_path], capsys
+    )
+    assert code == 0, err
+    b = json.loads(out_path.read_text())["batches"][0]
+    # The uncased WordPiece model cannot see case: its recovery is lowercase, and the
+    # evaluation compares both through the tokenizer's normalisation.
+    assert b["predictions"] == ["hello private world"] and b["exact"] == [True]
+
+
+def test_cli_real_engine_over_capacity_best_effort_completes(tmp_path, capsys, tiny_zoo):
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    lines = [" ".join(words[i:] + words[:i])[:60] for i in range(12)]
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    out_path = tmp_path / "r.json"
+    argv = ["--model", "tiny-gpt2", "--input", path, "--batch-size", 12, "--output", out_path,
+            "--allow-over-capacity", "--max-prefixes", 64]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    report = json.loads(out_path.read_text())
+    b = report["batches"][0]
+    assert b["error"] is None and b["capacity_exceeded"] is True and report["capacity_exceeded"] is True
+    assert b["distinct_prefixes"] > 96 and b["rank"] <= 64
+    assert len(b["predictions"]) == 12 and report["exact_match"] < 1.0
+    assert "over_capacity" in out
