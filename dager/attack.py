@@ -137,6 +137,7 @@ def _attack(
         yield AttackWarning("left_padding", 0.0)
     span2 = _span(hooks, update, hooks.attention_parameters(1), config, device)
     yield _spectrum_event(2, span2)
+    log.debug("spans done at %.3f s", time.perf_counter() - t0)
 
     # Layer-1 token filter.
     accepted: dict[int | None, torch.Tensor] = {}
@@ -160,11 +161,13 @@ def _attack(
             vocab_token_ids=top_i.cpu(),
         )
     del dists
+    log.debug("layer-1 filter done at %.3f s", time.perf_counter() - t0)
 
     found: list[Found] = []
     budget = False
     if isinstance(hooks, DecoderHooks):
         span_mlp = _span(hooks, update, hooks.mlp_parameters(0), config, device)
+        log.debug("MLP span done at %.3f s", time.perf_counter() - t0)
         start: tuple[int, ...] = ()
         if bundle.family.prepend_bos and bundle.bos_token_id is not None:
             start = (bundle.bos_token_id,)
@@ -198,7 +201,7 @@ def _attack(
             hooks,
             accepted,
             span2,
-            tokenizer=bundle.tokenizer,
+            special_ids=(int(bundle.tokenizer.cls_token_id), int(bundle.tokenizer.sep_token_id)),
             batch_size=update.batch_size,
             threshold=config.layer2_threshold,
             max_combinations=config.max_combinations,
@@ -282,15 +285,16 @@ def _layer1(hooks: FamilyHooks, span: Span) -> tuple[torch.Tensor, int]:
     vocabulary's typical distance (the geometric middle of the two, in log terms).
     At most ``rank`` positions can be occupied (each needs its own input).
     """
+    filt = hooks.layer1_filter(span)
     if not hooks.positional:
-        return hooks.layer1_distances(span, range(0, 1)), 0
+        return filt.distances(range(0, 1)), 0
     limit = min(hooks.num_positions(), max(1, span.rank))
     blocks: list[torch.Tensor] = []
     occupied_until = 0
     typical = None
     floor = None
     for start in range(0, limit, POSITION_BLOCK):
-        block = hooks.layer1_distances(span, range(start, min(limit, start + POSITION_BLOCK)))
+        block = filt.distances(range(start, min(limit, start + POSITION_BLOCK)))
         mins = block.min(dim=1).values  # (b,)
         if typical is None:
             typical = float(block[0].median())
@@ -298,8 +302,9 @@ def _layer1(hooks: FamilyHooks, span: Span) -> tuple[torch.Tensor, int]:
         floor = min(floor, float(mins.min()))
         occ = mins < (max(floor, 1e-12) * typical) ** 0.5
         blocks.append(block)
-        if not bool(occ.any()):
-            break
-        occupied_until = start + int(occ.nonzero().max()) + 1
+        if bool(occ.any()):
+            occupied_until = start + int(occ.nonzero().max()) + 1
+        if not bool(occ.all()):
+            break  # occupied positions are contiguous from 0: this block holds the end
     dists = torch.cat(blocks, dim=0)[:max(1, occupied_until)]
     return dists, 0

@@ -15,13 +15,14 @@ never branches on a family name.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from fedclient.errors import UnsupportedModelError
-from dager.span import Span, relative_distance
+from dager.span import Span, exact_relative_distance, relative_distance
 
 HOOKS: dict[str, type[FamilyHooks]] = {}
 
@@ -114,9 +115,10 @@ class FamilyHooks:
     def token_embedding_matrix(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def layer1_distances(self, span: Span, positions: range) -> torch.Tensor:
-        """``(len(positions), V)`` float64 relative distances of every token's layer-1
-        input to ``span`` (position-free families return ``(1, V)``)."""
+    def layer1_filter(self, span: Span) -> AdditiveLayerNormFilter | ScaleFreeFilter:
+        """An object whose ``distances(positions)`` gives ``(P, V)`` float64 relative
+        distances of every token's layer-1 input to ``span`` (``(1, V)`` when the
+        inputs do not depend on the position)."""
         raise NotImplementedError
 
     def num_positions(self) -> int:
@@ -127,74 +129,141 @@ class FamilyHooks:
 # Shared maths
 
 
-def additive_layernorm_distances(
-    tokens: torch.Tensor,
-    positions: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    eps: float,
-    span: Span,
-) -> torch.Tensor:
-    """Relative distances of ``LayerNorm(tokens[t] + positions[p])`` to a span, for all t, p.
+SCREEN = 0.05
+"""Float32 screening cut: distances estimated below it are recomputed in float64."""
+
+
+class AdditiveLayerNormFilter:
+    """Relative distances of ``LayerNorm(tokens[t] + positions[p])`` to a span, all t, p.
 
     LayerNorm is not linear, but everything it does factorises over the token and
     position parts: with ``c = centre(w_t) + centre(q_p)``, ``sigma^2 = |c|^2/d + eps``
     and ``y = gamma*c/sigma + beta``, every term of ``|y|^2`` and ``|Q^T y|^2`` is a sum
     of a token term, a position term and one token x position cross product. So the
     vocabulary-sized product (V x d x k) is computed once, not once per position; per
-    position only ``V x P`` cross products remain. ``Q`` is the smaller of the basis
-    and its complement; float64 keeps the cancellation exact to ~1e-7.
+    block of positions only ``V x P`` cross products remain. ``Q`` is the smaller of the
+    basis and its complement.
 
-    Args:
-        tokens: ``(V, d)`` token embeddings.
-        positions: ``(P, d)`` position-dependent part (position + token-type embeddings).
-        gamma, beta: ``(d,)`` LayerNorm affine parameters.
-        eps: LayerNorm epsilon.
-        span: the layer-1 span.
-
-    Returns:
-        ``(P, V)`` float64 relative distances.
+    The expansion cancels to ~1e-3 in float32, so it only screens: every pair estimated
+    below :data:`SCREEN` is recomputed exactly in float64 from its LayerNorm output.
     """
-    f64 = torch.float64
-    dev = tokens.device
-    d = tokens.shape[1]
-    use_basis = span.rank <= span.dim - span.rank
-    q = (span.basis if use_basis else span.complement).to(dev, f64)  # (d, k)
-    g = gamma.to(dev, f64)
-    b = beta.to(dev, f64)
-    cp = positions.to(f64)
-    cp = cp - cp.mean(-1, keepdim=True)  # (P, d)
-    bp = (cp * g) @ q  # (P, k)
-    beta_q = b @ q  # (k,)
-    gb = g * b  # (d,)
-    p_sq = (cp * cp).sum(-1)  # (P,)
-    p_gsq = (cp * cp * g * g).sum(-1)  # (P,)
-    p_gb = cp @ gb  # (P,)
-    bp_sq = (bp * bp).sum(-1)  # (P,)
-    bp_beta = bp @ beta_q  # (P,)
-    b_sq = float((b * b).sum())
-    beta_q_sq = float((beta_q * beta_q).sum())
-    rhs = torch.cat([cp, cp * g * g], dim=0).T  # (d, 2P)
-    out = torch.empty((cp.shape[0], tokens.shape[0]), dtype=f64, device=dev)
-    P = cp.shape[0]
-    for start in range(0, tokens.shape[0], VOCAB_CHUNK):
-        cw = tokens[start : start + VOCAB_CHUNK].to(f64)
-        cw = cw - cw.mean(-1, keepdim=True)  # (n, d)
-        a = (cw * g) @ q  # (n, k)
-        cross = cw @ rhs  # (n, 2P): c_w . c_p and (g^2 c_w) . c_p
-        cross_a = a @ bp.T  # (n, P)
-        w_sq = (cw * cw).sum(-1, keepdim=True)  # (n, 1)
-        w_gsq = (cw * cw * g * g).sum(-1, keepdim=True)
-        w_gb = (cw @ gb).unsqueeze(-1)
-        a_sq = (a * a).sum(-1, keepdim=True)
-        a_beta = (a @ beta_q).unsqueeze(-1)
-        var = (w_sq + 2 * cross[:, :P] + p_sq) / d + eps  # (n, P) sigma^2
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        gamma: torch.Tensor,
+        beta: torch.Tensor,
+        eps: float,
+        span: Span,
+        position_rows: Callable[[range], torch.Tensor],
+    ) -> None:
+        f32 = torch.float32
+        self.tokens = tokens.detach()
+        self.gamma = gamma.detach()
+        self.beta = beta.detach()
+        self.eps = float(eps)
+        self.span = span
+        self.position_rows = position_rows
+        self.use_basis = span.rank <= span.dim - span.rank
+        q = (span.basis if self.use_basis else span.complement).to(tokens.device, f32)  # (d, k)
+        self.q = q
+        side = _token_side(self.tokens, self.gamma, self.beta)
+        self.g, self.b, self.gb = side["g"], side["b"], side["gb"]
+        self.cw, self.w_sq, self.w_gsq, self.w_gb = side["cw"], side["w_sq"], side["w_gsq"], side["w_gb"]
+        self.beta_q = self.b @ q  # (k,)
+        self.b_sq = float((self.b * self.b).sum())
+        self.beta_q_sq = float((self.beta_q * self.beta_q).sum())
+        # The only vocabulary-sized product that depends on the span: (V, d) x (d, k).
+        self.a = side["cwg"] @ q  # (V, k)
+        self.a_sq = (self.a * self.a).sum(-1, keepdim=True)
+        self.a_beta = (self.a @ self.beta_q).unsqueeze(-1)
+
+    def distances(self, positions: range) -> torch.Tensor:
+        """``(P, V)`` float64 relative distances; exact (float64) below the screen."""
+        d = self.cw.shape[1]
+        rows = self.position_rows(positions).detach()  # (P, d)
+        cp = rows.to(torch.float32)
+        cp = cp - cp.mean(-1, keepdim=True)
+        g = self.g
+        bp = (cp * g) @ self.q  # (P, k)
+        P = cp.shape[0]
+        rhs = torch.cat([cp, cp * g * g], dim=0).T  # (d, 2P)
+        cross = self.cw @ rhs  # (V, 2P)
+        cross_a = self.a @ bp.T  # (V, P)
+        var = (self.w_sq + 2 * cross[:, :P] + (cp * cp).sum(-1)) / d + self.eps  # (V, P)
         sigma = var.sqrt()
-        y_sq = (w_gsq + 2 * cross[:, P:] + p_gsq) / var + 2 * (w_gb + p_gb) / sigma + b_sq
-        proj_sq = (a_sq + 2 * cross_a + bp_sq) / var + 2 * (a_beta + bp_beta) / sigma + beta_q_sq
-        perp_sq = y_sq - proj_sq if use_basis else proj_sq
-        out[:, start : start + cw.shape[0]] = (perp_sq.clamp(min=0.0) / y_sq.clamp(min=1e-300)).sqrt().T
-    return out
+        y_sq = (self.w_gsq + 2 * cross[:, P:] + ((cp * g) ** 2).sum(-1)) / var
+        y_sq = y_sq + 2 * (self.w_gb + cp @ self.gb) / sigma + self.b_sq
+        proj = (self.a_sq + 2 * cross_a + (bp * bp).sum(-1)) / var
+        proj = proj + 2 * (self.a_beta + bp @ self.beta_q) / sigma + self.beta_q_sq
+        perp = y_sq - proj if self.use_basis else proj
+        approx = (perp.clamp(min=0.0) / y_sq.clamp(min=1e-30)).sqrt().T.to(torch.float64)  # (P, V)
+        near = (approx < SCREEN).nonzero()  # (m, 2): (position row, token)
+        if near.numel():
+            x = self.tokens[near[:, 1]].to(torch.float64) + rows[near[:, 0]].to(torch.float64)
+            y = torch.nn.functional.layer_norm(
+                x, (d,), self.gamma.to(torch.float64), self.beta.to(torch.float64), self.eps
+            )
+            approx[near[:, 0], near[:, 1]] = exact_relative_distance(y, self.span)
+        return approx
+
+
+_TOKEN_SIDE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _token_side(tokens: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Span-independent vocabulary terms of :class:`AdditiveLayerNormFilter`.
+
+    They depend only on the model's weights, so they are computed once per model and
+    kept while the embedding tensor lives (recomputed if it is modified in place).
+    """
+    key_version = (tokens._version, gamma._version, beta._version, gamma.data_ptr(), beta.data_ptr())
+    cached = _TOKEN_SIDE.get(tokens)
+    if cached is not None and cached["version"] == key_version:
+        return cached
+    f32 = torch.float32
+    g = gamma.to(f32)
+    b = beta.to(f32)
+    V, d = tokens.shape
+    cw = torch.empty((V, d), dtype=f32, device=tokens.device)  # centred embeddings
+    for start in range(0, V, VOCAB_CHUNK):
+        rows = tokens[start : start + VOCAB_CHUNK].to(f32)
+        cw[start : start + rows.shape[0]] = rows - rows.mean(-1, keepdim=True)
+    cwg = cw if bool((g == 1).all()) else cw * g
+    side = {
+        "version": key_version,
+        "g": g,
+        "b": b,
+        "gb": g * b,
+        "cw": cw,
+        "cwg": cwg,
+        "w_sq": (cw * cw).sum(-1, keepdim=True),  # (V, 1)
+        "w_gsq": (cwg * cwg).sum(-1, keepdim=True),
+        "w_gb": (cw @ (g * b)).unsqueeze(-1),
+    }
+    _TOKEN_SIDE[tokens] = side
+    return side
+
+
+class ScaleFreeFilter:
+    """Relative distances of ``gamma * tokens[t]`` to a span (RMSNorm: scale-free)."""
+
+    def __init__(self, tokens: torch.Tensor, gamma: torch.Tensor, span: Span) -> None:
+        self.tokens = tokens.detach()
+        self.gamma = gamma.detach()
+        self.span = span
+
+    def distances(self, positions: range) -> torch.Tensor:
+        V = self.tokens.shape[0]
+        out = torch.empty((1, V), dtype=torch.float64, device=self.tokens.device)
+        for start in range(0, V, VOCAB_CHUNK):
+            rows = self.tokens[start : start + VOCAB_CHUNK].to(torch.float32) * self.gamma.to(torch.float32)
+            approx = relative_distance(rows, self.span, fast=True)
+            near = (approx < SCREEN).nonzero().squeeze(1)
+            if near.numel():
+                approx[near] = exact_relative_distance(rows[near].to(torch.float64), self.span)
+            out[0, start : start + rows.shape[0]] = approx
+        return out
 
 
 def _softmax_attend(
@@ -360,11 +429,11 @@ class GPT2Hooks(DecoderHooks):
     def num_positions(self) -> int:
         return int(self.tf.wpe.weight.shape[0])
 
-    def layer1_distances(self, span: Span, positions: range) -> torch.Tensor:
+    def layer1_filter(self, span: Span) -> AdditiveLayerNormFilter:
         ln = self.blocks[0].ln_1
-        wpe = self.tf.wpe.weight[positions.start : positions.stop]
-        return additive_layernorm_distances(
-            self.tf.wte.weight.detach(), wpe.detach(), ln.weight.detach(), ln.bias.detach(), ln.eps, span
+        wpe = self.tf.wpe.weight
+        return AdditiveLayerNormFilter(
+            self.tf.wte.weight, ln.weight, ln.bias, ln.eps, span, lambda r: wpe[r.start : r.stop]
         )
 
     def token_inputs(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
@@ -438,14 +507,8 @@ class LlamaHooks(DecoderHooks):
     def num_positions(self) -> int:
         return int(self.config.max_position_embeddings)
 
-    def layer1_distances(self, span: Span, positions: range) -> torch.Tensor:
-        gamma = self.blocks[0].input_layernorm.weight.detach()
-        wte = self.base.embed_tokens.weight.detach()
-        out = torch.empty((1, wte.shape[0]), dtype=torch.float64, device=wte.device)
-        for start in range(0, wte.shape[0], VOCAB_CHUNK):
-            rows = wte[start : start + VOCAB_CHUNK].to(torch.float64) * gamma.to(torch.float64)
-            out[0, start : start + rows.shape[0]] = relative_distance(rows, span)
-        return out
+    def layer1_filter(self, span: Span) -> ScaleFreeFilter:
+        return ScaleFreeFilter(self.base.embed_tokens.weight, self.blocks[0].input_layernorm.weight, span)
 
     def token_inputs(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
         return self.base.embed_tokens.weight[tokens]
@@ -527,12 +590,12 @@ class BertHooks(FamilyHooks):
     def num_positions(self) -> int:
         return int(self.emb.position_embeddings.weight.shape[0])
 
-    def layer1_distances(self, span: Span, positions: range) -> torch.Tensor:
-        pos = self.emb.position_embeddings.weight[positions.start : positions.stop]
-        pos = pos + self.emb.token_type_embeddings.weight[0]
+    def layer1_filter(self, span: Span) -> AdditiveLayerNormFilter:
+        pos = self.emb.position_embeddings.weight
+        typ = self.emb.token_type_embeddings.weight[0]
         ln = self.emb.LayerNorm
-        return additive_layernorm_distances(
-            self.emb.word_embeddings.weight.detach(), pos.detach(), ln.weight.detach(), ln.bias.detach(), ln.eps, span
+        return AdditiveLayerNormFilter(
+            self.emb.word_embeddings.weight, ln.weight, ln.bias, ln.eps, span, lambda r: pos[r.start : r.stop] + typ
         )
 
     def layer2_inputs(self, ids: torch.Tensor) -> torch.Tensor:
@@ -547,6 +610,52 @@ class BertHooks(FamilyHooks):
         if isinstance(out, tuple):  # transformers < 5 returns a tuple
             out = out[0]
         return out
+
+    def row_layer2_inputs(self, context: torch.Tensor, position: int, tokens: torch.Tensor) -> torch.Tensor:
+        """``(c, d)``: block 1's input at ``position`` for each candidate, context fixed."""
+        return _bert_row_outputs(self, context, position, tokens)
+
+
+def _bert_row_outputs(hooks: "BertHooks", context: torch.Tensor, position: int, tokens: torch.Tensor) -> torch.Tensor:
+    """Block 0's output at ``position`` for each candidate token there (others fixed).
+
+    Only the candidate's own row is computed: its query attends to the context's
+    keys/values (from the fixed tokens) and to its own; then the output projection,
+    the feed-forward block and both post-LayerNorms. A sequence of length L costs L
+    rows; one row per candidate is L times cheaper.
+
+    Args:
+        context: ``(L,)`` the current sequence.
+        position: the row to vary.
+        tokens: ``(c,)`` candidate ids for that row.
+
+    Returns:
+        ``(c, d)`` block 1's attention input at ``position``.
+    """
+    blk = hooks.blocks[0]
+    att = blk.attention.self
+    L = context.shape[0]
+    types = torch.zeros((1, L), dtype=torch.long, device=context.device)
+    e_ctx = hooks.emb(input_ids=context.unsqueeze(0), token_type_ids=types)[0]  # (L, d)
+    pos_ids = torch.full((1, tokens.shape[0]), position, dtype=torch.long, device=context.device)
+    e_c = hooks.emb(
+        input_ids=tokens.unsqueeze(0), token_type_ids=torch.zeros_like(pos_ids), position_ids=pos_ids
+    )[0]  # (c, d)
+    H = att.num_attention_heads
+    dh = att.attention_head_size
+    keep = torch.arange(L, device=context.device) != position
+    k_ctx = att.key(e_ctx[keep]).reshape(-1, H, dh)  # (L-1, H, dh)
+    v_ctx = att.value(e_ctx[keep]).reshape(-1, H, dh)
+    q = att.query(e_c).reshape(-1, H, dh)  # (c, H, dh)
+    k = att.key(e_c).reshape(-1, H, dh)
+    v = att.value(e_c).reshape(-1, H, dh)
+    scale = 1.0 / math.sqrt(dh)
+    s_ctx = torch.einsum("chd,lhd->chl", q, k_ctx) * scale  # (c, H, L-1)
+    s_self = (q * k).sum(-1, keepdim=True) * scale  # (c, H, 1)
+    a = torch.cat([s_ctx, s_self], dim=-1).softmax(-1)
+    mix = torch.einsum("chl,lhd->chd", a[..., :-1], v_ctx) + a[..., -1:] * v  # (c, H, dh)
+    attn = blk.attention.output(mix.reshape(-1, H * dh), e_c)  # dense + residual + LayerNorm
+    return blk.output(blk.intermediate(attn), attn)
 
 
 def iter_chunks(n: int, size: int) -> Iterator[slice]:

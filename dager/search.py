@@ -144,6 +144,12 @@ def decoder_search(
         if cand is None or cand.numel() == 0 or not beam.prefixes:
             break
         cand = cand.to(dev)
+        if start:
+            # The given start tokens (BOS) never recur: a run of identical tokens
+            # reproduces its first position's inputs exactly under RoPE.
+            cand = cand[~torch.isin(cand, torch.tensor(start, device=dev))]
+            if cand.numel() == 0:
+                break
         n, t = len(beam.prefixes), int(cand.numel())
         if first and (thresholds.mlp is None or thresholds.layer2 is None):
             _calibrate(hooks, cand, pos, beam, span_mlp, span2, thresholds, probe_generator)
@@ -247,5 +253,174 @@ def _calibrate(
     log.debug("decoder thresholds: mlp %.3g, layer2 %.3g", thresholds.mlp, thresholds.layer2)
 
 
-def encoder_search(*args, **kwargs):  # replaced below when implemented
-    raise NotImplementedError
+ENCODER_CEILING = 1e-3
+"""Encoder layer-2 threshold never exceeds this: in-span sequences sit at float32
+round-off (1e-7..1e-5), and a failed assembly can sit far below random probes."""
+
+
+def encoder_search(
+    hooks: BertHooks,
+    accepted: dict[int | None, torch.Tensor],
+    span2: Span,
+    *,
+    special_ids: tuple[int, int],
+    batch_size: int,
+    threshold: float | None,
+    max_combinations: int,
+    generator: torch.Generator | None = None,
+) -> Iterator[Found | Step | Warn]:
+    """Assemble encoder sequences from per-position candidates (Sec. 4.3, heuristic).
+
+    Sentence ends come first: ``[SEP]`` among a position's layer-1 candidates means a
+    sequence of that length may exist. For each length, a sequence is assembled from
+    the per-position candidates by coordinate descent (Gauss-Seidel sweeps): each
+    position in turn takes the candidate whose block-1 input at that position is
+    nearest the layer-2 span, given the current tokens elsewhere (one row of block 0
+    per candidate, not a whole sequence). The right token at a position fits a mostly
+    right context far better than any other, so a few sweeps settle on a sentence
+    without enumerating the product of the candidate counts. The whole assembled
+    sequence is then verified: every position must lie in the layer-2 span. Further
+    sequences of a length restart from a different first token until ``batch_size``
+    sequences are found. Each candidate row and each verified sequence counts
+    against ``max_combinations``.
+
+    Args:
+        hooks: BERT-family hooks.
+        accepted: position -> layer-1 candidate ids (nearest first).
+        span2: span of block 1's attention-input gradient.
+        special_ids: ``(cls_id, sep_id)``.
+        batch_size: sequences in the client's batch (the most to look for).
+        threshold: layer-2 acceptance threshold; ``None``: automatic (the largest
+            gap between the assembled sequences' worst distances and random probes).
+        max_combinations: budget of evaluated candidates.
+        generator: seeds the probes.
+
+    Yields:
+        :class:`Step` per assembled sequence, :class:`Found` per sentence,
+        :class:`Warn` when the budget is hit.
+    """
+    cls_id, sep_id = special_ids
+    dev = hooks.device
+    positions = sorted(p for p in accepted if p is not None)
+    lengths = [p + 1 for p in positions if p >= 2 and bool((accepted[p] == sep_id).any())]
+    budget = [max_combinations]
+    capped = [False]
+    specials = torch.tensor([cls_id, sep_id], device=dev)
+    cand_cache: dict[int, torch.Tensor] = {}
+
+    def cands(p: int) -> torch.Tensor:
+        if p not in cand_cache:
+            c = accepted[p].to(dev)
+            cand_cache[p] = c[~torch.isin(c, specials)]
+        return cand_cache[p]
+
+    def verify(seq: torch.Tensor) -> float:
+        budget[0] -= 1
+        return float(span2.distance(hooks.layer2_inputs(seq.unsqueeze(0))[0]).max())
+
+    def descend(seq: torch.Tensor, fixed: int | None) -> tuple[torch.Tensor, float]:
+        L = seq.shape[0]
+        for _sweep in range(4):
+            changed = False
+            for p in range(1, L - 1):
+                c = cands(p)
+                if p == fixed or c.numel() <= 1:
+                    continue
+                if budget[0] <= 0:
+                    capped[0] = True
+                    return seq, verify(seq)
+                budget[0] -= int(c.numel())
+                d = span2.distance(hooks.row_layer2_inputs(seq, p, c))  # (c,)
+                best = c[int(d.argmin())]
+                if best != seq[p]:
+                    seq = seq.clone()
+                    seq[p] = best
+                    changed = True
+            if not changed:
+                break
+        return seq, verify(seq)
+
+    def initial(L: int, first: int | None) -> torch.Tensor | None:
+        seq = torch.full((L,), cls_id, dtype=torch.long, device=dev)
+        seq[L - 1] = sep_id
+        for p in range(1, L - 1):
+            c = cands(p)
+            if c.numel() == 0:
+                return None
+            seq[p] = c[0]
+        if first is not None:
+            seq[1] = first
+        return seq
+
+    thr = threshold
+    probes_worst = torch.empty(0, dtype=torch.float64)
+    if thr is None and lengths:
+        # The off-span level: random tokens at every position.
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        L = lengths[0]
+        probe = torch.randint(1000, hooks.vocab_size, (8, L), generator=gen).to(dev)
+        probe[:, 0] = cls_id
+        probe[:, L - 1] = sep_id
+        probes_worst = span2.distance(hooks.layer2_inputs(probe)).max(-1).values.cpu()
+
+    found: list[torch.Tensor] = []
+    tried: set[tuple[int, ...]] = set()
+    results: list[tuple[torch.Tensor, float]] = []
+
+    def accept(seq: torch.Tensor, worst: float) -> bool:
+        key = tuple(seq.tolist())
+        if worst < thr and key not in tried:
+            tried.add(key)
+            found.append(seq)
+            return True
+        tried.add(key)
+        return False
+
+    # Phase 1: one assembly per candidate length, from the nearest tokens.
+    for L in lengths:
+        seq = initial(L, None)
+        if seq is None:
+            continue
+        seq, worst = descend(seq, None)
+        results.append((seq, worst))
+        yield Step(L - 1, (tuple(seq.tolist()),), len(results), max_combinations - budget[0])
+    if not results:
+        return
+    if thr is None:
+        worsts = torch.tensor([w for _, w in results], dtype=torch.float64)
+        cut = gap_threshold(torch.cat([worsts, probes_worst]), min_keep=1, ceiling=ENCODER_CEILING)
+        thr = split_threshold(worsts[worsts < cut], torch.cat([worsts[worsts >= cut], probes_worst]))
+        thr = min(thr, ENCODER_CEILING)
+    log.debug("encoder layer-2 threshold %.3g", thr)
+    for seq, worst in results:
+        if accept(seq, worst):
+            yield Found(tuple(seq.tolist()), True, worst)
+    # Phase 2: restart from other first tokens (more sentences of one length, or a
+    # length whose first assembly mixed two sentences), until the batch is complete.
+    for L in lengths:
+        if len(found) >= batch_size:
+            break
+        for first in cands(1).tolist():
+            if len(found) >= batch_size or budget[0] <= 0:
+                break
+            if any(s.shape[0] == L and int(s[1]) == first for s in found):
+                continue
+            seq = initial(L, first)
+            if seq is None:
+                break
+            seq, worst = descend(seq, 1)
+            yield Step(L - 1, (tuple(seq.tolist()),), len(found), max_combinations - budget[0])
+            results.append((seq, worst))
+            if accept(seq, worst):
+                yield Found(tuple(seq.tolist()), True, worst)
+    if capped[0] or budget[0] <= 0:
+        yield Warn("combinations_capped", float(max_combinations))
+    # Best effort: fill up to the batch size with the nearest failed assemblies.
+    if len(found) < batch_size:
+        for seq, worst in sorted(results, key=lambda r: r[1]):
+            if len(found) >= batch_size:
+                break
+            if tuple(seq.tolist()) in {tuple(s.tolist()) for s in found}:
+                continue
+            found.append(seq)
+            yield Found(tuple(seq.tolist()), False, worst)

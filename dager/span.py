@@ -10,7 +10,7 @@ Everything here is pure tensor maths with no model knowledge.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +38,14 @@ class Span:
     rank: int
     tolerance: float
     gap: float
+    _casts: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def cast(self, which: str, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """``basis`` or ``complement`` in a dtype/device, converted once and kept."""
+        key = (which, dtype, str(device))
+        if key not in self._casts:
+            self._casts[key] = getattr(self, which).to(device=device, dtype=dtype)
+        return self._casts[key]
 
     @property
     def dim(self) -> int:
@@ -118,57 +126,63 @@ def span_of(
 
 
 def largest_log_gap(relative: torch.Tensor, *, floor: float = GAP_FLOOR) -> int:
-    """How many leading values precede the largest ratio gap (values descending)."""
-    vals = relative[relative > floor]
-    if vals.numel() <= 1:
-        return int(vals.numel())
-    logs = vals.log()
-    gaps = logs[:-1] - logs[1:]  # (n-1,) drops between neighbours
-    # A tail reaching the floor is a gap too: round-off below it.
-    k = int(gaps.argmax()) + 1
-    if vals.numel() < relative.numel() and float(logs[-1] - math.log(floor)) > float(gaps.max()):
-        k = int(vals.numel())
-    return k
+    """How many leading values precede the largest ratio gap (values descending).
+
+    Only gaps that start above ``floor`` count (below it lies round-off), but a gap
+    may end below it: the drop from the weakest signal to round-off is usually the cut.
+    """
+    vals = relative.clamp(min=1e-300)
+    above = int((vals > floor).sum())
+    if above == 0:
+        return 0
+    if above == vals.numel():
+        if above == 1:
+            return 1
+        logs = vals.log()
+        return int((logs[:-1] - logs[1:]).argmax()) + 1
+    logs = vals[: above + 1].log()
+    gaps = logs[:-1] - logs[1:]  # (above,) drop after each value above the floor
+    return int(gaps.argmax()) + 1
 
 
-def relative_distance(rows: torch.Tensor, span: Span) -> torch.Tensor:
+def relative_distance(rows: torch.Tensor, span: Span, *, fast: bool = False) -> torch.Tensor:
     """``||P_perp y|| / ||y||`` for each row, computed on the cheaper side.
 
-    A small span projects onto the basis in float64 (a subtraction that float32
-    would ruin); a large one measures the complement component directly, which has
-    no cancellation, so float32 suffices there.
+    A large span measures the complement component directly in float32 (no
+    cancellation, accurate to ~1e-7). A small span projects onto the basis and
+    subtracts, which needs float64 (float32 would leave ~1e-3 of round-off) unless
+    ``fast`` asks for a float32 estimate (for screening only).
     """
     r = span.rank
     d = span.dim
     if r == 0:
         return torch.ones(rows.shape[:-1], dtype=torch.float64, device=rows.device)
     if r < d // 2:
-        y = rows.to(torch.float64)
+        dt = torch.float32 if fast else torch.float64
+        y = rows.to(dt)
         norm2 = (y * y).sum(-1)
-        inside = y @ span.basis.to(y.device)  # (..., r)
+        inside = y @ span.cast("basis", dt, y.device)  # (..., r)
         perp2 = (norm2 - (inside * inside).sum(-1)).clamp(min=0.0)
-    else:
-        y = rows.to(torch.float32)
-        comp = _complement32(span).to(y.device)
-        outside = y @ comp  # (..., d - r)
-        perp2 = (outside * outside).sum(-1).to(torch.float64)
-        norm2 = (y * y).sum(-1).to(torch.float64)
+        return (perp2 / norm2.clamp(min=1e-30)).sqrt().to(torch.float64)
+    y = rows.to(torch.float32)
+    outside = y @ span.cast("complement", torch.float32, y.device)  # (..., d - r)
+    perp2 = (outside * outside).sum(-1).to(torch.float64)
+    norm2 = (y * y).sum(-1).to(torch.float64)
     return (perp2 / norm2.clamp(min=1e-300)).sqrt()
 
 
-_COMP32: dict[int, torch.Tensor] = {}
-
-
-def _complement32(span: Span) -> torch.Tensor:
-    # Cached float32 copy per span object (spans are immutable); weak on purpose: small.
-    key = id(span.complement)
-    cached = _COMP32.get(key)
-    if cached is None or cached.shape != span.complement.shape:
-        if len(_COMP32) > 8:
-            _COMP32.clear()
-        cached = span.complement.to(torch.float32)
-        _COMP32[key] = cached
-    return cached
+def exact_relative_distance(rows: torch.Tensor, span: Span) -> torch.Tensor:
+    """``||P_perp y|| / ||y||`` in float64 throughout (for thin margins)."""
+    y = rows.to(torch.float64)
+    if span.rank == 0:
+        return torch.ones(y.shape[:-1], dtype=torch.float64, device=y.device)
+    if span.rank < span.dim // 2:
+        inside = y @ span.basis.to(y.device)
+        perp2 = ((y * y).sum(-1) - (inside * inside).sum(-1)).clamp(min=0.0)
+    else:
+        outside = y @ span.complement.to(y.device)
+        perp2 = (outside * outside).sum(-1)
+    return (perp2 / (y * y).sum(-1).clamp(min=1e-300)).sqrt()
 
 
 def gap_threshold(
@@ -196,7 +210,8 @@ def gap_threshold(
         return 0.0
     hi = n if max_keep is None else min(n, max_keep + 1)
     vals, _ = torch.topk(flat, k=hi, largest=False)  # ascending
-    vals = vals.clamp(min=1e-300)
+    # Below ~1e-8 differences are float32 round-off, not a gap (an exact 0 vs 1e-7).
+    vals = vals.clamp(min=1e-8)
     lo = max(1, min(min_keep, hi))
     if hi <= lo:
         return float(min(vals[-1].item() * 1.0000001, ceiling))
