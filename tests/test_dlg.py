@@ -1,0 +1,287 @@
+"""DLG / iDLG / gradient matching: recovery, label inference, loss, metrics, inputs, CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fedclient
+from dlg.attack import DlgConfig, gradient_distance, infer_labels, iter_dlg, run_dlg
+from dlg.cli import main
+from dlg.events import DlgFinished, DlgStarted, DlgStep, LabelsInferred
+from dlg.images import (
+    ImageTooLargeError,
+    NoImagesError,
+    NotAnImageError,
+    TooManyImagesError,
+    TruncatedImageError,
+    load_images,
+)
+from dlg.metrics import evaluate_images, label_accuracy, psnr_from_mse, ssim
+from dlg.models import MODELS, UnknownVisionModelError, build_model
+from fedclient.errors import InvalidConfigError, LabInputError
+
+SAMPLES = Path(__file__).resolve().parents[1] / "assets" / "images"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The attacked models are tiny: a single thread is fastest on a shared machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _client(model, images, labels):
+    return fedclient.compute_update(model, fedclient.ImageBatch(images, torch.tensor(labels)))
+
+
+def _psnr(a, b):
+    return psnr_from_mse(float(((a - b) ** 2).mean()))
+
+
+# --- models ---------------------------------------------------------------------------
+
+
+def test_lenet_matches_the_paper_and_is_seeded():
+    model = build_model("lenet")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2), (2, 2), (1, 1)]
+    assert all(c.kernel_size == (5, 5) for c in convs)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 100)
+    for p in model.parameters():
+        assert p.min() >= -0.5 and p.max() <= 0.5
+    again = build_model("lenet")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(UnknownVisionModelError) as err:
+        build_model("vgg")
+    assert isinstance(err.value, LabInputError)
+    for name in MODELS:
+        assert name in str(err.value)
+
+
+# --- the matching loss ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["l2", "cosine"])
+def test_gradient_distance_is_zero_at_the_ground_truth(kind):
+    model = build_model("lenet")
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    update = _client(model, images, [4, 9])
+    same = _client(model, images, [4, 9])
+    assert float(gradient_distance(same, update, kind)) == pytest.approx(0.0, abs=1e-6)
+    other = _client(model, images.flip(-1), [4, 9])
+    assert float(gradient_distance(other, update, kind)) > 1e-3
+    with pytest.raises(ValueError):
+        gradient_distance(same, update, "l1")
+
+
+# --- label inference (iDLG) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_name", ["lenet", "resnet"])
+@pytest.mark.parametrize("label", [0, 17, 99])
+def test_idlg_label_is_exact_for_one_image(model_name, label):
+    model = build_model(model_name)
+    images = load_images([SAMPLES / "house.png"])
+    labels, counts = infer_labels(model, _client(model, images, [label]), batch_size=1)
+    assert labels.tolist() == [label]
+    assert int(counts.sum()) == 1
+
+
+@pytest.mark.parametrize("labels", [[3, 3, 17, 50], [5, 5, 5, 9], [1, 2, 3, 4, 5, 6, 7, 8], [99, 0, 99, 0]])
+def test_label_counts_for_a_batch(labels):
+    model = build_model("lenet")
+    files = sorted(SAMPLES.glob("*.png"))
+    images = load_images((files * 2)[: len(labels)])
+    inferred, counts = infer_labels(model, _client(model, images, labels), batch_size=len(labels))
+    assert inferred.tolist() == sorted(labels)
+    assert counts[3 if 3 in labels else labels[0]] == labels.count(3 if 3 in labels else labels[0])
+
+
+# --- recovery -------------------------------------------------------------------------
+
+
+def test_dlg_recovers_a_seeded_image_on_lenet():
+    model = build_model("lenet")
+    images = load_images([SAMPLES / "smiley.png"])
+    update = _client(model, images, [42])
+    result = run_dlg(model, update, config=DlgConfig(method="dlg", iterations=30, seed=0))
+    assert _psnr(result.images, images) > 18.0  # about 20 dB after 30 L-BFGS steps
+    assert result.labels.tolist() == [42]
+    assert result.losses[-1] < result.losses[0] * 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smiley", "house", "landscape"])
+def test_dlg_reaches_30db_with_early_stopping(name):
+    model = build_model("lenet")
+    images = load_images([SAMPLES / f"{name}.png"])
+    result = run_dlg(model, _client(model, images, [7]), config=DlgConfig(method="idlg", iterations=300))
+    assert _psnr(result.images, images) >= 30.0
+    assert result.stop_reason == "tolerance" and result.converged_iteration < 300
+
+
+def test_event_contract_and_prompt_cancel():
+    model = build_model("lenet")
+    images = load_images([SAMPLES / "glyph.png", SAMPLES / "house.png"])
+    update = _client(model, images, [1, 2])
+    config = DlgConfig(method="ig", iterations=6, restarts=1, preview_every=2, preview_seconds=0.0)
+    events = list(iter_dlg(model, update, config=config, model_name="lenet"))
+    assert isinstance(events[0], DlgStarted) and events[0].batch_size == 2
+    assert isinstance(events[1], LabelsInferred) and events[1].labels.tolist() == [1, 2]
+    assert isinstance(events[-1], DlgFinished)
+    steps = [e for e in events if isinstance(e, DlgStep)]
+    assert [s.iteration for s in steps] == list(range(1, 7))
+    assert all(s.preview is None or s.preview.shape == (2, 3, 32, 32) for s in steps)
+    assert sum(s.preview is not None for s in steps) == 3
+    result = events[-1].result
+    assert result.images.shape == (2, 3, 32, 32) and 0 <= result.images.min() and result.images.max() <= 1
+    assert [it for it, _ in result.frames] == [0, 2, 4, 6]
+    # Closing the generator stops it: no further work, no finish event.
+    gen = iter_dlg(model, update, config=DlgConfig(method="dlg", iterations=1000))
+    next(gen)
+    next(gen)
+    gen.close()
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_gradient_matching_runs_on_the_resnet():
+    model = build_model("resnet")
+    images = load_images([SAMPLES / "landscape.png"])
+    update = _client(model, images, [5])
+    result = run_dlg(model, update, config=DlgConfig(method="ig", iterations=4, restarts=2))
+    assert result.labels.tolist() == [5]
+    assert all(math.isfinite(v) for v in result.losses)
+    assert result.losses[-1] < 1.0  # cosine distance below that of orthogonal gradients
+
+
+def test_config_validation():
+    with pytest.raises(InvalidConfigError):
+        DlgConfig(method="magic")
+    with pytest.raises(InvalidConfigError):
+        DlgConfig(iterations=0)
+    with pytest.raises(InvalidConfigError):
+        DlgConfig(lr=-1.0)
+    assert DlgConfig().effective_lr == 1.0 and DlgConfig(method="ig").effective_lr == 0.1
+
+
+# --- metrics --------------------------------------------------------------------------
+
+
+def test_metrics_known_values():
+    assert psnr_from_mse(0.01) == pytest.approx(20.0)
+    assert psnr_from_mse(1e-3) == pytest.approx(30.0)
+    img = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert ssim(img, img) == pytest.approx(1.0)
+    assert ssim(img, 1 - img) < 0.1
+    assert label_accuracy(torch.tensor([1, 1, 2]), torch.tensor([2, 1, 5])) == pytest.approx(2 / 3)
+
+
+def test_best_match_assignment_across_a_batch():
+    gen = torch.Generator().manual_seed(2)
+    ref = torch.rand(3, 3, 32, 32, generator=gen)
+    rec = ref[[2, 0, 1]] + 0.1  # shuffled and shifted by 0.1: MSE 0.01 each
+    scores = evaluate_images(ref, rec.clamp(0, 1), torch.tensor([4, 5, 6]), torch.tensor([6, 4, 5]))
+    assert [s.matched for s in scores.per_image] == [1, 2, 0]
+    assert all(s.label_correct for s in scores.per_image)
+    assert scores.label_accuracy == 1.0
+    assert 19.0 < scores.psnr < 22.0  # clamping lowers MSE a little below 0.01
+
+
+# --- image inputs ------------------------------------------------------------------------
+
+
+def test_modes_sizes_and_arrays_are_converted(tmp_path):
+    gray = tmp_path / "gray.jpg"
+    Image.new("L", (50, 80), 128).save(gray)
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(rgba)  # fully transparent -> white
+    palette = tmp_path / "pal.gif"
+    Image.new("RGB", (40, 40), (0, 0, 255)).convert("P").save(palette)
+    array = np.zeros((20, 30, 3), dtype=np.uint8)
+    batch = load_images([gray, rgba, palette, array, Image.new("RGB", (33, 33), (0, 255, 0))])
+    assert batch.shape == (5, 3, 32, 32) and batch.dtype == torch.float32
+    assert torch.allclose(batch[0], torch.full((3, 32, 32), 128 / 255), atol=1 / 255)
+    assert torch.allclose(batch[1], torch.ones(3, 32, 32))
+    assert batch[2, 2].mean() > 0.9 and batch[2, 0].mean() < 0.1
+    assert float(batch[3].max()) == 0.0
+    assert batch[4, 1].mean() > 0.99
+
+
+def test_bad_images_give_specific_errors(tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image at all")
+    with pytest.raises(NotAnImageError, match="not an image"):
+        load_images([text])
+    good = io.BytesIO()
+    Image.new("RGB", (200, 200), (10, 200, 30)).save(good, format="PNG", compress_level=0)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    with pytest.raises(TruncatedImageError, match="truncated"):
+        load_images([cut])
+    huge = tmp_path / "huge.png"
+    Image.new("1", (10_000, 10_000)).save(huge)  # 100 megapixels, a small file
+    with pytest.raises(ImageTooLargeError, match="megapixels"):
+        load_images([huge])
+    with pytest.raises(NoImagesError):
+        load_images([])
+    with pytest.raises(TooManyImagesError, match="at most 8"):
+        load_images([np.zeros((4, 4, 3), dtype=np.uint8)] * 9)
+    with pytest.raises(NotAnImageError, match="does not exist"):
+        load_images([tmp_path / "missing.png"])
+
+
+# --- CLI ---------------------------------------------------------------------------------
+
+IMAGE_KEYS = {
+    "method", "model", "batch_size", "psnr", "ssim", "mse", "label_accuracy",
+    "converged_iteration", "seconds", "per_image",
+}
+
+
+def test_cli_writes_json_and_gif(tmp_path, capsys):
+    out, gif = tmp_path / "result.json", tmp_path / "out.gif"
+    code = main([
+        "--image", str(SAMPLES / "smiley.png"), "--image", str(SAMPLES / "house.png"),
+        "--method", "idlg", "--iterations", "3", "--label", "3", "--label", "8",
+        "--output", str(out), "--gif", str(gif),
+    ])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert IMAGE_KEYS <= set(report)
+    assert report["method"] == "idlg" and report["model"] == "lenet" and report["batch_size"] == 2
+    assert report["label_accuracy"] == 1.0
+    assert len(report["per_image"]) == 2 and {"psnr", "ssim", "mse"} <= set(report["per_image"][0])
+    with Image.open(gif) as anim:
+        assert anim.n_frames >= 2 and anim.size[0] >= 128
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image", "missing.png"], "does not exist"),
+        ([], "No image"),
+        (["--image", str(SAMPLES / "house.png"), "--model", "vgg"], "invalid choice"),
+        (["--image", str(SAMPLES / "house.png"), "--label", "1", "--label", "2"], "one per image"),
+        (["--image", str(SAMPLES / "house.png"), "--iterations", "0"], "at least 1"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
+    code = main([*args, "--output", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.json").exists()
