@@ -275,8 +275,9 @@ def _loop_gradients(model: torch.nn.Module, batch: Batch, names: list[str]) -> d
 def per_example_norms(grads: Mapping[str, torch.Tensor], names: Sequence[str] | None = None) -> torch.Tensor:
     """``(B,)`` L2 norms of each example's gradient over ``names`` (default: all keys)."""
     keys = list(grads) if names is None else list(names)
-    squares = [grads[n].flatten(1).double().pow(2).sum(dim=1) for n in keys]  # each (B,)
-    return torch.stack(squares).sum(dim=0).sqrt().to(next(iter(grads.values())).dtype)
+    # One fused norm per tensor (no float64 copy of the gradients), squared and summed in float64.
+    squares = [torch.linalg.vector_norm(grads[n].flatten(1), dim=1).double().pow(2) for n in keys]  # each (B,)
+    return torch.stack(squares).sum(dim=0).sqrt().to(grads[keys[0]].dtype)
 
 
 def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
