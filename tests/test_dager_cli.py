@@ -397,3 +397,36 @@ def test_cli_real_engine_over_capacity_best_effort_completes(tmp_path, capsys, t
     assert b["distinct_prefixes"] > 96 and b["rank"] <= 64
     assert len(b["predictions"]) == 12 and report["exact_match"] < 1.0
     assert "over_capacity" in out
+
+
+# ---------------------------------------------------------------------------
+# The benchmark script's grid and table (its runs are not timed in tests)
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dager_bench", ROOT / "benchmarks" / "dager_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_grid_and_targets():
+    bench = _bench()
+    parse = bench.build_parser().parse_args
+    assert bench._grid(parse([])) == list(bench.DEFAULT_GRID)
+    assert ("gpt2-small-random", "classification", 32) in bench.DEFAULT_GRID
+    grid = bench._grid(parse(["--models", "gpt2-small-random", "minilm-l6", "--tasks", "next-token"]))
+    assert grid == [("gpt2-small-random", "next-token", 8)]  # the encoder has no next-token task
+    row = {
+        "model": "gpt2-small-random", "task": "classification", "batch_size": 8, "batches": 1,
+        "exact_match": 1.0, "rouge1": 1.0, "rouge2": 1.0, "attack_s": 0.5, "client_s": 0.1,
+        "peak_bytes": 2 * bench.GB, "cuda_peak_bytes": None,
+    }
+    slow = {**row, "attack_s": 0.9}
+    cols, body = bench._table([row, slow], cuda=False)
+    met = cols.index("met")
+    assert [r[met] for r in body] == ["yes", "no"]
+    assert body[0][cols.index("peak RSS")] == "2.00 GB"
