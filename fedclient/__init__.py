@@ -35,6 +35,17 @@ from fedclient.errors import (
     UnsupportedModelError,
     UnsupportedTaskError,
 )
+from fedclient.sweep import (
+    SweepPoint,
+    dp_grid,
+    iter_sweep,
+    noise_grid,
+    plot_sweep,
+    prune_grid,
+    run_sweep,
+    save_plot,
+    write_csv,
+)
 from fedclient.update import SharedUpdate
 
 __all__ = [
@@ -56,6 +67,7 @@ __all__ = [
     "LabInputError",
     "SequenceTooLongError",
     "SharedUpdate",
+    "SweepPoint",
     "TextBatch",
     "UnknownModelError",
     "UnsupportedModelError",
@@ -64,9 +76,17 @@ __all__ = [
     "compose",
     "compute_update",
     "describe",
+    "dp_grid",
     "epsilon_of",
     "fedsgd_gradient",
+    "iter_sweep",
+    "noise_grid",
     "parse_defense",
     "parse_defenses",
+    "plot_sweep",
+    "prune_grid",
+    "run_sweep",
+    "save_plot",
     "utility_cost",
+    "write_csv",
 ]
