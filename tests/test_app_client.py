@@ -87,11 +87,13 @@ def test_image_endpoint_returns_a_reconstruction(served, private_png):
     from gradio_client import handle_file
 
     _, client, _ = served
-    status, preview, _loss, _psnr, comparison, gif = client.predict(
-        "upload", handle_file(private_png), None, 7, "lenet", "idlg", 300, *DEFENSES_OFF, api_name="/dlg"
+    # A few L-BFGS steps keep the test short; they already lift the PSNR far above the
+    # ~8 dB of the random initialisation (a full run reaches 30+ dB).
+    status, preview, _loss, psnr_plot, comparison, gif = client.predict(
+        "upload", handle_file(private_png), None, 7, "lenet", "idlg", 8, *DEFENSES_OFF, api_name="/dlg"
     )
     psnr = float(re.search(r"PSNR \*\*([\d.]+) dB", status).group(1))
-    assert psnr > 25.0, status
+    assert psnr > 15.0, status
     assert "✓ (correct)" in status  # iDLG read the label 7 from the gradient
     recon = np.asarray(Image.open(preview))
     assert recon.shape == (128, 128, 3)
