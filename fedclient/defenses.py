@@ -363,8 +363,8 @@ class DPSGD:
             f"The sampling rate must be in (0, 1] (batch size / dataset size), got {self.sample_rate!r}.",
         )
         _check(
-            isinstance(self.steps, int) and not isinstance(self.steps, bool) and 1 <= self.steps <= 10_000_000,
-            f"The number of DP-SGD steps must be a whole number >= 1, got {self.steps!r}.",
+            isinstance(self.steps, int) and not isinstance(self.steps, bool) and 1 <= self.steps <= 1_000_000,
+            f"The number of DP-SGD steps must be a whole number from 1 to 1,000,000, got {self.steps!r}.",
         )
         _check(
             self.accountant in ACCOUNTANTS,
@@ -463,7 +463,8 @@ class FedAvg:
 
     Sign convention: the update is ``initial - final`` weights, so one step on the full
     batch shares exactly ``lr * gradient`` (the FedSGD gradient scaled by ``lr``).
-    ``update.kind`` is ``"fedavg-delta"``.
+    ``update.kind`` is ``"fedavg-delta"``. The local steps run in the model's current
+    mode (``compute_update`` puts it in eval mode: no dropout, a deterministic update).
     """
 
     local_steps: int = 1  # E: number of local SGD steps

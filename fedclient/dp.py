@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -251,7 +252,10 @@ def _vmap_gradients(model: torch.nn.Module, batch: Batch, names: list[str]) -> d
         return batch_loss(fmodel, one, reduction="none")[0]  # type: ignore[arg-type]
 
     in_dims = (None, *([0] * len(tensors)))
-    with torch.enable_grad():
+    with torch.enable_grad(), warnings.catch_warnings():
+        # SDPA has no vmap batching rule on some builds: torch then loops over examples for
+        # that one op and warns each time; the result is the same, so keep the CLI quiet.
+        warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
         grads = vmap(grad(example_loss), in_dims=in_dims)(diff, *tensors)
     return {n: grads[n].detach() for n in names}
 
