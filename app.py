@@ -102,15 +102,14 @@ def dager_parameters(bundle) -> list[str] | None:  # noqa: ANN001
     return list(attack.required_parameters(bundle))
 
 
-def text_baseline_events(bundle, update, iterations: int) -> Iterator[object]:  # noqa: ANN001
+def text_baseline_events(bundle, update, iterations: int, seq_len: int | None = None) -> Iterator[object]:  # noqa: ANN001
     """The DLG text baseline's event stream on the same update."""
     try:
-        from dlg import text as dlg_text
+        from dlg.text import TextDlgConfig, iter_dlg_text
     except ImportError as exc:
         raise gr.Error("The DLG text baseline is not available in this build.") from exc
-    config_cls = getattr(dlg_text, "TextDlgConfig", None)
-    config = config_cls(iterations=iterations) if config_cls is not None else None
-    return dlg_text.iter_dlg_text(bundle, update, config=config)
+    config = TextDlgConfig(iterations=iterations, seq_len=seq_len, device=DEVICE)
+    return iter_dlg_text(bundle, update, config=config)
 
 
 def dlg_events(model, update, *, method: str, iterations: int, name: str) -> Iterator[object]:  # noqa: ANN001
@@ -327,7 +326,8 @@ def run_text_baseline(sentences_text: str, model: str, hub_id: str, task: str, i
         batch = bundle.encode(sentences, seed=0)
         update = compute_update(bundle.model, batch, defense=defense, seed=0)
         last = time.perf_counter()
-        for event in text_baseline_events(bundle, update, iterations):
+        # The baseline is told the batch's padded length (DAGER finds lengths itself).
+        for event in text_baseline_events(bundle, update, iterations, int(batch.input_ids.shape[1])):
             view.apply(event)
             if time.perf_counter() - last >= 0.25 or type(event).__name__ != "TextDlgStep":
                 last = time.perf_counter()
@@ -752,7 +752,7 @@ def build_app() -> gr.Blocks:
                 with gr.Row():
                     preview = gr.Image(label="Reconstruction (live)", elem_id="gll-preview", height=200,
                                        interactive=False, format="png")
-                    comparison = gr.Image(label="Original (top) vs reconstruction (bottom)",
+                    comparison = gr.Image(label="Original vs reconstruction",
                                           elem_id="gll-comparison", height=200, interactive=False, format="png")
                 with gr.Row():
                     loss_plot = gr.Plot(label="Gradient distance")

@@ -152,11 +152,17 @@ class DlgView:
                                   hline_text="30 dB: visually identical")
         preview = None if self.preview is None else to_grid(self.preview)
         comparison = None
-        if self.finished is not None and self.originals is not None:
-            comparison = np.concatenate(
-                [to_grid(self.originals), np.full((6, to_grid(self.originals).shape[1], 3), 255, np.uint8),
-                 to_grid(self.finished.result.images)], axis=0,
-            ) if self.originals.shape == self.finished.result.images.shape else to_grid(self.finished.result.images)
+        if self.finished is not None:
+            rec = to_grid(self.finished.result.images)
+            comparison = rec
+            if self.originals is not None and self.originals.shape == self.finished.result.images.shape:
+                ori = to_grid(self.originals)
+                if self.originals.shape[0] == 1:  # side by side: original | reconstruction
+                    gap = np.full((ori.shape[0], 8, 3), 255, np.uint8)
+                    comparison = np.concatenate([ori, gap, rec], axis=1)
+                else:  # a batch: originals above, reconstructions below
+                    gap = np.full((8, ori.shape[1], 3), 255, np.uint8)
+                    comparison = np.concatenate([ori, gap, rec], axis=0)
         return {"status": self.status_markdown(), "preview": preview, "loss": loss, "psnr": psnr,
                 "comparison": comparison}
 

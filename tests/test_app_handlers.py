@@ -248,7 +248,7 @@ def test_dlg_view_and_stream():
     assert "✓ (correct)" in status and "stopped at iteration 50" in status
     assert "fell below the tolerance" in status and "PSNR **100.0 dB**" in status
     assert preview.shape == (128, 128, 3) and preview.dtype == np.uint8
-    assert comparison.shape == (128 * 2 + 6, 128, 3)
+    assert comparison.shape == (128, 128 * 2 + 8, 3)  # original | reconstruction
     assert loss.layout.yaxis.type == "log" and len(loss.data[0].x) == 50
     psnrs = list(psnr.data[0].y)
     assert len(psnrs) == 5 and psnrs == sorted(psnrs) and psnrs[-1] == pytest.approx(100.0)
@@ -303,3 +303,12 @@ def test_defense_panel_settings_build_the_shared_defense():
     with pytest.raises(gr.Error):
         app.build_defense(-1.0, False, 1.0, 1.0, 0.0, "fp32", 1, 1)  # caught by the defense's checks
     assert "⚠️" in app.describe_defense(0.0, False, 1.0, 1.0, 1.5, "fp32", 1, 1)
+
+
+def test_text_baseline_handler_runs_the_real_baseline(tiny, monkeypatch):
+    monkeypatch.setattr(app, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
+    outs = list(app.run_text_baseline("the cat sat\na dog ran home", "tiny", "", "classification", 5))
+    status, loss, sentences = outs[-1]
+    assert "DLG baseline done" in status and "ROUGE-1" in status
+    assert sentences.count('<li class="gll-sent">') == 2  # one guess per client sentence
+    assert len(loss.data[0].x) >= 1
