@@ -216,6 +216,8 @@ def _check_environment(args: argparse.Namespace) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise CliUsageError(f"The folder of --output ({str(parent)!r}) does not exist: create it first.")
+    if out.exists() and args.input.exists() and out.resolve() == args.input.resolve():
+        raise CliUsageError("--output names the input file: give the result another name, such as result.json.")
     if not os.access(parent, os.W_OK):
         raise CliUsageError(f"Cannot write to the folder {str(parent)!r} of --output: pick another place.")
 

@@ -223,6 +223,9 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[object], str]]:
             ["--model", "tiny-gpt2", "--input", good, "--batch-size", 1, "--output", tmp_path / "no" / "r.json"],
             "does not exist: create it first",
         ),
+        "output is the input": (
+            ["--model", "tiny-gpt2", "--input", good, "--batch-size", 1, "--output", good], "names the input file"
+        ),
         "bad budget": (["--model", "tiny-gpt2", "--input", good, *base, "--max-prefixes", "-3"], "must be at least 1"),
     }
 
@@ -236,7 +239,7 @@ def _binary(tmp_path: Path) -> Path:
 BAD_CASES = [
     "missing file", "empty file", "only blank lines", "folder as input", "not utf-8",
     "special token typed", "emoji on an encoder", "too long", "unknown model",
-    "next-token on an encoder", "zero batch size", "output folder missing", "bad budget",
+    "next-token on an encoder", "zero batch size", "output folder missing", "output is the input", "bad budget",
 ]
 
 
