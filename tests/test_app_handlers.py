@@ -312,3 +312,19 @@ def test_text_baseline_handler_runs_the_real_baseline(tiny, monkeypatch):
     assert "DLG baseline done" in status and "ROUGE-1" in status
     assert sentences.count('<li class="gll-sent">') == 2  # one guess per client sentence
     assert len(loss.data[0].x) >= 1
+
+
+def test_defense_sweep_handler_streams_one_row_per_setting(tiny, monkeypatch):
+    from fedclient.sweep import grid
+
+    monkeypatch.setattr(app, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
+    outs = list(app.run_defense_sweep("text", "precision", "the cat sat\na dog ran home", "tiny", "",
+                                      "classification", False, "upload", None, None, 7, "lenet", "idlg", 10))
+    points = grid("precision")
+    assert len(outs) == 1 + len(points)  # a first status, then one yield per finished setting
+    status, fig, table = outs[-1]
+    assert f"{len(points)} of {len(points)} settings done." in status
+    assert [row[0] for row in table["data"]] == [p.label for p in points]
+    rouge = [row[1] for row in table["data"]]
+    assert rouge[0] == 1.0  # the undefended (or fp16) update still leaks everything
+    assert {t.name for t in fig.data} == {"rouge1", "exact_match"}
