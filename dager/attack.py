@@ -201,7 +201,7 @@ def _attack(
             hooks,
             accepted,
             span2,
-            special_ids=(int(bundle.tokenizer.cls_token_id), int(bundle.tokenizer.sep_token_id)),
+            special_ids=_special_ids(bundle.tokenizer),
             batch_size=update.batch_size,
             threshold=config.layer2_threshold,
             max_combinations=config.max_combinations,
@@ -308,3 +308,11 @@ def _layer1(hooks: FamilyHooks, span: Span) -> tuple[torch.Tensor, int]:
             break  # occupied positions are contiguous from 0: this block holds the end
     dists = torch.cat(blocks, dim=0)[:max(1, occupied_until)]
     return dists, 0
+
+
+def _special_ids(tokenizer: object) -> tuple[int, ...]:
+    """``(cls, sep, fill)``: the encoder's frame tokens and a neutral filler."""
+    cls_id = int(tokenizer.cls_token_id)
+    sep_id = int(tokenizer.sep_token_id)
+    mask = getattr(tokenizer, "mask_token_id", None)
+    return (cls_id, sep_id, int(mask if mask is not None else tokenizer.pad_token_id))

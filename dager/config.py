@@ -32,8 +32,8 @@ class DagerConfig:
     rank_tolerance: float = 1e-6
     layer1_threshold: float | None = None
     layer2_threshold: float | None = None
-    max_prefixes: int = 4096
-    max_combinations: int = 200_000
+    max_prefixes: int = 1024
+    max_combinations: int = 20_000
     noise_tolerant: bool = False
     top_k_plot: int = 200
     device: str = "cpu"

@@ -253,6 +253,9 @@ def _calibrate(
     log.debug("decoder thresholds: mlp %.3g, layer2 %.3g", thresholds.mlp, thresholds.layer2)
 
 
+EXHAUSTIVE_CAP = 4096
+"""Lengths whose candidate combinations number at most this are enumerated exactly."""
+
 ENCODER_CEILING = 1e-3
 """Encoder layer-2 threshold never exceeds this: in-span sequences sit at float32
 round-off (1e-7..1e-5), and a failed assembly can sit far below random probes."""
@@ -263,7 +266,7 @@ def encoder_search(
     accepted: dict[int | None, torch.Tensor],
     span2: Span,
     *,
-    special_ids: tuple[int, int],
+    special_ids: tuple[int, ...],
     batch_size: int,
     threshold: float | None,
     max_combinations: int,
@@ -288,7 +291,7 @@ def encoder_search(
         hooks: BERT-family hooks.
         accepted: position -> layer-1 candidate ids (nearest first).
         span2: span of block 1's attention-input gradient.
-        special_ids: ``(cls_id, sep_id)``.
+        special_ids: ``(cls_id, sep_id)`` and optionally a neutral fill id (``[MASK]``).
         batch_size: sequences in the client's batch (the most to look for).
         threshold: layer-2 acceptance threshold; ``None``: automatic (the largest
             gap between the assembled sequences' worst distances and random probes).
@@ -299,7 +302,8 @@ def encoder_search(
         :class:`Step` per assembled sequence, :class:`Found` per sentence,
         :class:`Warn` when the budget is hit.
     """
-    cls_id, sep_id = special_ids
+    cls_id, sep_id = special_ids[:2]
+    fill_id = special_ids[2] if len(special_ids) > 2 else cls_id
     dev = hooks.device
     positions = sorted(p for p in accepted if p is not None)
     lengths = [p + 1 for p in positions if p >= 2 and bool((accepted[p] == sep_id).any())]
@@ -320,11 +324,15 @@ def encoder_search(
 
     def descend(seq: torch.Tensor, fixed: int | None) -> tuple[torch.Tensor, float]:
         L = seq.shape[0]
-        for _sweep in range(4):
+        for sweep in range(5):
             changed = False
-            for p in range(1, L - 1):
+            # The first sweep runs right to left from a neutral fill: the last
+            # positions hold only the tokens of the longest sequences, so the
+            # sentence of this length grows from its own end.
+            order = range(L - 2, 0, -1) if sweep == 0 else range(1, L - 1)
+            for p in order:
                 c = cands(p)
-                if p == fixed or c.numel() <= 1:
+                if p == fixed or (c.numel() <= 1 and seq[p] == c[0]):
                     continue
                 if budget[0] <= 0:
                     capped[0] = True
@@ -341,13 +349,14 @@ def encoder_search(
         return seq, verify(seq)
 
     def initial(L: int, first: int | None) -> torch.Tensor | None:
-        seq = torch.full((L,), cls_id, dtype=torch.long, device=dev)
+        """Nearest candidates, avoiding at each position the tokens that sentences
+        found so far put there (they belong to those sentences)."""
+        seq = torch.full((L,), fill_id, dtype=torch.long, device=dev)
+        seq[0] = cls_id
         seq[L - 1] = sep_id
         for p in range(1, L - 1):
-            c = cands(p)
-            if c.numel() == 0:
+            if cands(p).numel() == 0:
                 return None
-            seq[p] = c[0]
         if first is not None:
             seq[1] = first
         return seq
@@ -366,6 +375,7 @@ def encoder_search(
     found: list[torch.Tensor] = []
     tried: set[tuple[int, ...]] = set()
     results: list[tuple[torch.Tensor, float]] = []
+    provisional: list[torch.Tensor] = []
 
     def accept(seq: torch.Tensor, worst: float) -> bool:
         key = tuple(seq.tolist())
@@ -376,14 +386,31 @@ def encoder_search(
         tried.add(key)
         return False
 
-    # Phase 1: one assembly per candidate length, from the nearest tokens.
-    for L in lengths:
+    # Phase 1: one assembly per candidate length, longest first: the last positions
+    # of the longest sequence hold only its own tokens, which anchors the descent;
+    # each sentence found is then avoided when shorter ones are started.
+    exhaustive_cap = min(EXHAUSTIVE_CAP, max_combinations)
+    for L in sorted(lengths, reverse=True):
         seq = initial(L, None)
         if seq is None:
             continue
+        pools = [cands(p) for p in range(1, L - 1)]
+        if math.prod(int(c.numel()) for c in pools) <= exhaustive_cap:
+            # Few combinations: enumerate them all (the paper's exhaustive search).
+            for seq, worst in _enumerate(hooks, span2, pools, cls_id, sep_id, batch_size):
+                budget[0] -= 1
+                results.append((seq, worst))
+            yield Step(L - 1, (tuple(results[-1][0].tolist()),) if results else (), len(results), max_combinations - budget[0])
+            continue
         seq, worst = descend(seq, None)
         results.append((seq, worst))
+        if worst < (thr if thr is not None else ENCODER_CEILING):
+            found.append(seq)  # provisional: only steers the next initialisations
+            provisional.append(seq)
         yield Step(L - 1, (tuple(seq.tolist()),), len(results), max_combinations - budget[0])
+    for seq in provisional:
+        found.remove(seq) if any(f is seq for f in found) else None
+    found.clear()
     if not results:
         return
     if thr is None:
@@ -396,9 +423,11 @@ def encoder_search(
         if accept(seq, worst):
             yield Found(tuple(seq.tolist()), True, worst)
     # Phase 2: restart from other first tokens (more sentences of one length, or a
-    # length whose first assembly mixed two sentences), until the batch is complete.
-    for L in lengths:
-        if len(found) >= batch_size:
+    # length whose first assembly mixed two sentences), nearest lengths first,
+    # until the batch is complete.
+    order = [int(seq.shape[0]) for seq, _ in sorted(results, key=lambda r: r[1])]
+    for L in order:
+        if len(found) >= batch_size or budget[0] <= 0:
             break
         for first in cands(1).tolist():
             if len(found) >= batch_size or budget[0] <= 0:
@@ -408,6 +437,8 @@ def encoder_search(
             seq = initial(L, first)
             if seq is None:
                 break
+            if tuple(seq.tolist()) in tried:
+                continue
             seq, worst = descend(seq, 1)
             yield Step(L - 1, (tuple(seq.tolist()),), len(found), max_combinations - budget[0])
             results.append((seq, worst))
@@ -424,3 +455,29 @@ def encoder_search(
                 continue
             found.append(seq)
             yield Found(tuple(seq.tolist()), False, worst)
+
+
+def _enumerate(
+    hooks: BertHooks,
+    span2: Span,
+    pools: list[torch.Tensor],
+    cls_id: int,
+    sep_id: int,
+    keep: int,
+) -> list[tuple[torch.Tensor, float]]:
+    """All ``[CLS] pools... [SEP]`` sequences, verified; the ``keep`` nearest."""
+    combos = torch.cartesian_prod(*pools) if len(pools) > 1 else pools[0].reshape(-1, 1)
+    combos = combos.reshape(combos.shape[0], -1)
+    n = combos.shape[0]
+    dev = combos.device
+    seqs = torch.cat(
+        [torch.full((n, 1), cls_id, device=dev), combos, torch.full((n, 1), sep_id, device=dev)], dim=1
+    )
+    worst = torch.cat(
+        [
+            span2.distance(hooks.layer2_inputs(seqs[s : s + 512])).max(-1).values
+            for s in range(0, n, 512)
+        ]
+    )
+    order = worst.argsort()[:keep]
+    return [(seqs[i].clone(), float(worst[i])) for i in order.tolist()]
