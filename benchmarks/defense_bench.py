@@ -5,7 +5,7 @@ Target (issue 6): per-example gradients for B=8 on ``gpt2-small-random`` cost at
 over ``--repeats`` runs (after one warm-up run) and the ratio to the plain gradient.
 
     HF_HUB_OFFLINE=1 python benchmarks/defense_bench.py [--model gpt2-small-random]
-        [--batch-size 8] [--repeats 3] [--threads N] [--with-loop]
+        [--batch-size 8] [--repeats 3] [--threads N] [--with-loop] [--target-only]
 
 Rows:
     fedsgd            the plain gradient of the mean loss (all parameters)
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--with-loop", action="store_true", help="also time the per-example loop fallback")
+    parser.add_argument("--target-only", action="store_true", help="time only fedsgd and per-example vmap")
     args = parser.parse_args(argv)
 
     import torch
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.with_loop:
         cases.append(("per-example loop", lambda: per_example_gradients(model, batch, parameters=names, method="loop")))
-    cases += [
+    cases += [] if args.target_only else [
         ("dp-sgd (clip all, share all)", lambda: compute_update(model, batch, defense=DPSGD(1.0, 1.0))),
         ("noise", lambda: compute_update(model, batch, defense=GaussianNoise(1e-3))),
         ("prune 30%", lambda: compute_update(model, batch, defense=Prune(0.3))),
