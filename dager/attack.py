@@ -30,7 +30,7 @@ from dager.events import (
     TokensFiltered,
 )
 from dager.layers import BertHooks, DecoderHooks, FamilyHooks, hooks_for
-from dager.search import Found, Step, Thresholds, Warn, decoder_search, encoder_search
+from dager.search import Found, Step, Thresholds, Warn, decoder_greedy, decoder_search, encoder_search
 from dager.span import Span, gap_threshold, span_of
 from dager.zoo import ModelBundle
 from fedclient.errors import LabInputError
@@ -235,8 +235,24 @@ def _attack(
             yield AttackWarning(item.code, item.value)
         else:  # pragma: no cover
             raise TypeError(f"unknown search item {type(item).__name__}")
-    if not found:
-        yield AttackWarning("incomplete", 0.0)
+    if isinstance(hooks, DecoderHooks) and (not found or over or budget) and len(found) < update.batch_size:
+        # Best effort: complete the missing sentences greedily, marked inexact.
+        for item in decoder_greedy(
+            hooks,
+            candidates,
+            span2,
+            start=start,
+            count=update.batch_size - len(found),
+            max_length=min(max_length, 4 * hooks.hidden_size),
+            exclude={f.token_ids for f in found},
+        ):
+            ids = _finish_ids(bundle, update.task, item.token_ids)
+            found.append(Found(ids, False, item.distance))
+            yield SentenceRecovered(
+                index=len(found) - 1, token_ids=ids, text=bundle.decode(ids), exact=False, distance=item.distance
+            )
+    if not found or not all(f.exact for f in found):
+        yield AttackWarning("incomplete", float(sum(not f.exact for f in found)))
     result = DagerResult(
         sentences=tuple(bundle.decode(f.token_ids) for f in found),
         token_ids=tuple(f.token_ids for f in found),

@@ -217,6 +217,62 @@ def decoder_search(
             yield Found(prefix, not exhausted, float(beam.dist[i]))
 
 
+def decoder_greedy(
+    hooks: DecoderHooks,
+    candidates: Callable[[int], torch.Tensor | None],
+    span2: Span,
+    *,
+    start: tuple[int, ...],
+    count: int,
+    max_length: int,
+    exclude: set[tuple[int, ...]],
+) -> Iterator[Found]:
+    """Best effort: ``count`` sentences grown greedily by the smallest layer-2 distance.
+
+    The i-th sentence starts from the i-th nearest first token; each later position
+    takes the nearest candidate. A greedy sentence stops where its distance jumps
+    (more than 100x its running median) or at ``max_length``. Marked inexact.
+    """
+    dev = hooks.device
+    H, dh = hooks.num_heads, hooks.head_dim
+    made = 0
+    first_rank = 0
+    while made < count and first_rank < 4 * count:
+        kc = torch.zeros((1, H, 0, dh), device=dev)
+        vc = torch.zeros((1, H, 0, dh), device=dev)
+        prefix: list[int] = []
+        dists: list[float] = []
+        for pos in range(max_length):
+            if pos < len(start):
+                cand = torch.tensor([start[pos]], device=dev)
+            else:
+                cand = candidates(pos)
+                if cand is None or cand.numel() == 0:
+                    break
+                cand = cand.to(dev)
+                if start:
+                    cand = cand[~torch.isin(cand, torch.tensor(start, device=dev))]
+                if cand.numel() == 0:
+                    break
+            h, k, v = hooks.extend(cand, pos, kc, vc)
+            d2 = span2.distance(hooks.layer2_input(hooks.mlp_residual(h[0])))
+            order = d2.argsort()
+            pick = int(order[min(first_rank, order.numel() - 1)]) if pos == len(start) else int(order[0])
+            if pos > len(start) and dists and float(d2[pick]) > 100 * sorted(dists)[len(dists) // 2]:
+                break
+            prefix.append(int(cand[pick]))
+            if pos >= len(start):
+                dists.append(max(float(d2[pick]), 1e-12))
+            kc = torch.cat([kc, k[pick : pick + 1].unsqueeze(2)], dim=2)
+            vc = torch.cat([vc, v[pick : pick + 1].unsqueeze(2)], dim=2)
+        first_rank += 1
+        key = tuple(prefix)
+        if len(prefix) > len(start) and key not in exclude:
+            exclude.add(key)
+            made += 1
+            yield Found(key, False, max(dists) if dists else 1.0)
+
+
 def _calibrate(
     hooks: DecoderHooks,
     cand: torch.Tensor,
