@@ -195,6 +195,7 @@ def _attack(
             max_prefixes=config.max_prefixes,
             max_length=max_length,
             noise_tolerant=config.noise_tolerant,
+            final_keep=update.batch_size,
         )
     elif isinstance(hooks, BertHooks):
         stream = encoder_search(

@@ -101,6 +101,7 @@ def decoder_search(
     max_length: int,
     noise_tolerant: bool = False,
     probe_generator: torch.Generator | None = None,
+    final_keep: int | None = None,
 ) -> Iterator[Found | Step | Warn]:
     """Grow prefixes position by position; yield finished sentences as they end.
 
@@ -118,6 +119,7 @@ def decoder_search(
         noise_tolerant: keep extensions relative to the best distance of the step
             instead of a fixed threshold only.
         probe_generator: seeds the probe tokens.
+        final_keep: after an exhausted budget, yield at most this many survivors.
 
     Yields:
         :class:`Step` after every position, :class:`Found` per sentence,
@@ -212,7 +214,11 @@ def decoder_search(
             dist=dist,
         )
         yield Step(pos, tuple(beam.prefixes[:256]), len(beam.prefixes), n * t)
-    for i, prefix in enumerate(beam.prefixes):
+    order = beam.dist.argsort().tolist() if beam.prefixes else []
+    if exhausted and final_keep is not None:
+        order = order[:final_keep]  # a saturated search: only the nearest survivors
+    for i in order:
+        prefix = beam.prefixes[i]
         if len(prefix) > len(start):
             yield Found(prefix, not exhausted, float(beam.dist[i]))
 

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+NOISE_EDGE = 8.0
+"""With ``noise_tolerant``: the rank counts eigenvalues above this multiple of the
+noise bulk's median (estimated from the lower half of the spectrum)."""
+
 GAP_FLOOR = 1e-13
 """Relative eigenvalues below this are float32 round-off and never define a gap."""
 
@@ -104,7 +108,14 @@ def span_of(
     elif rank is not None:
         r = max(0, min(int(rank), d))
     elif by_gap:
-        r = largest_log_gap(evals / top, floor=GAP_FLOOR)
+        # Noise lifts every eigenvalue to a Marchenko-Pastur bulk whose edges differ by
+        # about 14x for a (d, 3d) Gaussian matrix; its median is the lower half's
+        # median. Keep what stands clearly above the bulk's upper edge.
+        r_exact = max(int((evals > tolerance * top).sum()), largest_log_gap(evals / top, floor=GAP_FLOOR))
+        lower = evals[d // 2 :]
+        floor = float(lower.median()) if lower.numel() else 0.0
+        r_noise = int((evals > NOISE_EDGE * floor).sum())
+        r = min(r_exact, r_noise) if floor > GAP_FLOOR * top else r_exact
     else:
         # The relative cut, extended down to the spectrum's largest gap when that lies
         # below it: gradients reaching layer 2 through many layers can be weak

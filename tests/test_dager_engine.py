@@ -194,3 +194,18 @@ def test_real_minilm_batch_of_two():
     bundle = dager.load_model("minilm-l6")
     result = _attack(bundle, LONGER[:2])
     _assert_exact(bundle, LONGER[:2], result)
+
+
+def test_small_gaussian_noise_still_leaks_in_noise_tolerant_mode(tiny):
+    bundle = tiny("gpt2", "classification", d=64, layers=3)
+    update = compute_update(
+        bundle.model, bundle.encode(SENTENCES, seed=0), parameters=required_parameters(bundle)
+    )
+    gen = torch.Generator().manual_seed(0)
+    noisy = update.replace(
+        gradients={
+            k: v + 1e-4 * v.abs().max() * torch.randn(v.shape, generator=gen) for k, v in update.items()
+        }
+    )
+    result = run_dager(bundle, noisy, config=DagerConfig(noise_tolerant=True))
+    assert sorted(result.token_ids) == sorted(tuple(bundle.tokenize(s)) for s in SENTENCES)
