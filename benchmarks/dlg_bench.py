@@ -54,7 +54,7 @@ def image_row(method: str, b: int, *, iterations: int, device: str, seed: int = 
     images = load_images(_batch(b, offset=seed))
     labels = torch.randint(0, NUM_CLASSES, (b,), generator=torch.Generator().manual_seed(seed))
     update = fedclient.compute_update(model, fedclient.ImageBatch(images.to(device), labels.to(device)))
-    restarts = 2 if method == "ig" else 1
+    restarts = 2 if method == "ig" else 3
     config = DlgConfig(method=method, iterations=iterations, restarts=restarts, seed=seed, device=device)
     result = run_dlg(model, update, config=config)
     scores = evaluate_images(images, result.images, labels, result.labels)

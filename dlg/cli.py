@@ -79,7 +79,7 @@ def build_image_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="lenet", choices=tuple(MODELS), help="the attacked model")
     p.add_argument("--method", default="dlg", choices=METHODS, help="dlg, idlg or ig (Geiping et al.)")
     p.add_argument("--iterations", type=_positive_int, default=300, help="optimiser steps per restart")
-    p.add_argument("--restarts", type=_positive_int, default=None, help="random restarts (default: 1 for dlg/idlg, 2 for ig)")
+    p.add_argument("--restarts", type=_positive_int, default=None, help="random restarts, run only while the tolerance is not reached (default: 3 for dlg/idlg, 2 for ig)")
     p.add_argument("--seed", type=int, default=0, help="seeds labels, model init and the dummy data")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch device")
     p.add_argument("--output", required=True, type=Path, help="where to write the result JSON")
@@ -172,7 +172,7 @@ def run_images(args: argparse.Namespace) -> int:
     else:
         gen = torch.Generator().manual_seed(args.seed)
         labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)
-    restarts = args.restarts or (2 if args.method == "ig" else 1)
+    restarts = args.restarts or (2 if args.method == "ig" else 3)
     config = DlgConfig(
         method=args.method, iterations=args.iterations, restarts=restarts, seed=args.seed, device=args.device
     )
