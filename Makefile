@@ -38,6 +38,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/dager_bench.py
 	$(PY) benchmarks/dlg_bench.py
+	$(PY) benchmarks/defense_bench.py --target-only
 
 clean:
 	rm -rf $(VENV)
