@@ -399,8 +399,6 @@ class GPT2Hooks(DecoderHooks):
         super().__init__(model)
         self.tf = model.transformer if hasattr(model, "transformer") else model.base_model
         self.blocks = self.tf.h
-        if getattr(self.config, "scale_attn_by_inverse_layer_idx", False):
-            self._extra_scale = 1.0  # layer 0: divided by (0 + 1)
         if getattr(self.config, "n_layer", 2) < 2:
             raise UnsupportedModelError("DAGER needs at least two transformer layers.")
 

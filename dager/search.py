@@ -14,7 +14,6 @@ given length are assembled from per-position candidates; see :func:`encoder_sear
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -116,8 +115,8 @@ def decoder_search(
             of random off-span probe tokens) and then kept.
         max_prefixes: the most prefixes kept alive; the best are kept beyond it.
         max_length: the last position to try is ``max_length - 1``.
-        noise_tolerant: keep extensions relative to the best distance of the step
-            instead of a fixed threshold only.
+        noise_tolerant: reserved (the thresholds are already set from the measured
+            gap between candidates and probes, which adapts to the noise level).
         probe_generator: seeds the probe tokens.
         final_keep: after an exhausted budget, yield at most this many survivors.
 
@@ -470,9 +469,7 @@ def encoder_search(
             found.append(seq)  # provisional: only steers the next initialisations
             provisional.append(seq)
         yield Step(L - 1, (tuple(seq.tolist()),), len(results), max_combinations - budget[0])
-    for seq in provisional:
-        found.remove(seq) if any(f is seq for f in found) else None
-    found.clear()
+    found.clear()  # the provisional picks were only hints; accept() decides below
     if not results:
         return
     if thr is None:
