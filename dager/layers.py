@@ -142,7 +142,9 @@ class AdditiveLayerNormFilter:
     of a token term, a position term and one token x position cross product. So the
     vocabulary-sized product (V x d x k) is computed once, not once per position; per
     block of positions only ``V x P`` cross products remain. ``Q`` is the smaller of the
-    basis and its complement.
+    basis and its complement. Centring is linear, ``centre(w) . x = w . x - mean(w) sum(x)``,
+    so the centred vocabulary is never materialised: every product reads the raw
+    embedding matrix once.
 
     The expansion cancels to ~1e-3 in float32, so it only screens: every pair estimated
     below :data:`SCREEN` is recomputed exactly in float64 from its LayerNorm output.
@@ -158,6 +160,7 @@ class AdditiveLayerNormFilter:
         position_rows: Callable[[range], torch.Tensor],
     ) -> None:
         f32 = torch.float32
+        side = _token_side(tokens, gamma, beta)  # keyed on the model's own tensor
         self.tokens = tokens.detach()
         self.gamma = gamma.detach()
         self.beta = beta.detach()
@@ -167,32 +170,44 @@ class AdditiveLayerNormFilter:
         self.use_basis = span.rank <= span.dim - span.rank
         q = (span.basis if self.use_basis else span.complement).to(tokens.device, f32)  # (d, k)
         self.q = q
-        side = _token_side(self.tokens, self.gamma, self.beta)
+        self.w = side["w"]
         self.g, self.b, self.gb = side["g"], side["b"], side["gb"]
-        self.cw, self.w_sq, self.w_gsq, self.w_gb = side["cw"], side["w_sq"], side["w_gsq"], side["w_gb"]
+        self.unit_gamma = side["unit_gamma"]
+        self.mean, self.w_sq, self.w_gsq, self.w_gb = side["mean"], side["w_sq"], side["w_gsq"], side["w_gb"]
         self.beta_q = self.b @ q  # (k,)
         self.b_sq = float((self.b * self.b).sum())
         self.beta_q_sq = float((self.beta_q * self.beta_q).sum())
         # The only vocabulary-sized product that depends on the span: (V, d) x (d, k).
-        self.a = side["cwg"] @ q  # (V, k)
+        gq = q if self.unit_gamma else self.g.unsqueeze(1) * q
+        self.a = self._centred_product(gq)  # (V, k) = centre(w) (g * q)
         self.a_sq = (self.a * self.a).sum(-1, keepdim=True)
         self.a_beta = (self.a @ self.beta_q).unsqueeze(-1)
 
+    def _centred_product(self, rhs: torch.Tensor) -> torch.Tensor:
+        """``centre(tokens) @ rhs`` without forming the centred matrix."""
+        out = self.w @ rhs
+        out.sub_(self.mean * rhs.sum(0, keepdim=True))
+        return out
+
     def distances(self, positions: range) -> torch.Tensor:
         """``(P, V)`` float64 relative distances; exact (float64) below the screen."""
-        d = self.cw.shape[1]
+        d = self.w.shape[1]
         rows = self.position_rows(positions).detach()  # (P, d)
         cp = rows.to(torch.float32)
         cp = cp - cp.mean(-1, keepdim=True)
         g = self.g
         bp = (cp * g) @ self.q  # (P, k)
         P = cp.shape[0]
-        rhs = torch.cat([cp, cp * g * g], dim=0).T  # (d, 2P)
-        cross = self.cw @ rhs  # (V, 2P)
+        if self.unit_gamma:
+            cross_c = self.w @ cp.T  # (V, P); cp sums to 0, so centring the tokens is a no-op
+            cross_g = cross_c
+        else:
+            cross = self._centred_product(torch.cat([cp, cp * g * g], dim=0).T)  # (V, 2P)
+            cross_c, cross_g = cross[:, :P], cross[:, P:]
         cross_a = self.a @ bp.T  # (V, P)
-        var = (self.w_sq + 2 * cross[:, :P] + (cp * cp).sum(-1)) / d + self.eps  # (V, P)
+        var = (self.w_sq + 2 * cross_c + (cp * cp).sum(-1)) / d + self.eps  # (V, P)
         sigma = var.sqrt()
-        y_sq = (self.w_gsq + 2 * cross[:, P:] + ((cp * g) ** 2).sum(-1)) / var
+        y_sq = (self.w_gsq + 2 * cross_g + ((cp * g) ** 2).sum(-1)) / var
         y_sq = y_sq + 2 * (self.w_gb + cp @ self.gb) / sigma + self.b_sq
         proj = (self.a_sq + 2 * cross_a + (bp * bp).sum(-1)) / var
         proj = proj + 2 * (self.a_beta + bp @ self.beta_q) / sigma + self.beta_q_sq
@@ -208,7 +223,10 @@ class AdditiveLayerNormFilter:
         return approx
 
 
-_TOKEN_SIDE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKEN_SIDE: dict[int, tuple[weakref.ref, dict]] = {}
+"""Token-side terms by ``id`` of the embedding tensor (with a weak reference to check
+it is still that tensor: tensors compare element-wise, so they cannot key a
+``WeakKeyDictionary``)."""
 
 
 def _token_side(tokens: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -216,32 +234,53 @@ def _token_side(tokens: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -
 
     They depend only on the model's weights, so they are computed once per model and
     kept while the embedding tensor lives (recomputed if it is modified in place).
+    The cache is keyed on the tensor object itself: pass the model's parameter, not a
+    fresh ``detach()`` of it.
     """
     key_version = (tokens._version, gamma._version, beta._version, gamma.data_ptr(), beta.data_ptr())
-    cached = _TOKEN_SIDE.get(tokens)
-    if cached is not None and cached["version"] == key_version:
-        return cached
+    entry = _TOKEN_SIDE.get(id(tokens))
+    if entry is not None and entry[0]() is tokens and entry[1]["version"] == key_version:
+        return entry[1]
     f32 = torch.float32
-    g = gamma.to(f32)
-    b = beta.to(f32)
-    V, d = tokens.shape
-    cw = torch.empty((V, d), dtype=f32, device=tokens.device)  # centred embeddings
-    for start in range(0, V, VOCAB_CHUNK):
-        rows = tokens[start : start + VOCAB_CHUNK].to(f32)
-        cw[start : start + rows.shape[0]] = rows - rows.mean(-1, keepdim=True)
-    cwg = cw if bool((g == 1).all()) else cw * g
+    with torch.no_grad():
+        w = tokens.detach()
+        if w.dtype != f32:
+            w = w.to(f32)
+        g = gamma.detach().to(f32)
+        b = beta.detach().to(f32)
+        d = w.shape[1]
+        unit_gamma = bool((g == 1).all())
+        mean = w.mean(-1, keepdim=True)  # (V, 1)
+        # |centre(w)|^2 = |w|^2 - d mean^2 (float32 is plenty for a screen).
+        w_norm2 = torch.linalg.vector_norm(w, dim=-1, keepdim=True).square()
+        w_sq = w_norm2 - d * mean * mean
+        gb = g * b
+        w_gb = w @ gb - mean.squeeze(1) * gb.sum()
+        if unit_gamma:
+            w_gsq = w_sq
+        else:
+            # |g * centre(w)|^2 = (w^2) g^2 - 2 mean (w g^2) + mean^2 |g|^2, in chunks.
+            g2 = g * g
+            w_gsq = torch.empty_like(mean)
+            for start in range(0, w.shape[0], VOCAB_CHUNK):
+                rows = w[start : start + VOCAB_CHUNK]
+                w_gsq[start : start + rows.shape[0]] = (rows * rows) @ g2.unsqueeze(1)
+            w_gsq = w_gsq - 2 * mean * (w @ g2).unsqueeze(1) + mean * mean * g2.sum()
     side = {
         "version": key_version,
+        "w": w,
         "g": g,
         "b": b,
-        "gb": g * b,
-        "cw": cw,
-        "cwg": cwg,
-        "w_sq": (cw * cw).sum(-1, keepdim=True),  # (V, 1)
-        "w_gsq": (cwg * cwg).sum(-1, keepdim=True),
-        "w_gb": (cw @ (g * b)).unsqueeze(-1),
+        "gb": gb,
+        "unit_gamma": unit_gamma,
+        "mean": mean,
+        "w_sq": w_sq,  # (V, 1)
+        "w_gsq": w_gsq,
+        "w_gb": w_gb.unsqueeze(-1),
     }
-    _TOKEN_SIDE[tokens] = side
+    for key in [k for k, (ref, _) in _TOKEN_SIDE.items() if ref() is None]:
+        del _TOKEN_SIDE[key]
+    _TOKEN_SIDE[id(tokens)] = (weakref.ref(tokens), side)
     return side
 
 
