@@ -17,6 +17,18 @@ for the model, stop the run before any attack and are reported by line number; a
 far over the model's capacity (more than :data:`FAR_OVER_CAPACITY` times d distinct
 token prefixes) is refused unless ``--allow-over-capacity``.
 
+Defense sweep (attack success against defense strength)::
+
+    python -m dager sweep --model gpt2-small-random --input sentences.txt --batch-size 4 \\
+        --grid noise|prune|mask|precision|dp [--values V1,V2,...] [--variance] \\
+        [--task ...] [--noise-tolerant] [--max-batches K] --csv out.csv [--plot out.html]
+
+attacks the first ``--max-batches`` batches (default 1) once per grid point and writes
+one CSV row per point (``label``, ``axis``, ``strength``, ``defense``, ``epsilon`` for
+DP, ``rouge1``, ``rouge2``, ``exact_match``, ``utility_cosine``,
+``utility_norm_ratio``, ``rank``, ``failed_batches``, ``seconds``), see
+:func:`run_sweep_command`.
+
 Exit codes: 0 success; 1 some batch failed or the run was interrupted (the JSON is
 still written, failed batches count as unrecovered); 2 bad input or options (one line
 on stderr, nothing attacked).
@@ -596,6 +608,130 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_FAILED if interrupted or report["failed_batches"] else EXIT_OK
 
 
+# ---------------------------------------------------------------------------
+# Defense sweep
+
+
+def build_sweep_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m dager sweep``."""
+    from fedclient.sweepcli import add_sweep_arguments
+
+    p = _Parser(
+        prog="dager sweep",
+        description="DAGER under a grid of client-side defenses: one attack per defense level, "
+        "scored (ROUGE-1/2, exact match) with the update's utility cost; writes a CSV and a plot.",
+    )
+    p.add_argument("--model", required=True, help="embedded model name (e.g. gpt2-small-random), hub id or folder")
+    p.add_argument("--input", required=True, type=Path, help="UTF-8 text file, one sentence per line")
+    p.add_argument("--batch-size", required=True, type=_positive_int, help="sentences per client batch")
+    p.add_argument("--task", default="classification", choices=TASKS, help="client training task")
+    p.add_argument("--max-batches", type=_positive_int, default=1, help="batches attacked per grid point (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the client's labels and defenses")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch device")
+    p.add_argument("--noise-tolerant", action="store_true", help="DAGER's noise-tolerant mode (rank by distance)")
+    p.add_argument("--max-prefixes", type=_positive_int, default=None, help="decoder search budget per position")
+    p.add_argument("--max-combinations", type=_positive_int, default=None, help="encoder search budget")
+    p.add_argument(
+        "--allow-over-capacity",
+        action="store_true",
+        help=f"attack batches with more than {FAR_OVER_CAPACITY} x d distinct token prefixes (best effort)",
+    )
+    add_sweep_arguments(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="no notes")
+    p.add_argument("--verbose", "-v", action="store_true", help="log progress details to stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    return p
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    """``python -m dager sweep``: attack the same batches once per grid point.
+
+    Each point: the client computes the defended update of each batch, DAGER
+    reconstructs from the model and that update alone, and the evaluation scores it.
+    Row metrics: ``rouge1``, ``rouge2``, ``exact_match`` (over all attacked sentences;
+    a batch whose attack raised counts as unrecovered), ``utility_cosine`` and
+    ``utility_norm_ratio`` (mean over batches, :func:`fedclient.defenses.utility_cost`),
+    ``rank`` (of the first batch's layer-1 update), ``failed_batches``.
+
+    Returns:
+        0 when every attack ran (whatever it recovered), 1 when some batch raised.
+    """
+    from fedclient import compute_update
+    from fedclient.defenses import utility_cost
+    from fedclient.sweepcli import check_sweep_outputs, run_cli_sweep, sweep_points
+
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CliUsageError("--device cuda was given but PyTorch sees no CUDA GPU on this machine: use --device cpu.")
+    points = sweep_points(args)
+    check_sweep_outputs(args)
+    config = _build_config(args)
+    file = read_sentences(args.input)
+    batches = split_batches(file.sentences, args.batch_size, args.max_batches)
+    bundle = dager.load_model(args.model, args.task, device=args.device)
+    check_sentences(bundle, [s for b in batches for s in b])
+    _check_capacity(args, bundle, batches)
+    run_dager, required_parameters = _engine()
+    parameters = required_parameters(bundle)
+    encoded = [([s.text for s in b], bundle.encode([s.text for s in b], seed=args.seed)) for b in batches]  # type: ignore[attr-defined]
+    any_failed = False
+
+    def attack(defense: object | None) -> dict[str, float]:
+        nonlocal any_failed
+        pairs: list[PairScore] = []
+        utility: list[dict[str, float]] = []
+        ranks: list[int] = []
+        errors: list[str] = []
+        failed = 0
+        for refs, batch in encoded:
+            update = compute_update(
+                bundle.model, batch, parameters=parameters, defense=defense, seed=args.seed  # type: ignore[attr-defined]
+            )
+            utility.append(utility_cost(bundle.model, batch, update))  # type: ignore[attr-defined]
+            try:
+                result = run_dager(bundle, update, config=config)  # the attacker sees no batch
+            except Exception as exc:  # noqa: BLE001 - one failing point must not end the sweep
+                if args.debug:
+                    raise
+                failed += 1
+                errors.append(f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+                log.warning("sweep: attack failed (%s)", errors[-1])
+                pairs.extend(evaluate_text(refs, []).pairs)
+                continue
+            ranks.append(int(result.rank))  # type: ignore[attr-defined]
+            scores = evaluate_text(refs, list(result.sentences), normalize=lambda t: canonical_text(bundle, t))  # type: ignore[attr-defined]
+            pairs.extend(scores.pairs)
+        any_failed = any_failed or failed > 0
+        n = max(1, len(pairs))
+        return {
+            "rouge1": sum(p.rouge1 for p in pairs) / n,
+            "rouge2": sum(p.rouge2 for p in pairs) / n,
+            "exact_match": sum(float(p.exact) for p in pairs) / n,
+            "utility_cosine": sum(u["utility_cosine"] for u in utility) / len(utility),
+            "utility_norm_ratio": sum(u["utility_norm_ratio"] for u in utility) / len(utility),
+            "rank": ranks[0] if ranks else -1,
+            "failed_batches": failed,
+            "error": "; ".join(errors),
+        }
+
+    mode = "noise-tolerant" if args.noise_tolerant else "exact thresholds"
+    title = (
+        f"DAGER on {args.model} ({args.task}, {mode}), batch size {args.batch_size}, "
+        f"{len(batches)} batch(es), {len(points)} point(s) of --grid {args.grid}"
+    )
+    run_cli_sweep(
+        points,
+        attack,
+        metrics=("rouge1", "rouge2", "exact_match"),
+        csv_path=args.csv,
+        plot_path=args.plot,
+        title=title,
+    )
+    return EXIT_FAILED if any_failed else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dager`` and the ``dager`` console script.
 
@@ -606,14 +742,16 @@ def main(argv: list[str] | None = None) -> int:
         The exit code: 0 success, 1 a batch failed or the run was interrupted, 2 bad
         input or options.
     """
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sweep = bool(argv) and argv[0] == "sweep"
+    parser = build_sweep_parser() if sweep else build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(argv[1:] if sweep else argv)
     except SystemExit as exc:  # --help, or a usage error already printed
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     _configure_logging(args.verbose)
     try:
-        return _run(args)
+        return run_sweep_command(args) if sweep else _run(args)
     except LabInputError as exc:  # every user-facing input error of the lab
         return _fail(str(exc))
     except KeyboardInterrupt:

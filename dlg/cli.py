@@ -3,7 +3,8 @@
 Images::
 
     python -m dlg --image A.png [--image B.png ...] [--model lenet] [--method dlg|idlg|ig]
-        [--iterations N] [--seed S] [--device cpu|cuda] --output result.json [--gif out.gif]
+        [--iterations N] [--seed S] [--device cpu|cuda] [--defense SPEC ...] --output result.json
+        [--gif out.gif]
 
 writes JSON with ``method``, ``model``, ``batch_size``, ``psnr`` (mean, dB), ``ssim``,
 ``mse``, ``label_accuracy``, ``converged_iteration``, ``seconds`` and ``per_image``
@@ -12,12 +13,29 @@ writes JSON with ``method``, ``model``, ``batch_size``, ``psnr`` (mean, dB), ``s
 
 Text baseline::
 
-    python -m dlg text --model NAME --input FILE --batch-size N --output result.json
+    python -m dlg text --model NAME --input FILE --batch-size N [--defense SPEC ...] --output result.json
 
 writes the keys of DAGER's CLI: ``model``, ``task``, ``batch_size``, ``rouge1``,
 ``rouge2``, ``rougeL``, ``exact_match``, ``token_accuracy``, ``seconds``,
 ``client_seconds`` and ``batches`` (each with ``references``, ``predictions``,
 ``exact``, ``seconds``).
+
+Both modes take the client-side defenses of DAGER's CLI (``--defense SPEC``,
+repeatable: ``noise:1e-3``, ``noise:var=1e-4`` (DLG labels noise by variance),
+``dp:clip=1.0,noise=1.0``, ``prune:0.3``, ``mask:0.3``, ``fp16``, ``int8``,
+``fedavg:steps=4,lr=0.01``, ``secagg:clients=4``) and record them in the JSON as
+``defense`` (the specs as given), ``defense_description`` (one sentence) and
+``epsilon`` (DP epsilon, or ``null``).
+
+Defense sweep (images)::
+
+    python -m dlg sweep --image A.png [--image B.png ...] [--method dlg|idlg|ig] [--iterations N]
+        --grid noise|prune|mask|precision|dp [--values V1,V2,...] [--variance]
+        --csv out.csv [--plot out.html]
+
+attacks the same batch once per grid point and writes one CSV row per point
+(``psnr``, ``ssim``, ``label_accuracy``, ``utility_cosine``, ``utility_norm_ratio``,
+``epsilon`` for DP, ``stop_reason``, ``seconds``).
 
 Bad input prints one line on stderr and exits with status 2.
 """
@@ -27,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -69,19 +88,51 @@ def _label(text: str) -> int:
     return value
 
 
-def build_image_parser() -> argparse.ArgumentParser:
+DEFENSE_HELP = (
+    "client-side defense, repeatable: noise:1e-3 (sigma), noise:var=1e-4 (variance, DLG's convention), "
+    "dp:clip=1.0,noise=1.0, prune:0.3, mask:0.3, fp16, int8, fedavg:steps=4,lr=0.01, secagg:clients=4"
+)
+
+
+def _add_defense(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--defense", action="append", default=[], metavar="SPEC", help=DEFENSE_HELP)
+
+
+def _defense_record(specs: list[str]) -> tuple[object | None, dict[str, object]]:
+    """The defense of the ``--defense`` specs and its JSON keys (as DAGER's CLI writes them).
+
+    Raises:
+        fedclient.errors.InvalidConfigError: a spec cannot be parsed.
+    """
+    from fedclient.defenses import describe, epsilon_of, parse_defenses
+
+    defense = parse_defenses(specs) if specs else None
+    eps = epsilon_of(defense)
+    return defense, {
+        "defense": list(specs),
+        "defense_description": describe(defense),
+        "epsilon": eps if eps is not None and math.isfinite(eps) else None,  # JSON has no inf
+    }
+
+
+def _add_image_options(p: argparse.ArgumentParser) -> None:
     from dlg.attack import METHODS
     from dlg.models import MODELS
 
-    p = _Parser(prog="dlg", description="Reconstruct images from a shared gradient (DLG, iDLG, gradient matching).")
     p.add_argument("--image", action="append", default=[], type=Path, help="a private image (repeat for a batch, 1 to 8)")
     p.add_argument("--label", action="append", default=None, type=_label, help="class id of each image (default: random, seeded)")
     p.add_argument("--model", default="lenet", choices=tuple(MODELS), help="the attacked model")
     p.add_argument("--method", default="dlg", choices=METHODS, help="dlg, idlg or ig (Geiping et al.)")
     p.add_argument("--iterations", type=_positive_int, default=300, help="optimiser steps per restart")
     p.add_argument("--restarts", type=_positive_int, default=None, help="random restarts, run only while the tolerance is not reached (default: 3 for dlg/idlg, 2 for ig)")
-    p.add_argument("--seed", type=int, default=0, help="seeds labels, model init and the dummy data")
+    p.add_argument("--seed", type=int, default=0, help="seeds labels, model init, the dummy data and the defenses")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch device")
+
+
+def build_image_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dlg", description="Reconstruct images from a shared gradient (DLG, iDLG, gradient matching).")
+    _add_image_options(p)
+    _add_defense(p)
     p.add_argument("--output", required=True, type=Path, help="where to write the result JSON")
     p.add_argument("--gif", type=Path, default=None, help="also write the reconstruction over iterations as a GIF")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr")
@@ -96,9 +147,25 @@ def build_text_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="classification", choices=("classification", "next-token"), help="client task")
     p.add_argument("--max-batches", type=_positive_int, default=None, help="attack at most K batches")
     p.add_argument("--iterations", type=_positive_int, default=100, help="optimiser steps per batch")
-    p.add_argument("--seed", type=int, default=0, help="seed of labels and the dummy data")
+    p.add_argument("--seed", type=int, default=0, help="seed of labels, the dummy data and the defenses")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch device")
+    _add_defense(p)
     p.add_argument("--output", required=True, type=Path, help="where to write the result JSON")
+    p.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr")
+    return p
+
+
+def build_sweep_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m dlg sweep`` (images)."""
+    from fedclient.sweepcli import add_sweep_arguments
+
+    p = _Parser(
+        prog="dlg sweep",
+        description="DLG under a grid of client-side defenses: one attack per defense level, scored "
+        "(PSNR, SSIM, label accuracy) with the update's utility cost; writes a CSV and a plot.",
+    )
+    _add_image_options(p)
+    add_sweep_arguments(p)
     p.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr")
     return p
 
@@ -146,19 +213,18 @@ def _check_device(device: str) -> None:
             raise CliUsageError("--device cuda was given but no CUDA GPU is available: use --device cpu.")
 
 
-def run_images(args: argparse.Namespace) -> int:
+def _image_batch(args: argparse.Namespace) -> tuple[object, object, object, object]:
+    """``(images, labels, model, config)`` of the image options (shared by run and sweep).
+
+    Raises:
+        CliUsageError: too many images, or labels that do not fit.
+    """
     import torch
 
-    import fedclient
-    from dlg.attack import DlgConfig, run_dlg
+    from dlg.attack import DlgConfig
     from dlg.images import MAX_IMAGES, load_images
-    from dlg.metrics import evaluate_images
     from dlg.models import NUM_CLASSES, build_model
 
-    _check_output(args.output)
-    if args.gif is not None and args.gif.is_dir():
-        raise CliUsageError(f"--gif {str(args.gif)!r} is a folder: give a file name such as out.gif.")
-    _check_device(args.device)
     if len(args.image) > MAX_IMAGES:
         raise CliUsageError(f"{len(args.image)} images were given; the attack handles at most {MAX_IMAGES}.")
     images = load_images(args.image)  # (B, 3, 32, 32); raises for bad files
@@ -177,9 +243,24 @@ def run_images(args: argparse.Namespace) -> int:
         method=args.method, iterations=args.iterations, restarts=restarts, seed=args.seed, device=args.device
     )
     model = build_model(args.model, seed=args.seed).to(args.device)
+    return images, labels, model, config
+
+
+def run_images(args: argparse.Namespace) -> int:
+    import fedclient
+    from dlg.attack import run_dlg
+    from dlg.metrics import evaluate_images
+
+    _check_output(args.output)
+    if args.gif is not None and args.gif.is_dir():
+        raise CliUsageError(f"--gif {str(args.gif)!r} is a folder: give a file name such as out.gif.")
+    _check_device(args.device)
+    defense, defense_keys = _defense_record(args.defense)
+    images, labels, model, config = _image_batch(args)
+    batch_size = images.shape[0]
     t0 = time.perf_counter()
     update = fedclient.compute_update(
-        model, fedclient.ImageBatch(images.to(args.device), labels.to(args.device)), seed=args.seed
+        model, fedclient.ImageBatch(images.to(args.device), labels.to(args.device)), defense=defense, seed=args.seed
     )
     client_seconds = time.perf_counter() - t0
     result = run_dlg(model, update, config=config, model_name=args.model)  # no ground truth
@@ -214,6 +295,7 @@ def run_images(args: argparse.Namespace) -> int:
         "client_seconds": client_seconds,
         "seed": args.seed,
         "device": args.device,
+        **defense_keys,
     }
     _write_json(args.output, report)
     if args.gif is not None:
@@ -237,6 +319,7 @@ def run_text(args: argparse.Namespace) -> int:
 
     _check_output(args.output)
     _check_device(args.device)
+    defense, defense_keys = _defense_record(args.defense)
     sentences = read_sentences(args.input).sentences
     bundle = dager.load_model(args.model, args.task, device=args.device)
     records: list[dict[str, object]] = []
@@ -248,7 +331,7 @@ def run_text(args: argparse.Namespace) -> int:
         # The attacker assumes the sequence length (DLG's assumption); it sees nothing else.
         seq_len = int(batch.input_ids.shape[1])
         t0 = time.perf_counter()
-        update = fedclient.compute_update(bundle.model, batch, seed=args.seed)
+        update = fedclient.compute_update(bundle.model, batch, defense=defense, seed=args.seed)
         client_seconds = time.perf_counter() - t0
         del batch
         config = TextDlgConfig(iterations=args.iterations, seq_len=seq_len, seed=args.seed, device=args.device)
@@ -298,6 +381,7 @@ def run_text(args: argparse.Namespace) -> int:
         "iterations": args.iterations,
         "seed": args.seed,
         "device": args.device,
+        **defense_keys,
     }
     _write_json(args.output, report)
     print(
@@ -307,11 +391,62 @@ def run_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_sweep_images(args: argparse.Namespace) -> int:
+    """``python -m dlg sweep``: attack the same image batch once per grid point.
+
+    Row metrics: ``psnr``, ``ssim``, ``label_accuracy`` (:func:`dlg.metrics.evaluate_images`),
+    ``utility_cosine`` / ``utility_norm_ratio`` (:func:`fedclient.defenses.utility_cost`),
+    ``stop_reason`` and ``iterations_run`` of the attack.
+    """
+    import fedclient
+    from dlg.attack import run_dlg
+    from dlg.metrics import evaluate_images
+    from fedclient.defenses import utility_cost
+    from fedclient.sweepcli import check_sweep_outputs, run_cli_sweep, sweep_points
+
+    _check_device(args.device)
+    points = sweep_points(args)
+    check_sweep_outputs(args)
+    images, labels, model, config = _image_batch(args)
+    batch = fedclient.ImageBatch(images.to(args.device), labels.to(args.device))
+
+    def attack(defense: object | None) -> dict[str, object]:
+        update = fedclient.compute_update(model, batch, defense=defense, seed=args.seed)
+        cost = utility_cost(model, batch, update)
+        result = run_dlg(model, update, config=config, model_name=args.model)  # no ground truth
+        scores = evaluate_images(images, result.images, labels, result.labels)
+        return {
+            "psnr": scores.psnr,
+            "ssim": scores.ssim,
+            "label_accuracy": scores.label_accuracy,
+            **cost,
+            "stop_reason": result.stop_reason,
+            "iterations_run": len(result.losses),
+        }
+
+    title = (
+        f"{args.method} on {args.model}, batch {images.shape[0]}, {args.iterations} iterations x "
+        f"{config.restarts} restart(s), {len(points)} point(s) of --grid {args.grid}"
+    )
+    run_cli_sweep(
+        points, attack, metrics=("psnr", "ssim", "label_accuracy"), csv_path=args.csv, plot_path=args.plot,
+        title=title,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dlg`` / ``python -m dlg``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     text_mode = bool(argv) and argv[0] == "text"
+    sweep_mode = bool(argv) and argv[0] == "sweep"
     try:
+        if sweep_mode:
+            args = build_sweep_parser().parse_args(argv[1:])
+            if not args.image:
+                raise CliUsageError("No image was given: add --image FILE (repeat it for a batch of up to 8).")
+            _configure(args.verbose, args.device)
+            return run_sweep_images(args)
         if text_mode:
             args = build_text_parser().parse_args(argv[1:])
             _configure(args.verbose, args.device)
