@@ -156,27 +156,41 @@ def largest_log_gap(relative: torch.Tensor, *, floor: float = GAP_FLOOR) -> int:
     return int(gaps.argmax()) + 1
 
 
+SCREEN_CUT = 0.05
+"""Float32 basis-side estimates below this are recomputed in float64 (the estimate's
+round-off is ~1e-3, so rows above it are off the span either way)."""
+
+
 def relative_distance(rows: torch.Tensor, span: Span, *, fast: bool = False) -> torch.Tensor:
     """``||P_perp y|| / ||y||`` for each row, computed on the cheaper side.
 
     A large span measures the complement component directly in float32 (no
     cancellation, accurate to ~1e-7). A small span projects onto the basis and
-    subtracts, which needs float64 (float32 would leave ~1e-3 of round-off) unless
-    ``fast`` asks for a float32 estimate (for screening only).
+    subtracts, which cancels: float32 leaves ~1e-3 of round-off. So the basis side
+    screens in float32 and recomputes in float64 only the rows estimated below
+    :data:`SCREEN_CUT` (the others keep their estimate, off the span by far more
+    than its error), unless ``fast`` asks for the float32 estimate alone.
     """
     r = span.rank
     d = span.dim
     if r == 0:
         return torch.ones(rows.shape[:-1], dtype=torch.float64, device=rows.device)
-    # float64 runs at about half the float32 speed: use the basis only when it is
-    # well under half the complement's width.
-    if fast or 2 * r < d - r:
-        dt = torch.float32 if fast else torch.float64
-        y = rows.to(dt)
+    if fast or r < d - r:
+        y = rows.to(torch.float32)
         norm2 = (y * y).sum(-1)
-        inside = y @ span.cast("basis", dt, y.device)  # (..., r)
+        inside = y @ span.cast("basis", torch.float32, y.device)  # (..., r)
         perp2 = (norm2 - (inside * inside).sum(-1)).clamp(min=0.0)
-        return (perp2 / norm2.clamp(min=1e-30)).sqrt().to(torch.float64)
+        out = (perp2 / norm2.clamp(min=1e-30)).sqrt().to(torch.float64)
+        if fast:
+            return out
+        near = (out < SCREEN_CUT).nonzero(as_tuple=True)
+        if near[0].numel():
+            y64 = rows[near].to(torch.float64)
+            in64 = y64 @ span.cast("basis", torch.float64, y64.device)
+            n64 = (y64 * y64).sum(-1)
+            p64 = (n64 - (in64 * in64).sum(-1)).clamp(min=0.0)
+            out[near] = (p64 / n64.clamp(min=1e-300)).sqrt()
+        return out
     y = rows.to(torch.float32)
     outside = y @ span.cast("complement", torch.float32, y.device)  # (..., d - r)
     perp2 = (outside * outside).sum(-1).to(torch.float64)
