@@ -18,6 +18,7 @@ loss (:func:`fedclient.batch_loss`), which the server knows, never with the clie
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -92,6 +93,8 @@ class DlgConfig:
             (31.6 dB at 1e-3). 0 disables it; B = 1 never uses it.
         seed: seeds the dummy initialisation.
         device: ``"cpu"`` or ``"cuda"``.
+        cpu_threads: torch threads while attacking on the CPU (restored afterwards);
+            ``None`` leaves the process setting alone.
     """
 
     method: str = "dlg"
@@ -114,8 +117,11 @@ class DlgConfig:
     batch_tv: float = 1e-3
     seed: int = 0
     device: str = "cpu"
+    cpu_threads: int | None = 1
 
     def __post_init__(self) -> None:
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise InvalidConfigError(f"cpu_threads must be at least 1, got {self.cpu_threads}.")
         if self.init is not None and self.init not in ("grey", "normal", "uniform"):
             raise InvalidConfigError(
                 f"Unknown init {self.init!r}; choose grey, normal or uniform (or leave it unset)."
@@ -400,7 +406,44 @@ class _Run:
         self.converged_iteration: int | None = None
 
 
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` torch threads, restoring the previous count afterwards."""
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def iter_dlg(
+    model: nn.Module,
+    update: SharedUpdate,
+    *,
+    config: DlgConfig = DlgConfig(),
+    image_shape: tuple[int, int, int] = (3, 32, 32),
+    num_classes: int | None = None,
+    model_name: str = "model",
+) -> Iterator[DlgEvent]:
+    """Reconstruct the client's images; see :func:`_iter_dlg`.
+
+    On the CPU the optimisation runs on ``config.cpu_threads`` threads (one by default):
+    the attacked models are tiny, and thread synchronisation dominated their steps
+    (measured 8 ms vs 143 ms per LeNet matching step on a busy 2-core machine).
+    """
+    threads = config.cpu_threads if torch.device(config.device).type == "cpu" else None
+    with _cpu_threads(threads):
+        yield from _iter_dlg(
+            model, update, config=config, image_shape=image_shape,
+            num_classes=num_classes, model_name=model_name,
+        )
+
+
+def _iter_dlg(
     model: nn.Module,
     update: SharedUpdate,
     *,

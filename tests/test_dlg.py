@@ -300,3 +300,21 @@ def test_idlg_with_batch_prior_reaches_20db_at_batch_4():
     from dlg.metrics import evaluate_images
 
     assert evaluate_images(images, result.images, torch.tensor([3, 10, 17, 24]), result.labels).psnr >= 20.0
+
+
+def test_attack_runs_single_threaded_on_cpu_and_restores_the_setting():
+    import torch
+
+    from dlg.attack import DlgConfig, iter_dlg
+    from dlg.models import build_model
+    from fedclient import ImageBatch, compute_update
+
+    model = build_model("lenet", seed=0)
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    update = compute_update(model, ImageBatch(images, torch.tensor([3])))
+    before = torch.get_num_threads()
+    stream = iter_dlg(model, update, config=DlgConfig(method="idlg", iterations=2, restarts=1))
+    next(stream)
+    assert torch.get_num_threads() == 1
+    stream.close()
+    assert torch.get_num_threads() == before
