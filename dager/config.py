@@ -33,7 +33,7 @@ class DagerConfig:
     layer1_threshold: float | None = None
     layer2_threshold: float | None = None
     max_prefixes: int = 1024
-    max_combinations: int = 5_000
+    max_combinations: int = 20_000
     noise_tolerant: bool = False
     top_k_plot: int = 200
     device: str = "cpu"
