@@ -65,6 +65,7 @@ from dager.metrics import PairScore, evaluate_text
 from dager.textio import Sentence, canonical_text, check_sentences, distinct_prefixes, read_sentences, split_batches
 from fedclient.defenses import describe, epsilon_of, parse_defenses
 from fedclient.errors import LabInputError
+from fedclient.sweepcli import positive_int
 
 log = logging.getLogger("dager.cli")
 
@@ -95,16 +96,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m dager`` / ``dager``."""
     p = _Parser(
@@ -116,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="embedded model name (e.g. gpt2-small-random), hub id or folder")
     p.add_argument("--input", required=True, type=Path, help="UTF-8 text file, one sentence per line")
-    p.add_argument("--batch-size", required=True, type=_positive_int, help="sentences per client batch")
+    p.add_argument("--batch-size", required=True, type=positive_int, help="sentences per client batch")
     p.add_argument("--task", default="classification", choices=TASKS, help="client training task")
-    p.add_argument("--max-batches", type=_positive_int, default=None, help="attack at most K batches")
+    p.add_argument("--max-batches", type=positive_int, default=None, help="attack at most K batches")
     p.add_argument("--seed", type=int, default=0, help="seed of the client's labels and defenses")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch device")
     p.add_argument("--output", required=True, type=Path, help="where to write the result JSON")
@@ -127,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"attack batches with more than {FAR_OVER_CAPACITY} x d distinct token prefixes (best effort)",
     )
-    p.add_argument("--max-prefixes", type=_positive_int, default=None, help="decoder search budget per position")
-    p.add_argument("--max-combinations", type=_positive_int, default=None, help="encoder search budget")
+    p.add_argument("--max-prefixes", type=positive_int, default=None, help="decoder search budget per position")
+    p.add_argument("--max-combinations", type=positive_int, default=None, help="encoder search budget")
     p.add_argument(
         "--noise-tolerant",
         action="store_true",
@@ -623,14 +614,14 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="embedded model name (e.g. gpt2-small-random), hub id or folder")
     p.add_argument("--input", required=True, type=Path, help="UTF-8 text file, one sentence per line")
-    p.add_argument("--batch-size", required=True, type=_positive_int, help="sentences per client batch")
+    p.add_argument("--batch-size", required=True, type=positive_int, help="sentences per client batch")
     p.add_argument("--task", default="classification", choices=TASKS, help="client training task")
-    p.add_argument("--max-batches", type=_positive_int, default=1, help="batches attacked per grid point (default 1)")
+    p.add_argument("--max-batches", type=positive_int, default=1, help="batches attacked per grid point (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the client's labels and defenses")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch device")
     p.add_argument("--noise-tolerant", action="store_true", help="DAGER's noise-tolerant mode (rank by distance)")
-    p.add_argument("--max-prefixes", type=_positive_int, default=None, help="decoder search budget per position")
-    p.add_argument("--max-combinations", type=_positive_int, default=None, help="encoder search budget")
+    p.add_argument("--max-prefixes", type=positive_int, default=None, help="decoder search budget per position")
+    p.add_argument("--max-combinations", type=positive_int, default=None, help="encoder search budget")
     p.add_argument(
         "--allow-over-capacity",
         action="store_true",

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from fedclient.errors import LabInputError
+from fedclient.sweepcli import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +67,6 @@ class CliUsageError(LabInputError):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise CliUsageError(f"{message} (see --help)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
-    return value
 
 
 def _label(text: str) -> int:
@@ -123,8 +114,8 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", action="append", default=None, type=_label, help="class id of each image (default: random, seeded)")
     p.add_argument("--model", default="lenet", choices=tuple(MODELS), help="the attacked model")
     p.add_argument("--method", default="dlg", choices=METHODS, help="dlg, idlg or ig (Geiping et al.)")
-    p.add_argument("--iterations", type=_positive_int, default=300, help="optimiser steps per restart")
-    p.add_argument("--restarts", type=_positive_int, default=None, help="random restarts, run only while the tolerance is not reached (default: 3 for dlg/idlg, 2 for ig)")
+    p.add_argument("--iterations", type=positive_int, default=300, help="optimiser steps per restart")
+    p.add_argument("--restarts", type=positive_int, default=None, help="random restarts, run only while the tolerance is not reached (default: 3 for dlg/idlg, 2 for ig)")
     p.add_argument("--seed", type=int, default=0, help="seeds labels, model init, the dummy data and the defenses")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch device")
 
@@ -143,10 +134,10 @@ def build_text_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dlg text", description="DLG on text (baseline for DAGER): optimise input embeddings.")
     p.add_argument("--model", required=True, help="embedded model name (e.g. gpt2-small-random), hub id or folder")
     p.add_argument("--input", required=True, type=Path, help="UTF-8 text file, one sentence per line")
-    p.add_argument("--batch-size", required=True, type=_positive_int, help="sentences per client batch")
+    p.add_argument("--batch-size", required=True, type=positive_int, help="sentences per client batch")
     p.add_argument("--task", default="classification", choices=("classification", "next-token"), help="client task")
-    p.add_argument("--max-batches", type=_positive_int, default=None, help="attack at most K batches")
-    p.add_argument("--iterations", type=_positive_int, default=100, help="optimiser steps per batch")
+    p.add_argument("--max-batches", type=positive_int, default=None, help="attack at most K batches")
+    p.add_argument("--iterations", type=positive_int, default=100, help="optimiser steps per batch")
     p.add_argument("--seed", type=int, default=0, help="seed of labels, the dummy data and the defenses")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch device")
     _add_defense(p)

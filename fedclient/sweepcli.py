@@ -25,6 +25,17 @@ from fedclient.sweep import GRIDS, SweepPoint, grid, iter_sweep, plot_sweep, sav
 _VALUE_KEYWORD = {"noise": "sigmas", "prune": "fractions", "mask": "fractions", "dp": "noise_multipliers"}
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1, with a one-line error otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _values(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
