@@ -61,7 +61,7 @@ from typing import NoReturn
 
 import dager
 from dager.config import DagerConfig
-from dager.metrics import PairScore, evaluate_text
+from dager.metrics import PairScore, evaluate_text, pooled_scores
 from dager.textio import Sentence, canonical_text, check_sentences, distinct_prefixes, read_sentences, split_batches
 from fedclient.defenses import describe, epsilon_of, parse_defenses
 from fedclient.errors import LabInputError
@@ -433,25 +433,16 @@ def _report(
             pairs.extend(evaluate_text(refs, []).pairs)
         else:
             pairs.extend(o.pairs)
-    n = len(pairs)
-    tokens = sum(p.tokens_total for p in pairs)
-
-    def mean(values: list[float]) -> float:
-        return float(sum(values) / n) if n else 0.0
 
     return {
         "model": args.model,
         "task": args.task,
         "batch_size": args.batch_size,
-        "rouge1": mean([p.rouge1 for p in pairs]),
-        "rouge2": mean([p.rouge2 for p in pairs]),
-        "rougeL": mean([p.rougeL for p in pairs]),
-        "exact_match": mean([float(p.exact) for p in pairs]),
-        "token_accuracy": (sum(p.tokens_correct for p in pairs) / tokens) if tokens else 0.0,
+        **pooled_scores(pairs),
         "seconds": sum(o.seconds for o in outcomes),
         "client_seconds": sum(o.client_seconds for o in outcomes),
         "batches": [o.record for o in outcomes],
-        "num_sentences": n,
+        "num_sentences": len(pairs),
         "num_exact": sum(p.exact for p in pairs),
         "num_batches": len(outcomes),
         "failed_batches": [o.index for o in outcomes if o.failed],

@@ -207,19 +207,29 @@ def evaluate_text(
     used = set(assignment.values())
     unmatched = tuple(j for j in range(m) if j not in used)
 
+    return TextScores(**pooled_scores(pairs), pairs=tuple(pairs), unmatched_predictions=unmatched)
+
+
+def pooled_scores(pairs: Sequence[PairScore]) -> dict[str, float]:
+    """Corpus scores over matched pairs, e.g. the pairs of several batches together.
+
+    Returns:
+        ``rouge1``, ``rouge2``, ``rougeL`` and ``exact_match`` as means over the pairs
+        (one per reference), and ``token_accuracy`` pooled over all reference tokens.
+        Every value is 0.0 when there are no pairs.
+    """
+
     def mean(values: list[float]) -> float:
         return float(sum(values) / len(values)) if values else 0.0
 
     total_tokens = sum(p.tokens_total for p in pairs)
-    return TextScores(
-        rouge1=mean([p.rouge1 for p in pairs]),
-        rouge2=mean([p.rouge2 for p in pairs]),
-        rougeL=mean([p.rougeL for p in pairs]),
-        exact_match=mean([float(p.exact) for p in pairs]),
-        token_accuracy=(sum(p.tokens_correct for p in pairs) / total_tokens) if total_tokens else 0.0,
-        pairs=tuple(pairs),
-        unmatched_predictions=unmatched,
-    )
+    return {
+        "rouge1": mean([p.rouge1 for p in pairs]),
+        "rouge2": mean([p.rouge2 for p in pairs]),
+        "rougeL": mean([p.rougeL for p in pairs]),
+        "exact_match": mean([float(p.exact) for p in pairs]),
+        "token_accuracy": (sum(p.tokens_correct for p in pairs) / total_tokens) if total_tokens else 0.0,
+    }
 
 
 DIFF_STATUSES = ("equal", "missing", "extra")

@@ -304,7 +304,7 @@ def run_images(args: argparse.Namespace) -> int:
 def run_text(args: argparse.Namespace) -> int:
     import dager
     import fedclient
-    from dager.metrics import evaluate_text
+    from dager.metrics import evaluate_text, pooled_scores
     from dager.textio import read_sentences, split_batches
     from dlg.text import TextDlgConfig, run_dlg_text
 
@@ -349,26 +349,17 @@ def run_text(args: argparse.Namespace) -> int:
             }
         )
         log.info("batch %d: ROUGE-1 %.3f in %.1f s", index, scores.rouge1, result.seconds)
-    n = len(pairs)
-    tokens = sum(p.tokens_total for p in pairs)
-
-    def mean(values: list[float]) -> float:
-        return float(sum(values) / n) if n else 0.0
 
     report: dict[str, object] = {
         "method": "dlg-text",
         "model": args.model,
         "task": args.task,
         "batch_size": args.batch_size,
-        "rouge1": mean([p.rouge1 for p in pairs]),
-        "rouge2": mean([p.rouge2 for p in pairs]),
-        "rougeL": mean([p.rougeL for p in pairs]),
-        "exact_match": mean([float(p.exact) for p in pairs]),
-        "token_accuracy": (sum(p.tokens_correct for p in pairs) / tokens) if tokens else 0.0,
+        **pooled_scores(pairs),
         "seconds": total_seconds,
         "client_seconds": total_client,
         "batches": records,
-        "num_sentences": n,
+        "num_sentences": len(pairs),
         "iterations": args.iterations,
         "seed": args.seed,
         "device": args.device,
