@@ -115,6 +115,8 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="lenet", choices=tuple(MODELS), help="the attacked model")
     p.add_argument("--method", default="dlg", choices=METHODS, help="dlg, idlg or ig (Geiping et al.)")
     p.add_argument("--iterations", type=positive_int, default=300, help="optimiser steps per restart")
+    p.add_argument("--optimizer", default=None, choices=("lbfgs", "adam"),
+                   help="L-BFGS (default, every method) or Adam (Geiping et al.'s choice for ig; slow to converge on LeNet)")
     p.add_argument("--restarts", type=positive_int, default=None, help="random restarts, run only while the tolerance is not reached (default: 3 for dlg/idlg, 2 for ig)")
     p.add_argument("--seed", type=int, default=0, help="seeds labels, model init, the dummy data and the defenses")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch device")
@@ -231,7 +233,8 @@ def _image_batch(args: argparse.Namespace) -> tuple[object, object, object, obje
         labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)
     restarts = args.restarts or (2 if args.method == "ig" else 3)
     config = DlgConfig(
-        method=args.method, iterations=args.iterations, restarts=restarts, seed=args.seed, device=args.device
+        method=args.method, iterations=args.iterations, restarts=restarts, seed=args.seed, device=args.device,
+        optimizer=args.optimizer,
     )
     model = build_model(args.model, seed=args.seed).to(args.device)
     return images, labels, model, config
