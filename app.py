@@ -46,6 +46,7 @@ MAX_SENTENCE_CHARS = 300
 MAX_SENTENCE_TOKENS = 64
 MAX_ITERATIONS = 2000 if ON_GPU else 500
 MAX_IMAGE_SIDE = 4096
+MAX_BATCH_IMAGES = 8  # dlg.images.MAX_IMAGES (the app imports the engines lazily)
 NUM_CLASSES = 100
 IMAGE_SHAPE = (3, 32, 32)
 DEFAULT_TEXT_MODEL = "gpt2-small-random"
@@ -372,12 +373,36 @@ def _sketch_array(sketch: object) -> np.ndarray | None:
     return arr
 
 
-def load_client_image(source: str, upload: object, sketch: object) -> torch.Tensor:
-    """The client's private image as ``(1, 3, 32, 32)`` in [0, 1].
+def _batch_paths(batch: object) -> list[str]:
+    """File paths from a multi-file component value (paths, file objects or dicts)."""
+    if batch is None:
+        return []
+    items = batch if isinstance(batch, (list, tuple)) else [batch]
+    paths = []
+    for item in items:
+        path = item.get("path") if isinstance(item, dict) else getattr(item, "name", item)
+        if path:
+            paths.append(str(path))
+    return paths
+
+
+def load_client_image(source: str, upload: object, sketch: object, batch: object = None) -> torch.Tensor:
+    """The client's private images as ``(B, 3, 32, 32)`` in [0, 1]: one from the upload or
+    sketchpad, or 1 to 8 from the batch files.
 
     Raises:
-        gr.Error: nothing given, an unreadable file, or an absurd size.
+        gr.Error: nothing given, too many images, an unreadable file, or an absurd size.
     """
+    from dlg.images import load_images
+
+    if source == "batch":
+        paths = _batch_paths(batch)
+        if not paths:
+            raise gr.Error("The batch is empty: add 1 to 8 image files, or press 'Use the sample images'.")
+        try:
+            return load_images(paths)
+        except LabInputError as exc:
+            raise gr.Error(str(exc)) from None
     if source == "sketch":
         value = _sketch_array(sketch)
         if value is None:
@@ -389,12 +414,25 @@ def load_client_image(source: str, upload: object, sketch: object) -> torch.Tens
         if isinstance(value, np.ndarray) and max(value.shape[:2]) > MAX_IMAGE_SIDE:
             raise gr.Error(f"The image is {value.shape[1]}x{value.shape[0]} pixels; use one under "
                            f"{MAX_IMAGE_SIDE} pixels a side.")
-    from dlg.images import load_images
-
     try:
         return load_images([value])
     except LabInputError as exc:
         raise gr.Error(str(exc)) from None
+
+
+def client_labels(label: float, batch_size: int) -> torch.Tensor:
+    """The client's labels: ``label`` for the first image, the next classes for the rest.
+
+    Raises:
+        gr.Error: the label is not a whole number in range.
+    """
+    try:
+        first = int(label)
+    except (TypeError, ValueError):
+        first = -1
+    if first != label or not 0 <= first < NUM_CLASSES:
+        raise gr.Error(f"The class label must be a whole number from 0 to {NUM_CLASSES - 1}.")
+    return (first + torch.arange(batch_size)) % NUM_CLASSES
 
 
 def stream_dlg(view: DlgView, events: Iterator[object], *, clock: Callable[[], float] = time.perf_counter
@@ -433,18 +471,13 @@ def write_gif(view: DlgView) -> str | None:
     return path
 
 
-def run_image_attack(source: str, upload: object, sketch: object, label: float, model: str, method: str,
-                     iterations: float, *defense_settings) -> Iterator[tuple]:
-    """Gradio handler: the client shares its gradient on one image; DLG reconstructs it."""
+def run_image_attack(source: str, upload: object, sketch: object, batch: object, label: float, model: str,
+                     method: str, iterations: float, *defense_settings) -> Iterator[tuple]:
+    """Gradio handler: the client shares its gradient on its images; DLG reconstructs them."""
     iterations = _iterations(iterations)
-    try:
-        label_i = int(label)
-    except (TypeError, ValueError):
-        label_i = -1
-    if not 0 <= label_i < NUM_CLASSES:
-        raise gr.Error(f"The class label must be a whole number from 0 to {NUM_CLASSES - 1}.")
-    images = load_client_image(source, upload, sketch)
-    labels = torch.full((images.shape[0],), label_i, dtype=torch.long)
+    client_labels(label, 1)  # check the label before touching any file
+    images = load_client_image(source, upload, sketch, batch)
+    labels = client_labels(label, images.shape[0])
     view = DlgView(originals=images, labels=labels)
     yield (*_emit(view, IMAGE_KEYS, force=True), None)
     try:
@@ -468,7 +501,7 @@ def _drain(events: Iterator[object]) -> object:
 
 
 def run_defense_sweep(target: str, axis: str, sentences_text: str, model: str, hub_id: str, task: str,
-                      noise_tolerant: bool, source: str, upload: object, sketch: object, label: float,
+                      noise_tolerant: bool, source: str, upload: object, sketch: object, batch: object, label: float,
                       vmodel: str, method: str, iterations: float) -> Iterator[tuple]:
     """Gradio handler: attack success against defense strength, one row at a time."""
     from fedclient.defenses import utility_cost
@@ -495,8 +528,8 @@ def run_defense_sweep(target: str, axis: str, sentences_text: str, model: str, h
                     **utility_cost(bundle.model, batch, update)}
     elif target == "images":
         n_iter = _iterations(iterations)
-        images = load_client_image(source, upload, sketch)
-        labels = torch.full((images.shape[0],), int(label or 0) % NUM_CLASSES, dtype=torch.long)
+        images = load_client_image(source, upload, sketch, batch)
+        labels = client_labels(label, images.shape[0])
         net = vision_model(vmodel)
         batch = ImageBatch(images=images.to(DEVICE), labels=labels.to(DEVICE))
         metrics = ["psnr"]
@@ -603,8 +636,11 @@ optimised with L-BFGS (this needs a twice-differentiable model, hence LeNet's si
 $p - \mathrm{onehot}(y)$, negative only at the true class; the last layer's weight gradient is
 that vector times the (non-negative, after a sigmoid) features, so the sign of its rows reveals
 $y$, and only $x'$ is optimised. **Gradient matching** (Geiping et al., 2020)
-uses a cosine distance plus a total-variation prior, Adam and several restarts, which scales
-to batches and deeper nets:
+uses a cosine distance, which ignores the gradient's scale, plus a total-variation prior that
+favours natural-looking images. The prior is what makes batches work: several images give
+fewer gradient equations than unknown pixels, and the smoothest solution is the right one.
+Geiping et al. optimise with Adam for thousands of steps; on this small sigmoid network L-BFGS
+converges far sooner, so the app uses it:
 
 $$\arg\min_{x'} \; 1 - \frac{\langle \nabla_W \ell(x'), \nabla_W \mathcal{L} \rangle}{\lVert \nabla_W \ell(x') \rVert \, \lVert \nabla_W \mathcal{L} \rVert} + \alpha\, \mathrm{TV}(x').$$
 
@@ -728,7 +764,8 @@ def build_app() -> gr.Blocks:
             with gr.Tab("Images (DLG)", id="images"):
                 with gr.Row():
                     with gr.Column(scale=2):
-                        source = gr.Radio(["upload", "sketch"], value="upload", label="Image source")
+                        source = gr.Radio([("one image", "upload"), ("sketch", "sketch"), ("batch", "batch")],
+                                          value="upload", label="Image source")
                         with gr.Tabs():
                             with gr.Tab("Upload or sample"):
                                 upload = gr.Image(type="numpy", label="Private image", image_mode="RGB",
@@ -739,6 +776,12 @@ def build_app() -> gr.Blocks:
                             with gr.Tab("Draw"):
                                 sketch = gr.Sketchpad(label="Draw your image", type="numpy", height=260,
                                                       canvas_size=(256, 256))
+                            with gr.Tab("Batch"):
+                                batch = gr.File(file_count="multiple", file_types=["image"], height=180,
+                                                label=f"Private images (1 to {MAX_BATCH_IMAGES}, one client batch)")
+                                batch_samples = gr.Button("Use the sample images", size="sm")
+                                gr.Markdown("Image *i* gets class label + *i*. Batches are harder: "
+                                            "iDLG and gradient matching add a smoothness prior.")
                     with gr.Column(scale=2):
                         vmodel = gr.Dropdown(vision_models(), value="lenet", label="Model")
                         method = gr.Radio([("DLG", "dlg"), ("iDLG", "idlg"), ("Gradient matching (IG)", "ig")],
@@ -780,19 +823,24 @@ def build_app() -> gr.Blocks:
         race_stop.click(None, cancels=[race_event], api_name=False, queue=False)
         img_outputs = [img_status, preview, loss_plot, psnr_plot, comparison, gif]
         img_event = run_img.click(run_image_attack,
-                                  inputs=[source, upload, sketch, label, vmodel, method, iterations, *defense_inputs],
+                                  inputs=[source, upload, sketch, batch, label, vmodel, method, iterations,
+                                          *defense_inputs],
                                   outputs=img_outputs, api_name="dlg", concurrency_id="attack")
         stop_img.click(None, cancels=[img_event], api_name=False, queue=False)
         sweep_event = sweep_run.click(
             run_defense_sweep,
             inputs=[sweep_target, sweep_axis, sentences, model, hub_id, task, tolerant, source, upload, sketch,
-                    label, vmodel, method, iterations],
+                    batch, label, vmodel, method, iterations],
             outputs=[sweep_status, sweep_plot, sweep_table], api_name="sweep", concurrency_id="attack")
         sweep_stop.click(None, cancels=[sweep_event], api_name=False, queue=False)
         sketch.change(lambda _: "sketch", inputs=sketch, outputs=source, api_name=False, queue=False,
                       show_progress="hidden")
         upload.change(lambda v: "upload" if v is not None else gr.skip(), inputs=upload, outputs=source,
                       api_name=False, queue=False, show_progress="hidden")
+        batch.change(lambda v: "batch" if v else gr.skip(), inputs=batch, outputs=source,
+                     api_name=False, queue=False, show_progress="hidden")
+        batch_samples.click(lambda: sample_images()[:MAX_BATCH_IMAGES], outputs=batch, api_name=False,
+                            queue=False)
 
     # On a 2-core CPU one attack at a time is fastest for everyone (two would fight over
     # the cores: measured 10x slower per step); a short queue so a busy Space says so.

@@ -71,7 +71,7 @@ def time_dlg(client, image: str, method: str, iterations: int) -> tuple[float, f
     from gradio_client import handle_file
 
     t0 = time.perf_counter()
-    job = client.submit("upload", handle_file(image), None, 7, "lenet", method, iterations, *DEFENSES_OFF,
+    job = client.submit("upload", handle_file(image), None, None, 7, "lenet", method, iterations, *DEFENSES_OFF,
                         api_name="/dlg")
     stamps: list[float] = []
     last = None

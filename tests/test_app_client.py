@@ -90,7 +90,7 @@ def test_image_endpoint_returns_a_reconstruction(served, private_png):
     # A few L-BFGS steps keep the test short; they already lift the PSNR far above the
     # ~8 dB of the random initialisation (a full run reaches 30+ dB).
     status, preview, _loss, psnr_plot, comparison, gif = client.predict(
-        "upload", handle_file(private_png), None, 7, "lenet", "idlg", 8, *DEFENSES_OFF, api_name="/dlg"
+        "upload", handle_file(private_png), None, None, 7, "lenet", "idlg", 8, *DEFENSES_OFF, api_name="/dlg"
     )
     psnr = float(re.search(r"PSNR \*\*([\d.]+) dB", status).group(1))
     assert psnr > 15.0, status
@@ -115,7 +115,7 @@ def test_cancelling_a_job_stops_the_attack(served, private_png):
             closed.set()
 
     mp.setattr(app, "dlg_events", recording)
-    job = client.submit("upload", handle_file(private_png), None, 3, "lenet", "ig", 500, *DEFENSES_OFF,
+    job = client.submit("upload", handle_file(private_png), None, None, 3, "lenet", "ig", 500, *DEFENSES_OFF,
                         api_name="/dlg")
     deadline = time.monotonic() + 60
     while len(job.outputs()) < 2 and time.monotonic() < deadline:

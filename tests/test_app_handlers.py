@@ -259,6 +259,38 @@ def test_dlg_view_and_stream():
     os.remove(gif)
 
 
+def test_image_attack_on_a_batch_of_files(monkeypatch):
+    """The batch source sends every file as one client batch, labels label, label+1, ..."""
+    paths = app.sample_images()[:3]
+    seen = {}
+
+    def fake_events(model, update, *, method, iterations, name):  # noqa: ANN001
+        seen["batch_size"], seen["method"] = update.batch_size, method
+        return _dlg_stream(app.load_client_image("batch", None, None, paths))
+
+    monkeypatch.setattr(app, "dlg_events", fake_events)
+    files = [{"path": p} for p in paths]  # the shape Gradio gives a handler for uploaded files
+    outs = list(app.run_image_attack("batch", None, None, files, 98, "lenet", "idlg", 50))
+    assert seen == {"batch_size": 3, "method": "idlg"}
+    status, preview, _loss, _psnr, comparison, gif = outs[-1]
+    assert "stopped at iteration 50" in status
+    assert preview.shape == (128, 3 * 128 + 2 * 2, 3)  # three reconstructions side by side
+    assert comparison.shape == (2 * 128 + 8, 3 * 128 + 2 * 2, 3)  # originals above, reconstructions below
+    os.remove(gif)
+    torch.testing.assert_close(app.client_labels(98, 3), torch.tensor([98, 99, 0]))
+
+
+def test_batch_input_errors_are_specific():
+    with pytest.raises(gr.Error, match="batch is empty"):
+        app.load_client_image("batch", None, None, [])
+    with pytest.raises(gr.Error, match="at most 8"):
+        app.load_client_image("batch", None, None, app.sample_images()[:1] * 9)
+    with pytest.raises(gr.Error, match="whole number from 0 to 99"):
+        app.client_labels(100, 1)
+    with pytest.raises(gr.Error, match="whole number"):
+        app.client_labels(2.5, 1)
+
+
 def test_matched_psnr_ignores_batch_order():
     a = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     assert matched_psnr(a, a[[2, 0, 1]]) == pytest.approx(100.0)
@@ -319,7 +351,7 @@ def test_defense_sweep_handler_streams_one_row_per_setting(tiny, monkeypatch):
 
     monkeypatch.setattr(app, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
     outs = list(app.run_defense_sweep("text", "precision", "the cat sat\na dog ran home", "tiny", "",
-                                      "classification", False, "upload", None, None, 7, "lenet", "idlg", 10))
+                                      "classification", False, "upload", None, None, None, 7, "lenet", "idlg", 10))
     points = grid("precision")
     assert len(outs) == 1 + len(points)  # a first status, then one yield per finished setting
     status, fig, table = outs[-1]
