@@ -100,6 +100,19 @@ def test_image_endpoint_returns_a_reconstruction(served, private_png):
     assert os.path.getsize(gif) > 0 and os.path.getsize(comparison) > 0
 
 
+def test_image_endpoint_attacks_a_batch_of_files(served, private_png):
+    from gradio_client import handle_file
+
+    app, client, _ = served
+    files = [handle_file(private_png), handle_file(app.sample_images()[0])]
+    status, preview, _loss, _psnr, comparison, _gif = client.predict(
+        "batch", None, None, files, 98, "lenet", "idlg", 3, *DEFENSES_OFF, api_name="/dlg"
+    )
+    assert "[98, 99] ✓ (correct)" in status, status  # iDLG read both labels from the gradient
+    assert np.asarray(Image.open(preview)).shape == (128, 2 * 128 + 2, 3)
+    assert np.asarray(Image.open(comparison)).shape == (2 * 128 + 8, 2 * 128 + 2, 3)
+
+
 def test_cancelling_a_job_stops_the_attack(served, private_png):
     from gradio_client import handle_file
     from gradio_client.utils import Status
