@@ -21,7 +21,10 @@ class DagerConfig:
         max_prefixes: search budget: the most prefixes (decoder) kept alive at one
             position; the best ones are kept and ``budget_exhausted`` is reported.
         max_combinations: encoder search budget: the most candidate sequences
-            evaluated; ``combinations_capped`` is reported when it is hit.
+            evaluated; ``combinations_capped`` is reported when it is hit. 40k: on
+            minilm-l6 at B=4 (``messages.txt``, 8 batches) 20k gave 93.8% exact and 40k
+            96.9% (2.5 s a batch); on one CPU a batch of four long sentences needed
+            more than 20k (floating-point differences between CPUs move the search).
         noise_tolerant: rank candidates by distance and keep the best ones instead of
             fixed thresholds, so updates with small noise (defenses) still leak.
         top_k_plot: how many of the smallest vocabulary distances each
@@ -33,7 +36,7 @@ class DagerConfig:
     layer1_threshold: float | None = None
     layer2_threshold: float | None = None
     max_prefixes: int = 1024
-    max_combinations: int = 20_000
+    max_combinations: int = 40_000
     noise_tolerant: bool = False
     top_k_plot: int = 200
     device: str = "cpu"
