@@ -105,10 +105,13 @@ def iter_dager(
             "share the full update or at least dager.required_parameters(bundle)."
         )
     device = config.device
-    with torch.no_grad():
-        yield from _attack(bundle, update, config, hooks, names, device, t0)
+    yield from _attack(bundle, update, config, hooks, names, device, t0)
 
 
+# As a decorator, torch.no_grad() re-enters at every resume and restores the caller's grad
+# mode at every yield: a ``with`` block around ``yield`` would leave autograd off in the
+# consumer's thread while the generator is suspended (and on in another thread resuming it).
+@torch.no_grad()
 def _attack(
     bundle: ModelBundle,
     update: SharedUpdate,

@@ -486,6 +486,7 @@ def iter_dlg(
         )
 
 
+@torch.enable_grad()  # gradient matching differentiates gradients, whatever the caller's mode
 def _iter_dlg(
     model: nn.Module,
     update: SharedUpdate,

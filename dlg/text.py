@@ -100,6 +100,7 @@ def _dummy_loss(
     raise LabInputError(f"The text baseline does not support the task {task!r}.")
 
 
+@torch.enable_grad()  # gradient matching differentiates gradients, whatever the caller's mode
 def iter_dlg_text(
     bundle: object,
     update: SharedUpdate,

@@ -92,6 +92,26 @@ def test_within_capacity_is_not_flagged(tiny):
     assert not result.over_capacity and not result.budget_exhausted
 
 
+def test_suspended_stream_leaves_the_callers_autograd_alone(tiny):
+    """The app resumes the stream between renders, possibly on another worker thread: the
+    attack runs without autograd, and the caller's grad mode is untouched between events."""
+    import threading
+
+    bundle = tiny("gpt2", "classification", d=64, layers=3)
+    update = compute_update(
+        bundle.model, bundle.encode(SENTENCES[:3], seed=0), parameters=required_parameters(bundle)
+    )
+    stream = iter_dager(bundle, update)
+    next(stream)
+    assert torch.is_grad_enabled()  # a `with no_grad()` around `yield` would leave it off here
+    events: list[object] = []
+    worker = threading.Thread(target=lambda: events.extend(stream))  # resumed on another thread
+    worker.start()
+    worker.join()
+    result = events[-1].result
+    assert sorted(result.sentences) == sorted(bundle.decode(bundle.tokenize(s)) for s in SENTENCES[:3])
+
+
 def test_event_stream_contract(tiny):
     bundle = tiny("gpt2", "classification", d=64, layers=3)
     update = compute_update(

@@ -190,6 +190,18 @@ def test_gradient_matching_runs_on_the_resnet():
     assert result.losses[-1] < 1.0  # cosine distance below that of orthogonal gradients
 
 
+def test_attack_runs_when_the_caller_disabled_autograd():
+    model = build_model("lenet")
+    update = _client(model, load_images([SAMPLES / "smiley.png"]), [2])
+    with torch.no_grad():
+        stream = iter_dlg(model, update, config=DlgConfig(method="idlg", iterations=3, restarts=1))
+        events = list(stream)
+        assert not torch.is_grad_enabled()  # the caller's mode is restored
+    result = events[-1].result
+    assert result.labels.tolist() == [2] and len(result.losses) == 3
+    assert result.losses[-1] < result.losses[0]
+
+
 def test_config_validation():
     with pytest.raises(InvalidConfigError):
         DlgConfig(method="magic")
