@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dager.zoo import embedded_models, load_model  # noqa: E402
+from dlg.images import MAX_IMAGES as MAX_BATCH_IMAGES  # noqa: E402
 from fedclient import ImageBatch, compute_update  # noqa: E402
 from fedclient.errors import LabInputError  # noqa: E402
 from labui.image_view import IMAGE_KEYS, DlgView, to_grid  # noqa: E402
@@ -46,7 +47,6 @@ MAX_SENTENCE_CHARS = 300
 MAX_SENTENCE_TOKENS = 64
 MAX_ITERATIONS = 2000 if ON_GPU else 500
 MAX_IMAGE_SIDE = 4096
-MAX_BATCH_IMAGES = 8  # dlg.images.MAX_IMAGES (the app imports the engines lazily)
 NUM_CLASSES = 100
 IMAGE_SHAPE = (3, 32, 32)
 DEFAULT_TEXT_MODEL = "gpt2-small-random"
@@ -386,7 +386,7 @@ def _batch_paths(batch: object) -> list[str]:
     return paths
 
 
-def load_client_image(source: str, upload: object, sketch: object, batch: object = None) -> torch.Tensor:
+def load_client_image(source: str, upload: object, sketch: object, batch_files: object = None) -> torch.Tensor:
     """The client's private images as ``(B, 3, 32, 32)`` in [0, 1]: one from the upload or
     sketchpad, or 1 to 8 from the batch files.
 
@@ -396,7 +396,7 @@ def load_client_image(source: str, upload: object, sketch: object, batch: object
     from dlg.images import load_images
 
     if source == "batch":
-        paths = _batch_paths(batch)
+        paths = _batch_paths(batch_files)
         if not paths:
             raise gr.Error("The batch is empty: add 1 to 8 image files, or press 'Use the sample images'.")
         try:
@@ -420,19 +420,28 @@ def load_client_image(source: str, upload: object, sketch: object, batch: object
         raise gr.Error(str(exc)) from None
 
 
+def class_label(label: float) -> int:
+    """The class label typed in the image tab.
+
+    Raises:
+        gr.Error: the label is not a whole number in range.
+    """
+    try:
+        value = int(label)
+    except (TypeError, ValueError):
+        value = -1
+    if value != label or not 0 <= value < NUM_CLASSES:
+        raise gr.Error(f"The class label must be a whole number from 0 to {NUM_CLASSES - 1}.")
+    return value
+
+
 def client_labels(label: float, batch_size: int) -> torch.Tensor:
     """The client's labels: ``label`` for the first image, the next classes for the rest.
 
     Raises:
         gr.Error: the label is not a whole number in range.
     """
-    try:
-        first = int(label)
-    except (TypeError, ValueError):
-        first = -1
-    if first != label or not 0 <= first < NUM_CLASSES:
-        raise gr.Error(f"The class label must be a whole number from 0 to {NUM_CLASSES - 1}.")
-    return (first + torch.arange(batch_size)) % NUM_CLASSES
+    return (class_label(label) + torch.arange(batch_size)) % NUM_CLASSES
 
 
 def stream_dlg(view: DlgView, events: Iterator[object], *, clock: Callable[[], float] = time.perf_counter
@@ -471,12 +480,12 @@ def write_gif(view: DlgView) -> str | None:
     return path
 
 
-def run_image_attack(source: str, upload: object, sketch: object, batch: object, label: float, model: str,
+def run_image_attack(source: str, upload: object, sketch: object, batch_files: object, label: float, model: str,
                      method: str, iterations: float, *defense_settings) -> Iterator[tuple]:
     """Gradio handler: the client shares its gradient on its images; DLG reconstructs them."""
     iterations = _iterations(iterations)
-    client_labels(label, 1)  # check the label before touching any file
-    images = load_client_image(source, upload, sketch, batch)
+    class_label(label)  # a bad label is reported before any file is read
+    images = load_client_image(source, upload, sketch, batch_files)
     labels = client_labels(label, images.shape[0])
     view = DlgView(originals=images, labels=labels)
     yield (*_emit(view, IMAGE_KEYS, force=True), None)
@@ -501,7 +510,8 @@ def _drain(events: Iterator[object]) -> object:
 
 
 def run_defense_sweep(target: str, axis: str, sentences_text: str, model: str, hub_id: str, task: str,
-                      noise_tolerant: bool, source: str, upload: object, sketch: object, batch: object, label: float,
+                      noise_tolerant: bool, source: str, upload: object, sketch: object, batch_files: object,
+                      label: float,
                       vmodel: str, method: str, iterations: float) -> Iterator[tuple]:
     """Gradio handler: attack success against defense strength, one row at a time."""
     from fedclient.defenses import utility_cost
@@ -528,7 +538,7 @@ def run_defense_sweep(target: str, axis: str, sentences_text: str, model: str, h
                     **utility_cost(bundle.model, batch, update)}
     elif target == "images":
         n_iter = _iterations(iterations)
-        images = load_client_image(source, upload, sketch, batch)
+        images = load_client_image(source, upload, sketch, batch_files)
         labels = client_labels(label, images.shape[0])
         net = vision_model(vmodel)
         batch = ImageBatch(images=images.to(DEVICE), labels=labels.to(DEVICE))
@@ -851,7 +861,7 @@ def build_app() -> gr.Blocks:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # torch's one-off optimizer start-up (~3 s on the CPU Space), paid while the page loads
-    # rather than in the first visitor's DLG run.
+    # rather than in the first visitor's DLG text race (Adam).
     from dlg.attack import warm_up_optimizers
 
     threading.Thread(target=warm_up_optimizers, name="warm-up", daemon=True).start()
