@@ -189,6 +189,12 @@ class DlgConfig:
         return self.optimizer or "lbfgs"
 
     @property
+    def uses_torch_optimizer(self) -> bool:
+        """Whether a ``torch.optim`` optimizer runs (Adam, or torch's L-BFGS for
+        ``strong_wolfe``); the default :class:`~dlg.lbfgs.CompactLBFGS` is not one."""
+        return self.effective_optimizer == "adam" or self.line_search == "strong_wolfe"
+
+    @property
     def effective_tolerance(self) -> float:
         """The stopping tolerance actually used (its scale depends on the distance)."""
         if self.tolerance is not None:
@@ -432,8 +438,10 @@ def warm_up_optimizers() -> None:
 
     The first ``step`` of any ``torch.optim`` optimizer imports torch's compiler stack
     (about 800 modules; measured 2.7 s on the 2-core CPU), whatever the model. The
-    attacks call this before their clock starts, so ``seconds`` measures the attack
-    itself; the app calls it at start-up, so a visitor's first run does not pay it.
+    attacks that use one call this before their clock starts, so ``seconds`` measures
+    the attack itself; the app calls it at start-up, so a visitor's first run does not
+    pay it. :class:`~dlg.lbfgs.CompactLBFGS` is not a ``torch.optim`` optimizer and
+    needs none of it.
     """
     x = torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([x], max_iter=1)
@@ -472,12 +480,14 @@ def iter_dlg(
 ) -> Iterator[DlgEvent]:
     """Reconstruct the client's images; see :func:`_iter_dlg`.
 
-    torch's one-off optimizer start-up (:func:`warm_up_optimizers`) is paid before the
-    clock starts. On the CPU the optimisation runs on ``config.cpu_threads`` threads (one by default):
+    When a ``torch.optim`` optimizer runs, torch's one-off start-up
+    (:func:`warm_up_optimizers`) is paid before the clock starts. On the CPU the
+    optimisation runs on ``config.cpu_threads`` threads (one by default):
     the attacked models are tiny, and thread synchronisation dominated their steps
     (measured 8 ms vs 143 ms per LeNet matching step on a busy 2-core machine).
     """
-    warm_up_optimizers()
+    if config.uses_torch_optimizer:
+        warm_up_optimizers()
     threads = config.cpu_threads if torch.device(config.device).type == "cpu" else None
     with _cpu_threads(threads):
         yield from _iter_dlg(
