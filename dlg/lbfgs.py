@@ -78,6 +78,7 @@ class CompactLBFGS:
         self._S = torch.zeros((self.m, n), dtype=p0.dtype, device=p0.device)
         self._Y = torch.zeros((self.m, n), dtype=p0.dtype, device=p0.device)
         self._order: list[int] = []  # ring rows, oldest first
+        self._idx = torch.zeros(0, dtype=torch.long, device=p0.device)  # _order as a tensor
         # S'Y and Y'Y in chronological order, in float64 (the triangular solves need it).
         self._sty = torch.zeros((0, 0), dtype=torch.float64, device=p0.device)
         self._yty = torch.zeros((0, 0), dtype=torch.float64, device=p0.device)
@@ -123,7 +124,7 @@ class CompactLBFGS:
         self._S[row] = s
         self._Y[row] = y
         self._order.append(row)
-        idx = torch.tensor(self._order, device=s.device)
+        self._idx = idx = torch.tensor(self._order, device=s.device)
         s_y = (self._Y @ s)[idx].double()  # s' y_j for every stored j (chronological)
         y_s = (self._S @ y)[idx].double()  # s_i' y
         y_y = (self._Y @ y)[idx].double()  # y_i' y
@@ -142,7 +143,7 @@ class CompactLBFGS:
         """``-H g`` for the current memory (``-gamma g`` when it is empty)."""
         if not self._order:
             return g.neg().mul_(self._gamma)
-        idx = torch.tensor(self._order, device=g.device)
+        idx = self._idx
         gamma = self._gamma
         a = (self._S @ g)[idx].double()  # S'g
         b = (self._Y @ g)[idx].double()  # Y'g
