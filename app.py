@@ -15,6 +15,10 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from fedclient.threads import configure_cpu_threads  # noqa: E402
+
+configure_cpu_threads()  # before gradio or torch import torch
+
 import functools  # noqa: E402
 import logging  # noqa: E402
 import tempfile  # noqa: E402

@@ -25,12 +25,14 @@ from dager.events import (
     DagerEvent,
     DagerResult,
     PrefixesExtended,
+    SearchProgress,
     SentenceRecovered,
     SpectrumComputed,
     TokensFiltered,
 )
 from dager.layers import BertHooks, DecoderHooks, FamilyHooks, hooks_for
-from dager.search import Found, Step, Thresholds, Warn, decoder_greedy, decoder_search, encoder_search
+from dager.encoder import encoder_search
+from dager.search import Found, Step, Thresholds, Tick, Warn, decoder_greedy, decoder_search
 from dager.span import Span, gap_threshold, span_of
 from dager.zoo import ModelBundle
 from fedclient.errors import LabInputError
@@ -214,7 +216,9 @@ def _attack(
         raise TypeError(f"unknown hooks type {type(hooks).__name__}")
 
     for item in stream:
-        if isinstance(item, Step):
+        if isinstance(item, Tick):
+            yield SearchProgress(position=item.position, checked=item.checked, seconds=time.perf_counter() - t0)
+        elif isinstance(item, Step):
             yield PrefixesExtended(
                 position=item.position,
                 prefixes=item.prefixes,

@@ -29,6 +29,9 @@ class DagerConfig:
             fixed thresholds, so updates with small noise (defenses) still leak.
         top_k_plot: how many of the smallest vocabulary distances each
             :class:`~dager.events.TokensFiltered` event carries (for plots).
+        time_budget_s: wall-clock budget of one attack in seconds; when it is reached
+            the attack stops and returns what it found (``time_budget`` warning).
+            ``None``: no limit (the CLI's default; the app passes one).
         device: torch device the attack computes on (``"cpu"`` or ``"cuda"``).
     """
 
@@ -39,6 +42,7 @@ class DagerConfig:
     max_combinations: int = 40_000
     noise_tolerant: bool = False
     top_k_plot: int = 200
+    time_budget_s: float | None = None
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -62,6 +66,13 @@ class DagerConfig:
             )
         if self.top_k_plot < 1:
             raise InvalidConfigError(f"top_k_plot must be at least 1 (got {self.top_k_plot}).")
+        if self.time_budget_s is not None and not (
+            isinstance(self.time_budget_s, (int, float)) and 0 < self.time_budget_s < float("inf")
+        ):
+            raise InvalidConfigError(
+                f"time_budget_s must be a positive number of seconds, or None for no limit "
+                f"(got {self.time_budget_s})."
+            )
         if not isinstance(self.device, str) or self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
             raise InvalidConfigError(
                 f"device must be 'cpu' or 'cuda' (got {self.device!r})."

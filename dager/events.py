@@ -8,8 +8,43 @@ token ids, detached CPU tensors), never formatted text for display or UI objects
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
+
+
+class WarningCode(str, Enum):
+    """Stable codes of :class:`AttackWarning` (strings on the wire: JSON, the CLI).
+
+    A ``str`` enum compares equal to its value, so ``code == "incomplete"`` holds.
+    """
+
+    OVER_CAPACITY = "over_capacity"
+    """The layer-1 rank approaches d: exact recovery is not guaranteed."""
+    SPAN_FULL = "span_full"
+    """The span is full (rank at capacity): no token can be rejected, so the exact
+    attack cannot run; a defense (noise) or too large a batch stopped it."""
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    """The decoder search kept only its best prefixes (prefix or memory budget)."""
+    COMBINATIONS_CAPPED = "combinations_capped"
+    """The encoder search evaluated its budget of sequences."""
+    TIME_BUDGET = "time_budget"
+    """The attack reached its time budget and returned what it had."""
+    INCOMPLETE = "incomplete"
+    """Some recovered sentences did not pass the exact check."""
+    LEFT_PADDING = "left_padding"
+    """The client padded on the left (positions shift)."""
+
+
+class StopReason(str, Enum):
+    """Why a DAGER run ended (:attr:`DagerResult.stop_reason`)."""
+
+    COMPLETE = "complete"
+    """The search ran to its end."""
+    SPAN_FULL = "span_full"
+    """Stopped at the rank step: the span is full (see :attr:`WarningCode.SPAN_FULL`)."""
+    TIME_BUDGET = "time_budget"
+    """Stopped at the configured time budget; the result holds what was found."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +130,25 @@ class PrefixesExtended:
 
 
 @dataclass(frozen=True)
+class SearchProgress:
+    """Heartbeat of the sequence search, at least every chunk of work.
+
+    It carries no new result; faces use it to show that the search is alive (elapsed
+    time against the budget) and to stop a run promptly between events.
+
+    Attributes:
+        position: the position being extended (decoders) or the length being
+            assembled (encoders, last position); ``None`` when not applicable.
+        checked: candidate extensions or sequences evaluated so far at that step.
+        seconds: attack time so far.
+    """
+
+    position: int | None
+    checked: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class SentenceRecovered:
     """One whole sentence recovered.
 
@@ -118,8 +172,7 @@ class AttackWarning:
     """Something the user should know, e.g. the search budget ran out.
 
     Attributes:
-        code: a stable identifier: ``"over_capacity"``, ``"budget_exhausted"``,
-            ``"noisy_spectrum"``, ``"combinations_capped"``, ``"incomplete"``.
+        code: a stable identifier, one of :class:`WarningCode`.
         value: a number that goes with it (the budget, the rank, ...).
     """
 
@@ -140,6 +193,7 @@ class DagerResult:
         over_capacity: see :class:`AttackStarted`.
         budget_exhausted: the search stopped at its budget before finishing.
         seconds: wall-clock attack time (not counting the client).
+        stop_reason: why the run ended (:class:`StopReason`).
     """
 
     sentences: tuple[str, ...]
@@ -150,6 +204,7 @@ class DagerResult:
     over_capacity: bool
     budget_exhausted: bool
     seconds: float
+    stop_reason: StopReason = StopReason.COMPLETE
 
 
 @dataclass(frozen=True)
@@ -164,6 +219,7 @@ DagerEvent = (
     | SpectrumComputed
     | TokensFiltered
     | PrefixesExtended
+    | SearchProgress
     | SentenceRecovered
     | AttackWarning
     | AttackFinished

@@ -7,29 +7,53 @@
 * :func:`build_model`, :func:`load_images`, :func:`evaluate_images`, :func:`save_gif`.
 """
 
-from dlg.attack import METHODS, DlgConfig, gradient_distance, infer_labels, iter_dlg, run_dlg
-from dlg.gif import save_gif
-from dlg.images import MAX_IMAGES, load_images
-from dlg.metrics import ImageScore, ImageScores, evaluate_images
-from dlg.models import MODELS, build_model
-from dlg.text import TextDlgConfig, iter_dlg_text, run_dlg_text
+# Exports load lazily (PEP 562): importing the package pulls in no torch, so a
+# command line can check its arguments, and set the CPU thread policy, before torch loads.
+from __future__ import annotations
 
-__all__ = [
-    "MAX_IMAGES",
-    "METHODS",
-    "MODELS",
-    "DlgConfig",
-    "ImageScore",
-    "ImageScores",
-    "TextDlgConfig",
-    "build_model",
-    "evaluate_images",
-    "gradient_distance",
-    "infer_labels",
-    "iter_dlg",
-    "iter_dlg_text",
-    "load_images",
-    "run_dlg",
-    "run_dlg_text",
-    "save_gif",
-]
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS: dict[str, str] = {
+    "MAX_IMAGES": "dlg.images",
+    "METHODS": "dlg.attack",
+    "MODELS": "dlg.models",
+    "DlgConfig": "dlg.attack",
+    "ImageScore": "dlg.metrics",
+    "ImageScores": "dlg.metrics",
+    "TextDlgConfig": "dlg.text",
+    "build_model": "dlg.models",
+    "evaluate_images": "dlg.metrics",
+    "gradient_distance": "dlg.attack",
+    "infer_labels": "dlg.attack",
+    "iter_dlg": "dlg.attack",
+    "iter_dlg_text": "dlg.text",
+    "load_images": "dlg.images",
+    "run_dlg": "dlg.attack",
+    "run_dlg_text": "dlg.text",
+    "save_gif": "dlg.gif",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dlg.images import MAX_IMAGES, load_images
+    from dlg.attack import METHODS, DlgConfig, gradient_distance, infer_labels, iter_dlg, run_dlg
+    from dlg.models import MODELS, build_model
+    from dlg.metrics import ImageScore, ImageScores, evaluate_images
+    from dlg.text import TextDlgConfig, iter_dlg_text, run_dlg_text
+    from dlg.gif import save_gif
+
+
+def __getattr__(name: str) -> object:
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -110,6 +110,9 @@ class DlgConfig:
         device: ``"cpu"`` or ``"cuda"``.
         cpu_threads: torch threads while attacking on the CPU (restored afterwards);
             ``None`` leaves the process setting alone.
+        time_budget_s: wall-clock budget of the attack in seconds; when it is reached
+            the attack stops and reports the best reconstruction so far (stop reason
+            ``"time_budget"``). ``None``: no limit (the CLI's default; the app passes one).
     """
 
     method: str = "dlg"
@@ -133,8 +136,15 @@ class DlgConfig:
     seed: int = 0
     device: str = "cpu"
     cpu_threads: int | None = 1
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.time_budget_s is not None and not (
+            math.isfinite(self.time_budget_s) and self.time_budget_s > 0
+        ):
+            raise InvalidConfigError(
+                f"time_budget_s must be a positive number of seconds, or None (got {self.time_budget_s})."
+            )
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise InvalidConfigError(f"cpu_threads must be at least 1, got {self.cpu_threads}.")
         if self.init is not None and self.init not in ("grey", "normal", "uniform"):

@@ -53,6 +53,9 @@ class TextDlgConfig:
         preview_seconds: at most one step event per this many seconds.
         seed: seeds the dummy initialisation.
         device: ``"cpu"`` or ``"cuda"``.
+        time_budget_s: wall-clock budget of the attack in seconds; when it is reached
+            the attack stops and reports the best reconstruction so far (stop reason
+            ``"time_budget"``). ``None``: no limit (the CLI's default; the app passes one).
     """
 
     iterations: int = 100
@@ -63,8 +66,15 @@ class TextDlgConfig:
     preview_seconds: float = 0.25
     seed: int = 0
     device: str = "cpu"
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.time_budget_s is not None and not (
+            math.isfinite(self.time_budget_s) and self.time_budget_s > 0
+        ):
+            raise InvalidConfigError(
+                f"time_budget_s must be a positive number of seconds, or None (got {self.time_budget_s})."
+            )
         if not 1 <= self.iterations <= 100_000:
             raise InvalidConfigError(f"iterations must be between 1 and 100000, got {self.iterations}.")
         if not (math.isfinite(self.lr) and self.lr > 0):

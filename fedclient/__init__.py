@@ -6,87 +6,76 @@ and attack-agnostic defense sweeps in :mod:`fedclient.sweep`). It imports no att
 no UI.
 """
 
-from fedclient.batch import TEXT_TASKS, ImageBatch, TextBatch
-from fedclient.client import Defense, batch_loss, compute_update, fedsgd_gradient
-from fedclient.defenses import (
-    DPSGD,
-    Compose,
-    FedAvg,
-    GaussianNoise,
-    Prune,
-    Quantize,
-    RandomMask,
-    SecureAggregation,
-    compose,
-    describe,
-    epsilon_of,
-    parse_defense,
-    parse_defenses,
-    utility_cost,
-)
-from fedclient.errors import (
-    EmptyBatchError,
-    EmptySentenceError,
-    HubUnreachableError,
-    InvalidConfigError,
-    LabInputError,
-    SequenceTooLongError,
-    UnknownModelError,
-    UnsupportedModelError,
-    UnsupportedTaskError,
-)
-from fedclient.sweep import (
-    SweepPoint,
-    dp_grid,
-    iter_sweep,
-    noise_grid,
-    plot_sweep,
-    prune_grid,
-    run_sweep,
-    save_plot,
-    write_csv,
-)
-from fedclient.update import SharedUpdate
+# Exports load lazily (PEP 562): importing the package pulls in no torch, so a
+# command line can check its arguments, and set the CPU thread policy, before torch loads.
+from __future__ import annotations
 
-__all__ = [
-    "DPSGD",
-    "TEXT_TASKS",
-    "Compose",
-    "Defense",
-    "FedAvg",
-    "GaussianNoise",
-    "Prune",
-    "Quantize",
-    "RandomMask",
-    "SecureAggregation",
-    "EmptyBatchError",
-    "EmptySentenceError",
-    "HubUnreachableError",
-    "ImageBatch",
-    "InvalidConfigError",
-    "LabInputError",
-    "SequenceTooLongError",
-    "SharedUpdate",
-    "SweepPoint",
-    "TextBatch",
-    "UnknownModelError",
-    "UnsupportedModelError",
-    "UnsupportedTaskError",
-    "batch_loss",
-    "compose",
-    "compute_update",
-    "describe",
-    "dp_grid",
-    "epsilon_of",
-    "fedsgd_gradient",
-    "iter_sweep",
-    "noise_grid",
-    "parse_defense",
-    "parse_defenses",
-    "plot_sweep",
-    "prune_grid",
-    "run_sweep",
-    "save_plot",
-    "utility_cost",
-    "write_csv",
-]
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS: dict[str, str] = {
+    "DPSGD": "fedclient.defenses",
+    "TEXT_TASKS": "fedclient.batch",
+    "Compose": "fedclient.defenses",
+    "Defense": "fedclient.client",
+    "FedAvg": "fedclient.defenses",
+    "GaussianNoise": "fedclient.defenses",
+    "Prune": "fedclient.defenses",
+    "Quantize": "fedclient.defenses",
+    "RandomMask": "fedclient.defenses",
+    "SecureAggregation": "fedclient.defenses",
+    "EmptyBatchError": "fedclient.errors",
+    "EmptySentenceError": "fedclient.errors",
+    "HubUnreachableError": "fedclient.errors",
+    "ImageBatch": "fedclient.batch",
+    "InvalidConfigError": "fedclient.errors",
+    "LabInputError": "fedclient.errors",
+    "SequenceTooLongError": "fedclient.errors",
+    "SharedUpdate": "fedclient.update",
+    "SweepPoint": "fedclient.sweep",
+    "TextBatch": "fedclient.batch",
+    "UnknownModelError": "fedclient.errors",
+    "UnsupportedModelError": "fedclient.errors",
+    "UnsupportedTaskError": "fedclient.errors",
+    "batch_loss": "fedclient.client",
+    "compose": "fedclient.defenses",
+    "compute_update": "fedclient.client",
+    "describe": "fedclient.defenses",
+    "dp_grid": "fedclient.sweep",
+    "epsilon_of": "fedclient.defenses",
+    "fedsgd_gradient": "fedclient.client",
+    "iter_sweep": "fedclient.sweep",
+    "noise_grid": "fedclient.sweep",
+    "parse_defense": "fedclient.defenses",
+    "parse_defenses": "fedclient.defenses",
+    "plot_sweep": "fedclient.sweep",
+    "prune_grid": "fedclient.sweep",
+    "run_sweep": "fedclient.sweep",
+    "save_plot": "fedclient.sweep",
+    "utility_cost": "fedclient.defenses",
+    "write_csv": "fedclient.sweep",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedclient.defenses import DPSGD, Compose, FedAvg, GaussianNoise, Prune, Quantize, RandomMask, SecureAggregation, compose, describe, epsilon_of, parse_defense, parse_defenses, utility_cost
+    from fedclient.batch import TEXT_TASKS, ImageBatch, TextBatch
+    from fedclient.client import Defense, batch_loss, compute_update, fedsgd_gradient
+    from fedclient.errors import EmptyBatchError, EmptySentenceError, HubUnreachableError, InvalidConfigError, LabInputError, SequenceTooLongError, UnknownModelError, UnsupportedModelError, UnsupportedTaskError
+    from fedclient.update import SharedUpdate
+    from fedclient.sweep import SweepPoint, dp_grid, iter_sweep, noise_grid, plot_sweep, prune_grid, run_sweep, save_plot, write_csv
+
+
+def __getattr__(name: str) -> object:
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

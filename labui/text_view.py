@@ -18,6 +18,7 @@ from dager.events import (
     AttackStarted,
     AttackWarning,
     PrefixesExtended,
+    SearchProgress,
     SentenceRecovered,
     SpectrumComputed,
     TokensFiltered,
@@ -76,6 +77,7 @@ class DagerView:
     spectra: dict[int, tuple[list[float], int]] = field(default_factory=dict)
     filters: dict[object, TokensFiltered] = field(default_factory=dict)
     prefixes: PrefixesExtended | None = None
+    progress: SearchProgress | None = None
     recovered: list[SentenceRecovered] = field(default_factory=list)
     warnings: list[AttackWarning] = field(default_factory=list)
     finished: AttackFinished | None = None
@@ -95,6 +97,7 @@ class DagerView:
             SpectrumComputed: self._spectrum,
             TokensFiltered: self._filtered,
             PrefixesExtended: self._prefixes,
+            SearchProgress: self._progress,
             SentenceRecovered: self._sentence,
             AttackWarning: self._warning,
             AttackFinished: self._finished,
@@ -140,6 +143,10 @@ class DagerView:
         if e.prefixes:
             self._mark_tokens()
         self.dirty |= {"grid", "status"}
+
+    def _progress(self, e: SearchProgress) -> None:
+        self.progress = e
+        self.dirty.add("status")
 
     def _sentence(self, e: SentenceRecovered) -> None:
         self.recovered.append(e)
