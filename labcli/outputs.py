@@ -63,8 +63,9 @@ def check_output_path(option: str, path: Path, *, example: str = "result.json") 
     except FileNotFoundError:
         st = None
     except NotADirectoryError:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
         raise OutputPathError(
-            f"{option} {shown!r} lies under a file, not a folder: pick a path in an existing folder."
+            f"{option} {shown!r} lies under {str(blocker)!r}, which is a file, not a folder: pick another place."
         ) from None
     except OSError as exc:
         raise OutputPathError(f"Cannot use {option} {shown!r} ({_reason(exc)}): pick another place.") from None
