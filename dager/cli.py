@@ -73,7 +73,14 @@ from dager.textio import Sentence, canonical_text, check_sentences, distinct_pre
 from fedclient.errors import LabInputError
 from fedclient.threads import configure_cpu_threads
 from labcli.outputs import check_output_path, lost_sentence, save_json
-from labcli.runtime import interrupt_exit_code, interrupt_word, positive_int, sigterm_as_interrupt
+from labcli.runtime import (
+    interrupt_exit_code,
+    interrupt_word,
+    interrupts_as_exceptions,
+    pending_interrupt,
+    positive_int,
+    raise_if_interrupted,
+)
 
 if TYPE_CHECKING:
     from dager.metrics import PairScore
@@ -396,6 +403,7 @@ def _attack_batch(
         print(f"dager: error: batch {index} (lines {_line_span(sentences)}): {exc}", file=sys.stderr)
         return outcome
     except Exception as exc:  # noqa: BLE001 - one failing batch must not end the run
+        raise_if_interrupted()  # a library may have turned Ctrl-C/SIGTERM into another error
         if args.debug:
             raise
         outcome.failed = True
@@ -720,6 +728,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
             try:
                 result = run_dager(bundle, update, config=config)  # the attacker sees no batch
             except Exception as exc:  # noqa: BLE001 - one failing point must not end the sweep
+                raise_if_interrupted()
                 if args.debug:
                     raise
                 failed += 1
@@ -783,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     _configure_logging(args.verbose)
     try:
-        with sigterm_as_interrupt():
+        with interrupts_as_exceptions():
             return run_sweep_command(args) if sweep else _run(args)
     except LabInputError as exc:  # every user-facing input error of the lab
         return _fail(str(exc))
@@ -791,6 +800,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dager: {interrupt_word(exc)}.", file=sys.stderr)
         return interrupt_exit_code(exc)
     except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
+        interrupted = pending_interrupt()
+        if interrupted is not None:  # a library turned the interrupt into another error
+            print(f"dager: {interrupt_word(interrupted)}.", file=sys.stderr)
+            return interrupt_exit_code(interrupted)
         if args.debug:
             raise
         first = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]

@@ -70,8 +70,9 @@ from labcli.runtime import (
     class_label,
     interrupt_exit_code,
     interrupt_word,
+    interrupts_as_exceptions,
+    pending_interrupt,
     positive_int,
-    sigterm_as_interrupt,
 )
 
 log = logging.getLogger(__name__)
@@ -513,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep_mode = bool(argv) and argv[0] == "sweep"
     debug = "--debug" in argv
     try:
-        with sigterm_as_interrupt():
+        with interrupts_as_exceptions():
             if sweep_mode:
                 args = build_sweep_parser().parse_args(argv[1:])
                 if not args.image:
@@ -536,6 +537,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dlg: {interrupt_word(exc)}.", file=sys.stderr)
         return interrupt_exit_code(exc)
     except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
+        interrupted = pending_interrupt()
+        if interrupted is not None:  # a library turned the interrupt into another error
+            print(f"dlg: {interrupt_word(interrupted)}.", file=sys.stderr)
+            return interrupt_exit_code(interrupted)
         if debug:
             raise
         first = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]

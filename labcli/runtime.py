@@ -20,25 +20,56 @@ class Terminated(KeyboardInterrupt):
     Ctrl-C (``except KeyboardInterrupt``) keeps it on a polite kill too."""
 
 
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()
+_received: list[int] = []  # signals received inside interrupts_as_exceptions(), in order
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``).
+def interrupts_as_exceptions() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` and Ctrl-C ``KeyboardInterrupt``,
+    and both are recorded (:func:`pending_interrupt`).
 
-    The previous handler comes back afterwards (tests call ``main()`` in-process). Off
-    the main thread Python cannot install handlers; the block then runs unchanged.
+    The record matters because some libraries catch the exception and raise another in
+    its place (transformers' lazy imports turn an interrupt during ``import`` into a
+    ``ModuleNotFoundError``); the CLI then still knows it was interrupted. A SIGINT the
+    parent shell told us to ignore stays ignored. The previous handlers come back
+    afterwards (tests call ``main()`` in-process). Off the main thread Python cannot
+    install handlers; the block then runs unchanged.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _received.clear()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, _on_signal)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+sigterm_as_interrupt = interrupts_as_exceptions  # the first name of this helper
+
+
+def pending_interrupt() -> KeyboardInterrupt | None:
+    """The interrupt received in :func:`interrupts_as_exceptions`, if any, as an exception."""
+    if not _received:
+        return None
+    return Terminated() if _received[-1] == signal.SIGTERM else KeyboardInterrupt()
+
+
+def raise_if_interrupted() -> None:
+    """Re-raise a recorded interrupt (call where a broad ``except Exception`` may have eaten it)."""
+    exc = pending_interrupt()
+    if exc is not None:
+        raise exc
 
 
 def interrupt_exit_code(exc: BaseException) -> int:
@@ -89,6 +120,9 @@ __all__ = [
     "class_label",
     "interrupt_exit_code",
     "interrupt_word",
+    "interrupts_as_exceptions",
+    "pending_interrupt",
     "positive_int",
+    "raise_if_interrupted",
     "sigterm_as_interrupt",
 ]

@@ -510,3 +510,19 @@ def test_clipped_fraction_stays_with_the_client(tiny_zoo):
     # Without a report the statistic is simply not kept.
     plain = fedclient.compute_update(bundle.model, batch, parameters=[PARAM], defense=DPSGD(clip_norm=1.0))
     assert "clipped_fraction" not in plain.info
+
+
+@pytest.mark.parametrize("prog", ["dager", "dlg text"])
+def test_an_interrupt_a_library_rewrapped_is_still_an_interrupt(prog, tmp_path, capsys, monkeypatch):
+    def load(*args, **kwargs):
+        try:  # what transformers' lazy import does to an interrupt during `import`
+            os.kill(os.getpid(), signal.SIGTERM)
+        except BaseException:
+            raise ModuleNotFoundError("Could not import module 'GPT2ForSequenceClassification'.") from None
+
+    monkeypatch.setattr(dager, "load_model", load)
+    argv = ["--model", "gpt2-small-random", "--input", str(sentences(tmp_path)), "--batch-size", "1",
+            "--output", str(tmp_path / "r.json")]
+    code = dager_cli.main(argv) if prog == "dager" else dlg_cli.main(["text", *argv])
+    assert code == 143
+    assert one_line(capsys.readouterr().err) == f"{prog.split()[0]}: terminated."
