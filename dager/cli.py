@@ -647,7 +647,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def build_sweep_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m dager sweep``."""
-    from fedclient.sweepcli import add_sweep_arguments
+    from labcli.sweep import add_sweep_arguments
 
     p = _Parser(
         prog="dager sweep",
@@ -689,7 +689,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     Returns:
         0 when every attack ran (whatever it recovered), 1 when some batch raised.
     """
-    from fedclient.sweepcli import OutputsNotWritten, check_grid_name, check_sweep_outputs, run_cli_sweep, sweep_points
+    from labcli.sweep import OutputsNotWritten, check_grid_name, check_sweep_outputs, run_cli_sweep, sweep_points
 
     # Cheap, torch-free checks first.
     check_sweep_outputs(args)

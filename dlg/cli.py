@@ -173,7 +173,7 @@ def build_text_parser() -> argparse.ArgumentParser:
 
 def build_sweep_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m dlg sweep`` (images)."""
-    from fedclient.sweepcli import add_sweep_arguments
+    from labcli.sweep import add_sweep_arguments
 
     p = _Parser(
         prog="dlg sweep",
@@ -460,7 +460,7 @@ def run_sweep_images(args: argparse.Namespace) -> int:
     ``utility_cosine`` / ``utility_norm_ratio`` (:func:`fedclient.defenses.utility_cost`),
     ``stop_reason`` and ``iterations_run`` of the attack.
     """
-    from fedclient.sweepcli import OutputsNotWritten, check_grid_name, check_sweep_outputs, run_cli_sweep, sweep_points
+    from labcli.sweep import OutputsNotWritten, check_grid_name, check_sweep_outputs, run_cli_sweep, sweep_points
 
     check_sweep_outputs(args)
     check_grid_name(args)

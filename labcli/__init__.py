@@ -9,4 +9,6 @@ client (issue 12).
 * :mod:`labcli.outputs`: check output paths before any work, write results privately
   (mode 0600) and keep them when the chosen path fails at the end.
 * :mod:`labcli.runtime`: argument types, SIGTERM as an interrupt, exit codes.
+* :mod:`labcli.sweep`: the defense-sweep options and table of both CLIs (formerly
+  ``fedclient.sweepcli``, which still re-exports it).
 """

@@ -201,7 +201,7 @@ def test_cli_choice_lists_match_the_libraries():
     import dlg.attack
     import dlg.models
     from fedclient.sweep import GRIDS
-    from fedclient.sweepcli import GRID_NAMES
+    from labcli.sweep import GRID_NAMES
 
     assert dlg_cli.IMAGE_METHODS == dlg.attack.METHODS
     assert dlg_cli.IMAGE_MODELS == tuple(dlg.models.MODELS)
