@@ -29,9 +29,15 @@ DP, ``rouge1``, ``rouge2``, ``exact_match``, ``utility_cosine``,
 ``utility_norm_ratio``, ``rank``, ``failed_batches``, ``seconds``), see
 :func:`run_sweep_command`.
 
-Exit codes: 0 success; 1 some batch failed or the run was interrupted (the JSON is
-still written, failed batches count as unrecovered); 2 bad input or options (one line
-on stderr, nothing attacked).
+Exit codes: 0 success; 1 some batch failed, the run was interrupted (Ctrl-C or
+SIGTERM: the JSON is still written, marked ``interrupted``; failed batches count as
+unrecovered) or the JSON could not be written where asked (it is written to a fallback
+file, named on stderr); 2 bad input or options (one line on stderr, nothing attacked);
+130 (143 for SIGTERM) interrupted before the first batch.
+
+Arguments, output paths and the input file are checked before torch or transformers
+load, so a bad option is answered at once. Outputs are created with mode 0600: they
+hold the private sentences.
 
 Output JSON keys (a contract other tools read): ``model``, ``task``, ``batch_size``,
 ``rouge1``, ``rouge2``, ``rougeL``, ``exact_match``, ``token_accuracy``, ``seconds``
@@ -57,15 +63,27 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
+# Torch-free imports only (issue 13): torch, transformers and the metrics load after the
+# arguments have been checked (see _run / run_sweep_command).
 import dager
 from dager.config import DagerConfig
-from dager.metrics import PairScore, evaluate_text, pooled_scores
 from dager.textio import Sentence, canonical_text, check_sentences, distinct_prefixes, read_sentences, split_batches
-from fedclient.defenses import describe, epsilon_of, parse_defenses
 from fedclient.errors import LabInputError
-from fedclient.sweepcli import positive_int
+from fedclient.threads import configure_cpu_threads
+from labcli.outputs import check_output_path, lost_sentence, save_json
+from labcli.runtime import (
+    interrupt_exit_code,
+    interrupt_word,
+    interrupts_as_exceptions,
+    pending_interrupt,
+    positive_int,
+    raise_if_interrupted,
+)
+
+if TYPE_CHECKING:
+    from dager.metrics import PairScore
 
 log = logging.getLogger("dager.cli")
 
@@ -169,7 +187,7 @@ class _BatchOutcome:
 
 
 def _configure_logging(verbose: bool) -> None:
-    """The only place that sets up logging: stderr, and quiet Hugging Face libraries."""
+    """The only place that sets up logging (stderr); Hugging Face's is :func:`_quiet_hf`."""
     root = logging.getLogger()
     mine = [h for h in root.handlers if getattr(h, "_dager_cli", False)]
     if mine:  # main() called again in one process (tests): follow the current stderr
@@ -181,6 +199,10 @@ def _configure_logging(verbose: bool) -> None:
         root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _quiet_hf(verbose: bool) -> None:
+    """Quiet Hugging Face's logging; imports transformers, so only after the checks."""
     try:
         from transformers.utils import logging as hf_logging
 
@@ -204,25 +226,32 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def _check_environment(args: argparse.Namespace) -> None:
-    """Options that can be checked before anything is loaded."""
-    if args.device == "cuda":
+def _check_defense_specs(specs: Sequence[str]) -> None:
+    """Refuse an empty ``--defense ""`` (it would silently mean no defense; issue 14)."""
+    for spec in specs:
+        if not spec.strip().strip(";").strip():
+            raise CliUsageError(
+                '--defense was given an empty spec: drop the option for no defense, or give one such as noise:1e-3.'
+            )
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Options that can be checked before anything heavy is loaded (torch-free)."""
+    out: Path = args.output
+    check_output_path("--output", out)
+    if out.exists() and args.input.exists() and out.resolve() == args.input.resolve():
+        raise CliUsageError("--output names the input file: give the result another name, such as result.json.")
+
+
+def _check_device(device: str) -> None:
+    """Refuse ``--device cuda`` without a GPU (imports torch)."""
+    if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise CliUsageError(
                 "--device cuda was given but PyTorch sees no CUDA GPU on this machine: use --device cpu."
             )
-    out: Path = args.output
-    if out.is_dir():
-        raise CliUsageError(f"--output {str(out)!r} is a folder: give a file name such as result.json.")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise CliUsageError(f"The folder of --output ({str(parent)!r}) does not exist: create it first.")
-    if out.exists() and args.input.exists() and out.resolve() == args.input.resolve():
-        raise CliUsageError("--output names the input file: give the result another name, such as result.json.")
-    if not os.access(parent, os.W_OK):
-        raise CliUsageError(f"Cannot write to the folder {str(parent)!r} of --output: pick another place.")
 
 
 def _build_config(args: argparse.Namespace) -> DagerConfig:
@@ -343,6 +372,7 @@ def _attack_batch(
     prefixes: int,
 ) -> _BatchOutcome:
     """Client update, attack and scoring of one batch; a failure is recorded, not raised."""
+    from dager.metrics import evaluate_text
     from fedclient import compute_update
 
     run_dager, required_parameters = _engine()
@@ -373,6 +403,7 @@ def _attack_batch(
         print(f"dager: error: batch {index} (lines {_line_span(sentences)}): {exc}", file=sys.stderr)
         return outcome
     except Exception as exc:  # noqa: BLE001 - one failing batch must not end the run
+        raise_if_interrupted()  # a library may have turned Ctrl-C/SIGTERM into another error
         if args.debug:
             raise
         outcome.failed = True
@@ -426,6 +457,8 @@ def _report(
     ``--defense`` specs as given), ``defense_description`` (one sentence),
     ``epsilon`` (DP epsilon, or ``null``), ``sentences_in_file``.
     """
+    from dager.metrics import evaluate_text, pooled_scores
+
     pairs: list[PairScore] = []
     for o in outcomes:
         if o.failed:
@@ -459,10 +492,17 @@ def _report(
     }
 
 
-def _write_json(path: Path, report: dict[str, object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def _write_json(path: Path, report: dict[str, object]) -> bool:
+    """Write the result JSON (mode 0600); on failure keep it elsewhere and say where.
+
+    Returns:
+        True when it went to ``path``; False when it went to a fallback (one sentence
+        on stderr names it).
+    """
+    saved = save_json(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n", prog="dager")
+    if not saved.ok:
+        print(f"dager: error: {lost_sentence('--output', path, saved)}", file=sys.stderr)
+    return saved.ok
 
 
 def _print_summary(args: argparse.Namespace, report: dict[str, object], outcomes: list[_BatchOutcome]) -> None:
@@ -523,13 +563,16 @@ def _parse_defenses(specs: Sequence[str]) -> object | None:
     Raises:
         fedclient.errors.InvalidConfigError: a spec cannot be parsed.
     """
+    from fedclient.defenses import parse_defenses
+
     return parse_defenses(list(specs)) if specs else None
 
 
 def _run(args: argparse.Namespace) -> int:
-    _check_environment(args)
+    # Cheap, torch-free checks first: a bad option or path is answered at once.
+    _check_outputs(args)
+    _check_defense_specs(args.defense)
     config = _build_config(args)
-    defense = _parse_defenses(args.defense)
     file = read_sentences(args.input)
     if file.blank_lines:
         shown = ", ".join(str(n) for n in file.blank_lines[:10])
@@ -546,6 +589,12 @@ def _run(args: argparse.Namespace) -> int:
     if len(batches[-1]) < args.batch_size:
         _note(args, f"the last batch holds {len(batches[-1])} sentence(s), fewer than --batch-size; attacked as is.")
 
+    # Heavy from here on (torch, transformers).
+    from fedclient.defenses import describe, epsilon_of
+
+    defense = _parse_defenses(args.defense)
+    _check_device(args.device)
+    _quiet_hf(args.verbose)
     bundle = dager.load_model(args.model, args.task, device=args.device)
     check_sentences(bundle, [s for b in batches for s in b])
     prefixes = _check_capacity(args, bundle, batches)
@@ -568,10 +617,11 @@ def _run(args: argparse.Namespace) -> int:
             total += len(batch)
             bar.set_postfix_str(f"exact {exact}/{total}")
             bar.update(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (labcli.runtime.Terminated)
         interrupted = True
         print(
-            f"dager: interrupted after {len(outcomes)} of {len(batches)} batch(es); writing what was recovered.",
+            f"dager: {interrupt_word(exc)} after {len(outcomes)} of {len(batches)} batch(es); "
+            "writing what was recovered.",
             file=sys.stderr,
         )
     finally:
@@ -583,11 +633,12 @@ def _run(args: argparse.Namespace) -> int:
     report["defense_description"] = describe(defense)
     eps = epsilon_of(defense)
     report["epsilon"] = eps if eps is not None and math.isfinite(eps) else None  # JSON has no inf
-    _write_json(args.output, report)
+    written = _write_json(args.output, report)
     if not args.quiet:
         _print_summary(args, report, outcomes)
-        print(f"wrote {args.output}")
-    return EXIT_FAILED if interrupted or report["failed_batches"] else EXIT_OK
+        if written:
+            print(f"wrote {args.output}")
+    return EXIT_FAILED if interrupted or report["failed_batches"] or not written else EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -596,7 +647,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def build_sweep_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m dager sweep``."""
-    from fedclient.sweepcli import add_sweep_arguments
+    from labcli.sweep import add_sweep_arguments
 
     p = _Parser(
         prog="dager sweep",
@@ -638,20 +689,22 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     Returns:
         0 when every attack ran (whatever it recovered), 1 when some batch raised.
     """
-    from fedclient import compute_update
-    from fedclient.defenses import utility_cost
-    from fedclient.sweepcli import check_sweep_outputs, run_cli_sweep, sweep_points
+    from labcli.sweep import OutputsNotWritten, check_grid_name, check_sweep_outputs, run_cli_sweep, sweep_points
 
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise CliUsageError("--device cuda was given but PyTorch sees no CUDA GPU on this machine: use --device cpu.")
-    points = sweep_points(args)
+    # Cheap, torch-free checks first.
     check_sweep_outputs(args)
+    check_grid_name(args)
     config = _build_config(args)
     file = read_sentences(args.input)
     batches = split_batches(file.sentences, args.batch_size, args.max_batches)
+
+    from dager.metrics import PairScore, evaluate_text  # noqa: F811 - heavy from here on
+    from fedclient import compute_update
+    from fedclient.defenses import utility_cost
+
+    _check_device(args.device)
+    points = sweep_points(args)
+    _quiet_hf(args.verbose)
     bundle = dager.load_model(args.model, args.task, device=args.device)
     check_sentences(bundle, [s for b in batches for s in b])
     _check_capacity(args, bundle, batches)
@@ -675,6 +728,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
             try:
                 result = run_dager(bundle, update, config=config)  # the attacker sees no batch
             except Exception as exc:  # noqa: BLE001 - one failing point must not end the sweep
+                raise_if_interrupted()
                 if args.debug:
                     raise
                 failed += 1
@@ -703,14 +757,18 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         f"DAGER on {args.model} ({args.task}, {mode}), batch size {args.batch_size}, "
         f"{len(batches)} batch(es), {len(points)} point(s) of --grid {args.grid}"
     )
-    run_cli_sweep(
-        points,
-        attack,
-        metrics=("rouge1", "rouge2", "exact_match"),
-        csv_path=args.csv,
-        plot_path=args.plot,
-        title=title,
-    )
+    try:
+        run_cli_sweep(
+            points,
+            attack,
+            metrics=("rouge1", "rouge2", "exact_match"),
+            csv_path=args.csv,
+            plot_path=args.plot,
+            title=title,
+        )
+    except OutputsNotWritten as exc:
+        print(f"dager: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_FAILED if any_failed else EXIT_OK
 
 
@@ -724,6 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         The exit code: 0 success, 1 a batch failed or the run was interrupted, 2 bad
         input or options.
     """
+    configure_cpu_threads()  # the console script's first act: before anything imports torch
     argv = list(sys.argv[1:] if argv is None else argv)
     sweep = bool(argv) and argv[0] == "sweep"
     parser = build_sweep_parser() if sweep else build_parser()
@@ -733,13 +792,18 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     _configure_logging(args.verbose)
     try:
-        return run_sweep_command(args) if sweep else _run(args)
+        with interrupts_as_exceptions():
+            return run_sweep_command(args) if sweep else _run(args)
     except LabInputError as exc:  # every user-facing input error of the lab
         return _fail(str(exc))
-    except KeyboardInterrupt:
-        print("dager: interrupted.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM before the first batch (e.g. loading torch)
+        print(f"dager: {interrupt_word(exc)}.", file=sys.stderr)
+        return interrupt_exit_code(exc)
     except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
+        interrupted = pending_interrupt()
+        if interrupted is not None:  # a library turned the interrupt into another error
+            print(f"dager: {interrupt_word(interrupted)}.", file=sys.stderr)
+            return interrupt_exit_code(interrupted)
         if args.debug:
             raise
         first = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]

@@ -9,7 +9,8 @@ A sentence file is UTF-8 text with one private sentence per line. The rules:
 * A sentence must survive the model's tokenizer: decoding its tokens must give back the
   text, up to the tokenizer's own normalisation (an uncased model lowercases and strips
   accents; WordPiece spaces punctuation). Characters that become an unknown token, or a
-  special-token string typed in the text, fail; they are reported by line number.
+  special-token string typed in the text, fail; they are reported by line number and
+  named (:func:`unrepresentable`). The app applies the same rule (:func:`check_text`).
 * A sentence must fit the model's context window.
 
 Batches are consecutive runs of ``batch_size`` sentences; the last one may be shorter.
@@ -138,6 +139,75 @@ def round_trips(bundle: object, text: str) -> bool:
     return _squeeze(decoded) == _squeeze(expected)
 
 
+def unrepresentable(bundle: object, text: str) -> tuple[str, ...]:
+    """What in ``text`` the bundle's tokenizer cannot represent (empty when it round-trips).
+
+    The one rule the CLIs and the app share (issue 14): a text must survive the
+    tokenizer (:func:`round_trips`). When it does not, this names the culprits: typed
+    special-token strings (e.g. ``<|endoftext|>``, ``[SEP]``) and each character that
+    does not survive alone (an emoji that an uncased WordPiece vocabulary reads as
+    ``[UNK]``). GPT-2's byte-level vocabulary represents every character, so there it
+    only ever finds special-token strings.
+
+    Args:
+        bundle: a :class:`dager.zoo.ModelBundle` (tokenizer and decode).
+        text: one sentence.
+
+    Returns:
+        The offending strings, in order of first appearance, without repeats; a text
+        that fails only as a whole (rare) gives ``(text,)``.
+    """
+    if round_trips(bundle, text):
+        return ()
+    tokenizer = bundle.tokenizer  # type: ignore[attr-defined]
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", ()) if t and t in text]
+    found: list[str] = sorted(specials, key=text.index)
+    rest = text
+    for special in specials:
+        rest = rest.replace(special, " ")
+    for ch in dict.fromkeys(rest):
+        if not ch.isspace() and not round_trips(bundle, ch):
+            found.append(ch)
+    return tuple(found) if found else (text,)
+
+
+def describe_unrepresentable(items: Sequence[str], bundle: object, *, shown: int = 5) -> str:
+    """A readable list of :func:`unrepresentable`'s findings, e.g. ``'😀' (U+1F600)``."""
+    tokenizer = bundle.tokenizer  # type: ignore[attr-defined]
+    specials = set(getattr(tokenizer, "all_special_tokens", ()))
+    parts: list[str] = []
+    for item in items[:shown]:
+        if item in specials:
+            parts.append(f"{item!r} (a special-token string)")
+        elif len(item) == 1:
+            parts.append(f"{item!r} (U+{ord(item):04X})")
+        else:
+            parts.append("the text as a whole")
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(parts) + more
+
+
+def check_text(bundle: object, text: str, *, where: str = "the text") -> None:
+    """Refuse one text the tokenizer cannot represent, naming the characters (for the app).
+
+    Args:
+        bundle: a :class:`dager.zoo.ModelBundle`.
+        text: one sentence.
+        where: how to refer to it in the message, e.g. ``"sentence 2"``.
+
+    Raises:
+        UntokenizableTextError: the text does not round-trip; the message names what
+            to edit.
+    """
+    bad = unrepresentable(bundle, text)
+    if bad:
+        name = bundle.name  # type: ignore[attr-defined]
+        raise UntokenizableTextError(
+            f"{name}'s tokenizer cannot represent {where}: {describe_unrepresentable(bad, bundle)} "
+            "would be read as an unknown or special token; edit or remove it."
+        )
+
+
 def canonical_text(bundle: object, text: str) -> str:
     """The text as the model can see it: tokenised, decoded, whitespace collapsed.
 
@@ -159,12 +229,19 @@ def check_sentences(bundle: object, sentences: Sequence[Sentence]) -> None:
     """
     from fedclient.errors import SequenceTooLongError
 
-    bad = [s.line for s in sentences if not round_trips(bundle, s.text)]
+    bad: list[int] = []
+    culprits: dict[str, None] = {}
+    for s in sentences:
+        found = unrepresentable(bundle, s.text)
+        if found:
+            bad.append(s.line)
+            culprits.update(dict.fromkeys(found))
     if bad:
         name = bundle.name  # type: ignore[attr-defined]
         raise UntokenizableTextError(
-            f"{name}'s tokenizer cannot represent {_lines(bad)} (unknown characters such as "
-            "emoji, or special-token strings): edit or remove them."
+            f"{name}'s tokenizer cannot represent {_lines(bad)}: "
+            f"{describe_unrepresentable(list(culprits), bundle)} would be read as an unknown or "
+            f"special token; edit or remove {'it' if len(culprits) == 1 else 'them'}."
         )
     limit = bundle.context_length  # type: ignore[attr-defined]
     long = [s.line for s in sentences if len(bundle.tokenize(s.text)) > limit]  # type: ignore[attr-defined]

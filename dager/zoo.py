@@ -468,6 +468,12 @@ def _load_pretrained(name: str, task: str):
     )
 
     embedded = ", ".join(EMBEDDED)
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        # transformers' own error for this case is a traceback-shaped ValueError.
+        raise UnknownModelError(
+            f"{name!r} is a folder but has no config.json: give a Hugging Face model folder "
+            f"(config.json, weights, tokenizer) or an embedded model: {embedded}."
+        )
     if not os.path.isdir(name) and not _hub_reachable():
         # Fail at once: the hub client would otherwise retry for most of a minute.
         raise HubUnreachableError(

@@ -37,7 +37,16 @@ attacks the same batch once per grid point and writes one CSV row per point
 (``psnr``, ``ssim``, ``label_accuracy``, ``utility_cosine``, ``utility_norm_ratio``,
 ``epsilon`` for DP, ``stop_reason``, ``seconds``).
 
-Bad input prints one line on stderr and exits with status 2.
+Bad input prints one line on stderr and exits with status 2, before torch loads when
+it is an argument, an output path or the input file (issue 13). Outputs hold private
+data and are created with mode 0600; when one cannot be written at the end, it goes to
+a fallback file (named on stderr) and the exit status is 1. Ctrl-C or SIGTERM during
+``dlg text`` writes the finished batches (``"interrupted": true``, exit 1); before
+that, and in the image modes, it prints one line (exit 130, 143 for SIGTERM).
+
+The text baseline's sequence length is not taken from the private batch: the attack
+infers it from the shared update (:func:`dlg.text.infer_seq_len`) or marks it as the
+attacker's guess (``seq_len_source`` in each batch record).
 """
 
 from __future__ import annotations
@@ -46,18 +55,33 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import NoReturn
 
+# Torch-free imports only: torch loads after the arguments have been checked.
 from fedclient.errors import LabInputError
-from fedclient.sweepcli import positive_int
+from fedclient.threads import configure_cpu_threads
+from labcli.outputs import check_distinct, check_output_path, lost_sentence, save_json, save_results
+from labcli.runtime import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    class_label,
+    interrupt_exit_code,
+    interrupt_word,
+    interrupts_as_exceptions,
+    pending_interrupt,
+    positive_int,
+)
 
 log = logging.getLogger(__name__)
 
-EXIT_USAGE = 2
+IMAGE_METHODS = ("dlg", "idlg", "ig")
+""":data:`dlg.attack.METHODS`, known without importing torch (a test keeps them in step)."""
+
+IMAGE_MODELS = ("lenet", "resnet")
+"""The names of :data:`dlg.models.MODELS`, known without importing torch (a test keeps them in step)."""
 
 
 class CliUsageError(LabInputError):
@@ -67,16 +91,6 @@ class CliUsageError(LabInputError):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise CliUsageError(f"{message} (see --help)")
-
-
-def _label(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a label is a class id, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a label is a class id of at least 0, got {value}")
-    return value
 
 
 DEFENSE_HELP = (
@@ -97,6 +111,7 @@ def _defense_record(specs: list[str]) -> tuple[object | None, dict[str, object]]
     """
     from fedclient.defenses import describe, epsilon_of, parse_defenses
 
+    _check_defense_specs(specs)
     defense = parse_defenses(specs) if specs else None
     eps = epsilon_of(defense)
     return defense, {
@@ -106,14 +121,20 @@ def _defense_record(specs: list[str]) -> tuple[object | None, dict[str, object]]
     }
 
 
-def _add_image_options(p: argparse.ArgumentParser) -> None:
-    from dlg.attack import METHODS
-    from dlg.models import MODELS
+def _check_defense_specs(specs: list[str]) -> None:
+    """Refuse an empty ``--defense ""`` (it would silently mean no defense; issue 14)."""
+    for spec in specs:
+        if not spec.strip().strip(";").strip():
+            raise CliUsageError(
+                "--defense was given an empty spec: drop the option for no defense, or give one such as noise:1e-3."
+            )
 
+
+def _add_image_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", default=[], type=Path, help="a private image (repeat for a batch, 1 to 8)")
-    p.add_argument("--label", action="append", default=None, type=_label, help="class id of each image (default: random, seeded)")
-    p.add_argument("--model", default="lenet", choices=tuple(MODELS), help="the attacked model")
-    p.add_argument("--method", default="dlg", choices=METHODS, help="dlg, idlg or ig (Geiping et al.)")
+    p.add_argument("--label", action="append", default=None, type=class_label, help="class id of each image (default: random, seeded)")
+    p.add_argument("--model", default="lenet", choices=IMAGE_MODELS, help="the attacked model")
+    p.add_argument("--method", default="dlg", choices=IMAGE_METHODS, help="dlg, idlg or ig (Geiping et al.)")
     p.add_argument("--iterations", type=positive_int, default=300, help="optimiser steps per restart")
     p.add_argument("--optimizer", default=None, choices=("lbfgs", "adam"),
                    help="L-BFGS (default, every method) or Adam (Geiping et al.'s choice for ig; slow to converge on LeNet)")
@@ -129,6 +150,7 @@ def build_image_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, type=Path, help="where to write the result JSON")
     p.add_argument("--gif", type=Path, default=None, help="also write the reconstruction over iterations as a GIF")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     return p
 
 
@@ -145,12 +167,13 @@ def build_text_parser() -> argparse.ArgumentParser:
     _add_defense(p)
     p.add_argument("--output", required=True, type=Path, help="where to write the result JSON")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     return p
 
 
 def build_sweep_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m dlg sweep`` (images)."""
-    from fedclient.sweepcli import add_sweep_arguments
+    from labcli.sweep import add_sweep_arguments
 
     p = _Parser(
         prog="dlg sweep",
@@ -160,15 +183,20 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     _add_image_options(p)
     add_sweep_arguments(p)
     p.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     return p
 
 
-def _configure(verbose: bool, device: str) -> None:
+def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def _configure(verbose: bool, device: str) -> None:
+    """Quiet transformers and set torch's threads: imports torch, so only after the checks."""
     if not verbose:
         try:
             from transformers.utils import logging as hf_logging
@@ -186,16 +214,26 @@ def _configure(verbose: bool, device: str) -> None:
 
 
 def _check_output(path: Path) -> None:
-    if path.is_dir():
-        raise CliUsageError(f"--output {str(path)!r} is a folder: give a file name such as result.json.")
-    if not path.parent.exists() and str(path.parent) not in ("", "."):
-        raise CliUsageError(f"The folder of --output ({str(path.parent)!r}) does not exist: create it first.")
+    check_output_path("--output", path)
 
 
-def _write_json(path: Path, report: dict[str, object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def _write_json(path: Path, report: dict[str, object]) -> bool:
+    """Write the result JSON (mode 0600); on failure keep it elsewhere and say where.
+
+    Returns:
+        True when it went to ``path``.
+    """
+    saved = save_json(path, json.dumps(report, indent=2) + "\n", prog="dlg")
+    if not saved.ok:
+        print(f"dlg: error: {lost_sentence('--output', path, saved)}", file=sys.stderr)
+    return saved.ok
+
+
+def _check_image_paths(paths: list[Path]) -> None:
+    """Missing image files, found before torch loads (the loader checks the rest)."""
+    for path in paths:
+        if not path.exists():
+            raise CliUsageError(f"Image file {str(path)!r} does not exist: check the path given to --image.")
 
 
 def _check_device(device: str) -> None:
@@ -241,13 +279,18 @@ def _image_batch(args: argparse.Namespace) -> tuple[object, object, object, obje
 
 
 def run_images(args: argparse.Namespace) -> int:
+    _check_output(args.output)
+    if args.gif is not None:
+        check_output_path("--gif", args.gif, example="out.gif")
+        check_distinct({"--output": args.output, "--gif": args.gif})
+    _check_defense_specs(args.defense)
+    _check_image_paths(args.image)
+    _configure(args.verbose, args.device)  # torch from here on
+
     import fedclient
     from dlg.attack import run_dlg
     from dlg.metrics import evaluate_images
 
-    _check_output(args.output)
-    if args.gif is not None and args.gif.is_dir():
-        raise CliUsageError(f"--gif {str(args.gif)!r} is a folder: give a file name such as out.gif.")
     _check_device(args.device)
     defense, defense_keys = _defense_record(args.defense)
     images, labels, model, config = _image_batch(args)
@@ -291,67 +334,98 @@ def run_images(args: argparse.Namespace) -> int:
         "device": args.device,
         **defense_keys,
     }
-    _write_json(args.output, report)
+    ok = _write_json(args.output, report)
     if args.gif is not None:
         from dlg.gif import save_gif
 
-        save_gif(result.frames, args.gif)
+        saved = save_results(args.gif, lambda p: save_gif(result.frames, p), prog="dlg")
+        if not saved.ok:
+            print(f"dlg: error: {lost_sentence('--gif', args.gif, saved)}", file=sys.stderr)
+            ok = False
     print(
         f"{args.method} on {args.model}, batch {batch_size}: PSNR {scores.psnr:.1f} dB, SSIM {scores.ssim:.3f}, "
         f"labels {scores.label_accuracy:.0%}, stopped ({result.stop_reason}) after {len(result.losses)} "
-        f"iterations in {result.seconds:.1f} s -> {args.output}"
+        f"iterations in {result.seconds:.1f} s" + (f" -> {args.output}" if ok else "")
     )
-    return 0
+    return 0 if ok else EXIT_FAILED
 
 
 def run_text(args: argparse.Namespace) -> int:
+    """``python -m dlg text``: the text baseline, batch by batch.
+
+    Returns:
+        0 when every batch ran and the JSON was written where asked; 1 when the run was
+        interrupted (the finished batches are written, ``"interrupted": true``) or the
+        JSON went to a fallback file.
+    """
+    from dager.textio import check_sentences, read_sentences, split_batches
+
+    # Cheap, torch-free checks first.
+    _check_output(args.output)
+    _check_defense_specs(args.defense)
+    if args.input.exists() and args.output.exists() and args.input.resolve() == args.output.resolve():
+        raise CliUsageError("--output names the input file: give the result another name, such as result.json.")
+    sentences = read_sentences(args.input).sentences
+    batches = split_batches(sentences, args.batch_size, args.max_batches)
+    _configure(args.verbose, args.device)  # torch from here on
+
     import dager
     import fedclient
     from dager.metrics import evaluate_text, pooled_scores
-    from dager.textio import read_sentences, split_batches
     from dlg.text import TextDlgConfig, run_dlg_text
 
-    _check_output(args.output)
     _check_device(args.device)
     defense, defense_keys = _defense_record(args.defense)
-    sentences = read_sentences(args.input).sentences
     bundle = dager.load_model(args.model, args.task, device=args.device)
+    # The same rule as DAGER's CLI: text the tokenizer cannot represent is refused by line.
+    check_sentences(bundle, [s for b in batches for s in b])
+    # The attacker knows the batch size and nothing else about the batch: the sequence
+    # length is inferred from the update or guessed (TextDlgConfig.seq_len=None).
+    config = TextDlgConfig(iterations=args.iterations, seed=args.seed, device=args.device)
     records: list[dict[str, object]] = []
     pairs = []
     total_seconds = total_client = 0.0
-    for index, chunk in enumerate(split_batches(sentences, args.batch_size, args.max_batches), start=1):
-        refs = [s.text for s in chunk]
-        batch = bundle.encode(refs, seed=args.seed)
-        # The attacker assumes the sequence length (DLG's assumption); it sees nothing else.
-        seq_len = int(batch.input_ids.shape[1])
-        t0 = time.perf_counter()
-        update = fedclient.compute_update(bundle.model, batch, defense=defense, seed=args.seed)
-        client_seconds = time.perf_counter() - t0
-        del batch
-        config = TextDlgConfig(iterations=args.iterations, seq_len=seq_len, seed=args.seed, device=args.device)
-        result = run_dlg_text(bundle, update, config=config)
-        scores = evaluate_text(refs, list(result.sentences))
-        pairs.extend(scores.pairs)
-        total_seconds += result.seconds
-        total_client += client_seconds
-        records.append(
-            {
-                "index": index,
-                "lines": [s.line for s in chunk],
-                "references": refs,
-                "predictions": [p.prediction for p in scores.pairs],
-                "exact": [p.exact for p in scores.pairs],
-                "seconds": result.seconds,
-                "client_seconds": client_seconds,
-                "rouge1": scores.rouge1,
-                "rouge2": scores.rouge2,
-                "rougeL": scores.rougeL,
-                "exact_match": scores.exact_match,
-                "token_accuracy": scores.token_accuracy,
-                "final_loss": result.losses[-1] if result.losses else None,
-            }
+    interrupted = False
+    try:
+        for index, chunk in enumerate(batches, start=1):
+            refs = [s.text for s in chunk]
+            batch = bundle.encode(refs, seed=args.seed)
+            t0 = time.perf_counter()
+            update = fedclient.compute_update(bundle.model, batch, defense=defense, seed=args.seed)
+            client_seconds = time.perf_counter() - t0
+            del batch
+            result = run_dlg_text(bundle, update, config=config)
+            scores = evaluate_text(refs, list(result.sentences))
+            pairs.extend(scores.pairs)
+            total_seconds += result.seconds
+            total_client += client_seconds
+            records.append(
+                {
+                    "index": index,
+                    "lines": [s.line for s in chunk],
+                    "references": refs,
+                    "predictions": [p.prediction for p in scores.pairs],
+                    "exact": [p.exact for p in scores.pairs],
+                    "seconds": result.seconds,
+                    "client_seconds": client_seconds,
+                    "rouge1": scores.rouge1,
+                    "rouge2": scores.rouge2,
+                    "rougeL": scores.rougeL,
+                    "exact_match": scores.exact_match,
+                    "token_accuracy": scores.token_accuracy,
+                    "final_loss": result.losses[-1] if result.losses else None,
+                    "seq_len": getattr(result, "seq_len", None),
+                    "seq_len_source": getattr(result, "seq_len_source", None),
+                }
+            )
+            log.info("batch %d: ROUGE-1 %.3f in %.1f s", index, scores.rouge1, result.seconds)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: keep the finished batches
+        interrupted = True
+        print(
+            f"dlg: {interrupt_word(exc)} after {len(records)} of {len(batches)} batch(es); "
+            "writing the finished ones.",
+            file=sys.stderr,
         )
-        log.info("batch %d: ROUGE-1 %.3f in %.1f s", index, scores.rouge1, result.seconds)
 
     report: dict[str, object] = {
         "method": "dlg-text",
@@ -363,17 +437,20 @@ def run_text(args: argparse.Namespace) -> int:
         "client_seconds": total_client,
         "batches": records,
         "num_sentences": len(pairs),
+        "num_batches": len(records),
+        "interrupted": interrupted,
         "iterations": args.iterations,
         "seed": args.seed,
         "device": args.device,
         **defense_keys,
     }
-    _write_json(args.output, report)
+    ok = _write_json(args.output, report)
     print(
         f"DLG-text on {args.model} ({args.task}), batch size {args.batch_size}: ROUGE-1 {report['rouge1']:.3f}, "
-        f"ROUGE-2 {report['rouge2']:.3f}, exact {report['exact_match']:.0%} in {total_seconds:.1f} s -> {args.output}"
+        f"ROUGE-2 {report['rouge2']:.3f}, exact {report['exact_match']:.0%} in {total_seconds:.1f} s"
+        + (f" -> {args.output}" if ok else "")
     )
-    return 0
+    return EXIT_FAILED if interrupted or not ok else 0
 
 
 def run_sweep_images(args: argparse.Namespace) -> int:
@@ -383,15 +460,20 @@ def run_sweep_images(args: argparse.Namespace) -> int:
     ``utility_cosine`` / ``utility_norm_ratio`` (:func:`fedclient.defenses.utility_cost`),
     ``stop_reason`` and ``iterations_run`` of the attack.
     """
+    from labcli.sweep import OutputsNotWritten, check_grid_name, check_sweep_outputs, run_cli_sweep, sweep_points
+
+    check_sweep_outputs(args)
+    check_grid_name(args)
+    _check_image_paths(args.image)
+    _configure(args.verbose, args.device)  # torch from here on
+
     import fedclient
     from dlg.attack import run_dlg
     from dlg.metrics import evaluate_images
     from fedclient.defenses import utility_cost
-    from fedclient.sweepcli import check_sweep_outputs, run_cli_sweep, sweep_points
 
     _check_device(args.device)
     points = sweep_points(args)
-    check_sweep_outputs(args)
     images, labels, model, config = _image_batch(args)
     batch = fedclient.ImageBatch(images.to(args.device), labels.to(args.device))
 
@@ -413,37 +495,54 @@ def run_sweep_images(args: argparse.Namespace) -> int:
         f"{args.method} on {args.model}, batch {images.shape[0]}, {args.iterations} iterations x "
         f"{config.restarts} restart(s), {len(points)} point(s) of --grid {args.grid}"
     )
-    run_cli_sweep(
-        points, attack, metrics=("psnr", "ssim", "label_accuracy"), csv_path=args.csv, plot_path=args.plot,
-        title=title,
-    )
+    try:
+        run_cli_sweep(
+            points, attack, metrics=("psnr", "ssim", "label_accuracy"), csv_path=args.csv, plot_path=args.plot,
+            title=title,
+        )
+    except OutputsNotWritten as exc:
+        print(f"dlg: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dlg`` / ``python -m dlg``; returns the exit status."""
+    configure_cpu_threads()  # the console script's first act: before anything imports torch
     argv = list(sys.argv[1:] if argv is None else argv)
     text_mode = bool(argv) and argv[0] == "text"
     sweep_mode = bool(argv) and argv[0] == "sweep"
+    debug = "--debug" in argv
     try:
-        if sweep_mode:
-            args = build_sweep_parser().parse_args(argv[1:])
+        with interrupts_as_exceptions():
+            if sweep_mode:
+                args = build_sweep_parser().parse_args(argv[1:])
+                if not args.image:
+                    raise CliUsageError("No image was given: add --image FILE (repeat it for a batch of up to 8).")
+                _configure_logging(args.verbose)
+                return run_sweep_images(args)
+            if text_mode:
+                args = build_text_parser().parse_args(argv[1:])
+                _configure_logging(args.verbose)
+                return run_text(args)
+            args = build_image_parser().parse_args(argv)
             if not args.image:
                 raise CliUsageError("No image was given: add --image FILE (repeat it for a batch of up to 8).")
-            _configure(args.verbose, args.device)
-            return run_sweep_images(args)
-        if text_mode:
-            args = build_text_parser().parse_args(argv[1:])
-            _configure(args.verbose, args.device)
-            return run_text(args)
-        args = build_image_parser().parse_args(argv)
-        if not args.image:
-            raise CliUsageError("No image was given: add --image FILE (repeat it for a batch of up to 8).")
-        _configure(args.verbose, args.device)
-        return run_images(args)
+            _configure_logging(args.verbose)
+            return run_images(args)
     except LabInputError as exc:
         print(f"dlg: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("dlg: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM, e.g. while torch or the model loads
+        print(f"dlg: {interrupt_word(exc)}.", file=sys.stderr)
+        return interrupt_exit_code(exc)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
+        interrupted = pending_interrupt()
+        if interrupted is not None:  # a library turned the interrupt into another error
+            print(f"dlg: {interrupt_word(interrupted)}.", file=sys.stderr)
+            return interrupt_exit_code(interrupted)
+        if debug:
+            raise
+        first = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        print(f"dlg: internal error ({first}); rerun with --debug for the traceback.", file=sys.stderr)
+        return EXIT_FAILED

@@ -114,12 +114,20 @@ class TextDlgStep:
 
 @dataclass(frozen=True)
 class TextDlgResult:
-    """The text baseline's final guesses."""
+    """The text baseline's final guesses.
+
+    ``seq_len`` is the sequence length the attack used and ``seq_len_source`` where it
+    came from: ``"given"`` (the caller's config), ``"inferred"`` (read off the shared
+    update's position-embedding gradient) or ``"guessed"`` (the attacker's guess, e.g.
+    on RoPE models, which have no position embedding).
+    """
 
     sentences: tuple[str, ...]
     token_ids: tuple[tuple[int, ...], ...]
     losses: tuple[float, ...]
     seconds: float
+    seq_len: int | None = None
+    seq_len_source: str = "given"
 
 
 @dataclass(frozen=True)

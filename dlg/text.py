@@ -6,8 +6,12 @@ labels so that the gradient they produce matches the shared one, then decodes ea
 embedding to the vocabulary token whose input embedding is most similar (cosine).
 
 Threat model, as for DAGER: the attacker has the model and the shared update (the same
-:class:`~fedclient.update.SharedUpdate` DAGER sees) and knows the batch size; as in the
-DLG paper it assumes a sequence length (:attr:`TextDlgConfig.seq_len`). Gradients of the
+:class:`~fedclient.update.SharedUpdate` DAGER sees) and knows the batch size. The
+sequence length is not handed over from the private batch: :func:`infer_seq_len` reads
+it off the update (the position-embedding rows past the longest sequence get no
+gradient); where it cannot (RoPE models have no position embedding; noise hides the
+zero rows) the attack makes an explicit guess (:func:`guess_seq_len`) and reports it as
+such (:attr:`dlg.events.TextDlgResult.seq_len_source`). Gradients of the
 input-embedding matrix are not matched: with ``inputs_embeds`` the dummy batch never
 looks rows up, so that gradient carries no signal for the optimisation.
 
@@ -46,7 +50,8 @@ class TextDlgConfig:
         lr: Adam step size on the embeddings, relative to the embedding matrix's
             standard deviation (the label logits use 0.1).
         seq_len: the sequence length the attacker assumes (tokens per example,
-            special tokens included); ``None`` means 8.
+            special tokens included); ``None`` (the default): inferred from the update
+            (:func:`infer_seq_len`), else guessed (:func:`guess_seq_len`).
         distance: gradient distance, ``"l2"`` (DLG) or ``"cosine"`` (Geiping et al.;
             more stable on deep transformers, the default).
         preview_every: emit a decoded guess every this many iterations.
@@ -89,6 +94,87 @@ class TextDlgConfig:
             raise InvalidConfigError(f"preview_seconds must be zero or positive, got {self.preview_seconds}.")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InvalidConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}.")
+
+
+POSITION_EMBEDDING_SUFFIXES = ("wpe.weight", "position_embeddings.weight")
+"""Names (suffixes) of absolute position-embedding tables: GPT-2's ``wpe``, BERT's
+``position_embeddings``. Families with rotary positions (Llama) have none."""
+
+DEFAULT_SEQ_LEN = 8
+"""The guess when the update says nothing about the length (DLG assumes one too)."""
+
+
+def _model_of(bundle_or_model: object) -> torch.nn.Module:
+    model = getattr(bundle_or_model, "model", bundle_or_model)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a model bundle or a torch module, got {type(bundle_or_model).__name__}")
+    return model
+
+
+def _nonzero_rows(g: torch.Tensor) -> torch.Tensor:
+    """``(R,)`` bool: which rows of a ``(R, d)`` gradient are not exactly zero."""
+    return g.detach().reshape(g.shape[0], -1).ne(0).any(dim=1)
+
+
+def infer_seq_len(bundle_or_model: object, update: SharedUpdate) -> int | None:
+    """The padded sequence length of the client's batch, read off the shared update.
+
+    Row ``p`` of an absolute position-embedding table only gets a gradient when some
+    example has a real token at position ``p``: padding does not reach the loss, so
+    the rows past the longest sequence are exactly zero. The last non-zero row + 1 is
+    the longest sequence, which is the batch's padded length (right or left padding).
+    For next-token prediction the last token of a sequence predicts nothing and, under
+    causal attention, influences nothing else, so its row is zero too: the length is
+    one more. This uses only what the server sees.
+
+    Args:
+        bundle_or_model: a :class:`dager.zoo.ModelBundle` or the model itself.
+        update: the shared update.
+
+    Returns:
+        The length, or ``None`` when the update cannot tell: no position embedding
+        (RoPE), its gradient not shared, or no zero rows (e.g. noise was added).
+    """
+    model = _model_of(bundle_or_model)
+    names = [n for n, _ in model.named_parameters() if n.endswith(POSITION_EMBEDDING_SUFFIXES)]
+    name = next((n for n in names if n in update), None)
+    if name is None:
+        return None
+    used = _nonzero_rows(update[name])  # (P,)
+    if not bool(used.any()) or bool(used.all()):
+        return None  # nothing, or everything (noise): no zero tail to read
+    last = int(used.nonzero().max())
+    return last + 2 if update.task == "next-token" else last + 1
+
+
+def guess_seq_len(bundle_or_model: object, update: SharedUpdate) -> int:
+    """The attacker's guess when :func:`infer_seq_len` cannot tell.
+
+    The input-embedding gradient has a non-zero row per distinct token the batch used
+    (when it is shared and not noised), so at least ``ceil(distinct / batch size)``
+    tokens per example were used; otherwise :data:`DEFAULT_SEQ_LEN`. A lower bound, so
+    it is reported as a guess.
+    """
+    model = _model_of(bundle_or_model)
+    emb = model.get_input_embeddings().weight
+    name = next((n for n, p in model.named_parameters() if p is emb), None)
+    if name is None or name not in update:
+        return DEFAULT_SEQ_LEN
+    used = _nonzero_rows(update[name])  # (V,)
+    distinct = int(used.sum())
+    if distinct == 0 or distinct == used.numel():  # nothing, or dense (noise, tied output head)
+        return DEFAULT_SEQ_LEN
+    return max(2, min(512, -(-distinct // max(1, int(update.batch_size)))))
+
+
+def resolve_seq_len(bundle_or_model: object, update: SharedUpdate, config: TextDlgConfig) -> tuple[int, str]:
+    """``(seq_len, source)``: the config's (``"given"``), inferred, or guessed."""
+    if config.seq_len is not None:
+        return config.seq_len, "given"
+    inferred = infer_seq_len(bundle_or_model, update)
+    if inferred is not None and inferred <= 512:
+        return inferred, "inferred"
+    return guess_seq_len(bundle_or_model, update), "guessed"
 
 
 def _dummy_loss(
@@ -155,7 +241,8 @@ def iter_dlg_text(
     params = {n: named[n] for n in names}
     target = {n: update[n].detach().to(device) for n in names}
     batch_size = int(update.batch_size)
-    seq_len = config.seq_len or 8
+    seq_len, seq_len_source = resolve_seq_len(model, update, config)
+    log.debug("text DLG: seq_len %d (%s)", seq_len, seq_len_source)
     task = update.task
     vocab, width = emb_matrix.shape
     if task == "classification":
@@ -232,6 +319,8 @@ def iter_dlg_text(
         token_ids=tuple(tuple(int(t) for t in row) for row in ids),
         losses=tuple(losses),
         seconds=time.perf_counter() - t0,
+        seq_len=seq_len,
+        seq_len_source=seq_len_source,
     )
     yield TextDlgFinished(result=result)
 

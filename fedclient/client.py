@@ -3,12 +3,20 @@
 The client sees its private batch; everything it returns is what a server would see.
 Defenses (see :mod:`fedclient.defenses`) plug in at one seam, :func:`compute_update`'s
 ``defense`` argument, so both attacks meet defended updates through the same code path.
+
+What a defense learns about the private batch while computing the update (e.g. the
+fraction of examples DP-SGD clipped) is a client-side diagnostic, not part of the update:
+it goes to a :class:`ClientReport` the caller passes to :func:`compute_update`, never
+into :class:`~fedclient.update.SharedUpdate` (which holds only what a server sees).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -37,6 +45,50 @@ class Defense(Protocol):
         parameters: list[str],
         generator: torch.Generator,
     ) -> SharedUpdate: ...
+
+
+@dataclass
+class ClientReport:
+    """Client-side diagnostics of one :func:`compute_update` call (evaluation and faces only).
+
+    These are statistics of the private batch (e.g. ``clipped_fraction``: the share of
+    examples whose gradient DP-SGD clipped), so they are kept apart from the shared
+    update: a server never sees them, and an attack must not be given them.
+
+    Attributes:
+        diagnostics: name -> value, recorded by the defenses. With secure aggregation
+            the attacked client (client 0) records first and its values are kept.
+    """
+
+    diagnostics: dict[str, float | int | str] = field(default_factory=dict)
+
+    def record(self, **values: float | int | str) -> None:
+        """Record values; a name already recorded keeps its first value."""
+        for key, value in values.items():
+            self.diagnostics.setdefault(key, value)
+
+
+_REPORT: ContextVar[ClientReport | None] = ContextVar("fedclient_client_report", default=None)
+
+
+def record_diagnostics(**values: float | int | str) -> None:
+    """Record client-side diagnostics into the report of the running :func:`compute_update`.
+
+    Defenses call this instead of putting private statistics into the update; without
+    a report (the caller did not ask) the values are dropped.
+    """
+    report = _REPORT.get()
+    if report is not None:
+        report.record(**values)
+
+
+@contextmanager
+def _collecting(report: ClientReport | None) -> Iterator[None]:
+    token = _REPORT.set(report)
+    try:
+        yield
+    finally:
+        _REPORT.reset(token)
 
 
 def batch_loss(model: torch.nn.Module, batch: Batch, *, reduction: str = "mean") -> torch.Tensor:
@@ -138,6 +190,7 @@ def compute_update(
     parameters: Iterable[str] | None = None,
     defense: Defense | None = None,
     seed: int = 0,
+    report: ClientReport | None = None,
 ) -> SharedUpdate:
     """Compute the update a federated client would share for ``batch``.
 
@@ -148,6 +201,8 @@ def compute_update(
         parameters: restrict the update to these parameter names (default: all).
         defense: an optional client-side defense; ``None`` shares the raw gradient.
         seed: seeds every random choice a defense makes.
+        report: when given, receives the client-side diagnostics of the defenses
+            (e.g. DP-SGD's ``clipped_fraction``), which the shared update never holds.
 
     Returns:
         The shared update, keyed by parameter name.
@@ -164,7 +219,8 @@ def compute_update(
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     if defense is not None:
-        update = defense(model, batch, parameters=names, generator=generator)
+        with _collecting(report):
+            update = defense(model, batch, parameters=names, generator=generator)
         log.debug("computed a defended update (%s)", ", ".join(update.defenses))
         return update
     grads = fedsgd_gradient(model, batch, parameters=names)

@@ -35,11 +35,12 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from fedclient.batch import Batch, ImageBatch, TextBatch
-from fedclient.client import Defense, batch_loss, fedsgd_gradient
+from fedclient.client import Defense, batch_loss, fedsgd_gradient, record_diagnostics
 from fedclient.dp import (
     ACCOUNTANTS,
     PER_EXAMPLE_METHODS,
     FunctionalModel,
+    check_accountant_cost,
     clip_factors,
     dp_epsilon,
     iter_per_example_gradients,
@@ -63,6 +64,20 @@ CLIP_SCOPES = ("all", "shared")
 
 OTHER_CLIENTS = ("random", "copies")
 """How :class:`SecureAggregation` simulates the other clients when no batch maker is given."""
+
+# Sane ranges of the numbers in defense specs (issue 14): beyond them a value is a typo
+# or would only exhaust the machine (a million PRV-accounted DP steps asked Opacus for
+# 2.59 TiB). Each bound is far past what the lab's demonstrations or the papers use.
+MAX_SCALE = 1e6
+"""Largest noise sigma, DP clipping norm and DP noise multiplier."""
+MAX_DP_STEPS = 100_000
+"""Most DP-SGD steps accounted for (a long real training run; RDP accounts it at once)."""
+MAX_LOCAL_STEPS = 10_000
+"""Most FedAvg local steps (each is a forward and backward pass of the model)."""
+MAX_CLIENTS = 1_000
+"""Most clients in a secure aggregation (each simulated client computes an update)."""
+MAX_MINIBATCH = 100_000
+"""Largest FedAvg minibatch size."""
 
 
 # ------------------------------------------------------------------------- helpers
@@ -139,14 +154,17 @@ class GaussianNoise(_Transforming):
 
     def __post_init__(self) -> None:
         _check(
-            _finite(self.sigma) and self.sigma >= 0,
-            f"Noise sigma must be a finite number >= 0 (the noise standard deviation), got {self.sigma!r}.",
+            _finite(self.sigma) and 0 <= self.sigma <= MAX_SCALE,
+            f"Noise sigma must be a number from 0 to {MAX_SCALE:g} (the noise standard deviation), got {self.sigma!r}.",
         )
 
     @classmethod
     def from_variance(cls, variance: float) -> GaussianNoise:
         """Noise of the given variance (DLG's convention)."""
-        _check(_finite(variance) and variance >= 0, f"Noise variance must be a finite number >= 0, got {variance!r}.")
+        _check(
+            _finite(variance) and 0 <= variance <= MAX_SCALE**2,
+            f"Noise variance must be a number from 0 to {MAX_SCALE**2:g}, got {variance!r}.",
+        )
         return cls(sigma=math.sqrt(variance))
 
     @property
@@ -328,7 +346,9 @@ class DPSGD:
 
     The privacy budget ``epsilon`` at ``delta`` for ``steps`` steps at sampling rate
     ``sample_rate`` comes from Opacus' accountant and is reported in
-    ``update.info["epsilon"]`` (``inf`` when ``noise_multiplier`` is 0). The defaults
+    ``update.info["epsilon"]`` (``inf`` when ``noise_multiplier`` is 0). The fraction of
+    examples clipped is a statistic of the private batch: it goes to the caller's
+    :class:`fedclient.client.ClientReport` (``clipped_fraction``), not into the update. The defaults
     (one step, sampling rate 1) account for this single shared update of the full batch.
 
     For next-token prediction the per-example loss is each sentence's mean token loss,
@@ -347,12 +367,13 @@ class DPSGD:
 
     def __post_init__(self) -> None:
         _check(
-            _finite(self.clip_norm) and self.clip_norm > 0,
-            f"The DP-SGD clipping norm must be a finite number > 0 (e.g. 1.0), got {self.clip_norm!r}.",
+            _finite(self.clip_norm) and 0 < self.clip_norm <= MAX_SCALE,
+            f"The DP-SGD clipping norm must be a number > 0 and at most {MAX_SCALE:g} (e.g. 1.0), got {self.clip_norm!r}.",
         )
         _check(
-            _finite(self.noise_multiplier) and self.noise_multiplier >= 0,
-            f"The DP-SGD noise multiplier must be a finite number >= 0 (e.g. 1.0), got {self.noise_multiplier!r}.",
+            _finite(self.noise_multiplier) and 0 <= self.noise_multiplier <= MAX_SCALE,
+            f"The DP-SGD noise multiplier must be a number from 0 to {MAX_SCALE:g} (e.g. 1.0), "
+            f"got {self.noise_multiplier!r}.",
         )
         _check(
             _finite(self.delta) and 0 < self.delta < 1,
@@ -363,8 +384,8 @@ class DPSGD:
             f"The sampling rate must be in (0, 1] (batch size / dataset size), got {self.sample_rate!r}.",
         )
         _check(
-            isinstance(self.steps, int) and not isinstance(self.steps, bool) and 1 <= self.steps <= 1_000_000,
-            f"The number of DP-SGD steps must be a whole number from 1 to 1,000,000, got {self.steps!r}.",
+            isinstance(self.steps, int) and not isinstance(self.steps, bool) and 1 <= self.steps <= MAX_DP_STEPS,
+            f"The number of DP-SGD steps must be a whole number from 1 to {MAX_DP_STEPS:,}, got {self.steps!r}.",
         )
         _check(
             self.accountant in ACCOUNTANTS,
@@ -377,6 +398,14 @@ class DPSGD:
         _check(
             self.method in PER_EXAMPLE_METHODS,
             f"Unknown per-example gradient method {self.method!r}: use one of {', '.join(PER_EXAMPLE_METHODS)}.",
+        )
+        # The accountant's own cost (PRV's grid grows with steps and sampling rate).
+        check_accountant_cost(
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=self.steps,
+            delta=self.delta,
+            accountant=self.accountant,
         )
 
     @property
@@ -429,6 +458,7 @@ class DPSGD:
             del grads
         std = self.noise_multiplier * self.clip_norm
         size = batch.batch_size
+        record_diagnostics(clipped_fraction=clipped / size)  # private: never in the shared update
         out = {n: (s + std * _randn_like(s, generator)) / size if std > 0 else s / size for n, s in summed.items()}
         update = SharedUpdate(
             gradients=out,
@@ -446,7 +476,6 @@ class DPSGD:
             noise_multiplier=self.noise_multiplier,
             sample_rate=self.sample_rate,
             dp_steps=self.steps,
-            clipped_fraction=clipped / size,
             per_example_method=used,
         )
 
@@ -474,8 +503,9 @@ class FedAvg:
     def __post_init__(self) -> None:
         _check(
             isinstance(self.local_steps, int) and not isinstance(self.local_steps, bool)
-            and 1 <= self.local_steps <= 100_000,
-            f"FedAvg needs a whole number of local steps >= 1 (e.g. 4), got {self.local_steps!r}.",
+            and 1 <= self.local_steps <= MAX_LOCAL_STEPS,
+            f"FedAvg needs a whole number of local steps from 1 to {MAX_LOCAL_STEPS:,} (e.g. 4), "
+            f"got {self.local_steps!r}.",
         )
         _check(
             _finite(self.lr) and 0 < self.lr <= 1e3,
@@ -484,8 +514,9 @@ class FedAvg:
         _check(
             self.minibatch_size is None
             or (isinstance(self.minibatch_size, int) and not isinstance(self.minibatch_size, bool)
-                and self.minibatch_size >= 1),
-            f"The FedAvg minibatch size must be a whole number >= 1 (or omitted for the full batch), "
+                and 1 <= self.minibatch_size <= MAX_MINIBATCH),
+            f"The FedAvg minibatch size must be a whole number from 1 to {MAX_MINIBATCH:,} "
+            f"(or omitted for the full batch), "
             f"got {self.minibatch_size!r}.",
         )
 
@@ -566,8 +597,9 @@ class SecureAggregation:
 
     def __post_init__(self) -> None:
         _check(
-            isinstance(self.clients, int) and not isinstance(self.clients, bool) and 1 <= self.clients <= 10_000,
-            f"Secure aggregation needs a whole number of clients >= 1 (e.g. 4), got {self.clients!r}.",
+            isinstance(self.clients, int) and not isinstance(self.clients, bool) and 1 <= self.clients <= MAX_CLIENTS,
+            f"Secure aggregation needs a whole number of clients from 1 to {MAX_CLIENTS:,} (e.g. 4), "
+            f"got {self.clients!r}.",
         )
         _check(
             self.others in OTHER_CLIENTS,
@@ -745,9 +777,12 @@ def _forms() -> str:
 
 def _number(key: str, text: str, spec: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise InvalidConfigError(f"In defense {spec!r}, {key} must be a number, got {text!r}.") from None
+    if not math.isfinite(value):
+        raise InvalidConfigError(f"In defense {spec!r}, {key} must be a finite number, got {text!r}.")
+    return value
 
 
 def _integer(key: str, text: str, spec: str) -> int:
@@ -896,7 +931,8 @@ def parse_defenses(
     separated by ``;``.
 
     Args:
-        specs: the specs; empty or ``None`` means no defense.
+        specs: the specs; an empty list or ``None`` means no defense (an empty spec
+            string inside it is an error).
         make_other_batch: passed to a secure aggregation (the other clients' data).
 
     Returns:
@@ -908,6 +944,12 @@ def parse_defenses(
     if specs is None:
         return None
     items = [specs] if isinstance(specs, str) else list(specs)
+    for item in items:
+        # An empty spec given explicitly (``--defense ""``) must not silently mean "none".
+        if not str(item).replace(";", "").strip():
+            raise InvalidConfigError(
+                f"A defense spec is empty: leave it out for no defense, or use one of these forms: {_forms()}."
+            )
     parts = [p.strip() for item in items for p in item.split(";") if p.strip()]
     parsed: list[Defense] = []
     for p in parts:

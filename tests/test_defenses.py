@@ -27,6 +27,7 @@ from fedclient import (
     parse_defenses,
     utility_cost,
 )
+from fedclient.client import ClientReport
 from fedclient.defenses import SPEC_FORMS, int8_round_trip
 from fedclient.dp import clip_per_example, dp_epsilon, per_example_gradients, per_example_norms, trainable_names
 from fedclient.sweep import SweepPoint, dp_grid, grid, noise_grid, plot_sweep, prune_grid, run_sweep, save_plot, write_csv
@@ -120,11 +121,17 @@ def test_dpsgd_without_noise_is_the_mean_of_clipped_gradients_over_all_parameter
     bound = float(per_example_norms(grads).median())
     clipped, _ = clip_per_example(grads, bound)
     # Only the fc weight is shared, but the norm is measured over all parameters.
-    update = compute_update(model, batch, parameters=["fc.weight"], defense=DPSGD(clip_norm=bound, noise_multiplier=0.0))
+    report = ClientReport()
+    update = compute_update(
+        model, batch, parameters=["fc.weight"], defense=DPSGD(clip_norm=bound, noise_multiplier=0.0), report=report
+    )
     assert list(update) == ["fc.weight"]
     torch.testing.assert_close(update["fc.weight"], clipped["fc.weight"].mean(0), atol=1e-7, rtol=1e-5)
     assert math.isinf(update.info["epsilon"])
-    assert 0 < update.info["clipped_fraction"] < 1
+    # How many examples were clipped is a statistic of the private batch: it goes to the
+    # client's report, never into what the server sees.
+    assert 0 < report.diagnostics["clipped_fraction"] < 1
+    assert "clipped_fraction" not in update.info
 
 
 def test_dpsgd_noise_is_seeded_and_has_the_right_scale(cnn_case):
@@ -164,10 +171,13 @@ def test_dpsgd_on_a_text_model_clips_over_all_parameters(tiny):
     names = trainable_names(bundle.model)
     grads, _ = per_example_gradients(bundle.model, batch, parameters=names)
     bound = float(per_example_norms(grads).min()) / 2  # every example is clipped
-    update = compute_update(bundle.model, batch, parameters=shared, defense=DPSGD(clip_norm=bound, noise_multiplier=0.0))
+    report = ClientReport()
+    update = compute_update(
+        bundle.model, batch, parameters=shared, defense=DPSGD(clip_norm=bound, noise_multiplier=0.0), report=report
+    )
     clipped, _ = clip_per_example(grads, bound)
     torch.testing.assert_close(update[shared[0]], clipped[shared[0]].mean(0), atol=1e-7, rtol=1e-4)
-    assert update.info["clipped_fraction"] == 1.0
+    assert report.diagnostics["clipped_fraction"] == 1.0 and "clipped_fraction" not in update.info
     # Clipping over the shared subset only gives a different (larger) update.
     subset = compute_update(
         bundle.model, batch, parameters=shared, defense=DPSGD(clip_norm=bound, noise_multiplier=0.0, clip_over="shared")
