@@ -73,8 +73,9 @@ class DlgResult:
         losses: the loss at each iteration of the best restart.
         converged_iteration: the iteration at which early stopping fired, or
             ``None`` when the whole budget ran.
-        stop_reason: ``"tolerance"``, ``"plateau"``, ``"budget"``, ``"diverged"`` or
-            ``"cancelled"``.
+        stop_reason: ``"tolerance"``, ``"plateau"``, ``"budget"`` (the iterations ran
+            out), ``"diverged"``, ``"time_budget"`` (the configured time budget ran out;
+            the result is the best reconstruction so far) or ``"cancelled"``.
         frames: reconstructions over iterations, for GIF export: ``(iteration, images)``.
         seconds: wall-clock attack time.
     """
@@ -114,12 +115,23 @@ class TextDlgStep:
 
 @dataclass(frozen=True)
 class TextDlgResult:
-    """The text baseline's final guesses."""
+    """The text baseline's final guesses.
+
+    Attributes:
+        sentences: one decoded guess per example.
+        token_ids: their token ids.
+        losses: the loss at each iteration.
+        seconds: wall-clock attack time.
+        stop_reason: ``"budget"`` (every iteration ran), ``"diverged"`` or
+            ``"time_budget"`` (the configured time budget ran out; the result is the
+            best guess so far).
+    """
 
     sentences: tuple[str, ...]
     token_ids: tuple[tuple[int, ...], ...]
     losses: tuple[float, ...]
     seconds: float
+    stop_reason: str = "budget"
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,40 @@ anything else at the same time (a shared Space, a classroom laptop, two visitors
 spinning threads fight the other work and a DAGER batch ran 16x slower (issue 13).
 The policy lives in environment variables that libgomp reads once, when torch is first
 imported, so :func:`configure_cpu_threads` must run before ``import torch``. This module
-imports nothing heavy, and it never overrides a variable the user has set.
+imports nothing heavy at import time, and it never overrides a variable the user has set.
+
+The policy: ``OMP_WAIT_POLICY=PASSIVE`` and torch's own thread count. Measured with
+``benchmarks/cpu_contention.py`` (DAGER, gpt2-small-random, B=8 everyday sentences, a
+fresh process per policy; the attack's median wall time, its CPU time, all threads):
+
+* issue 13 (2 cores, one spinning process beside it): default threads 33-34 s, passive
+  2.4-2.6 s, one thread 1.8-2.1 s.
+* this branch (the same 2 cores, already shared with five other jobs, load 4-6, so
+  "quiet" means "busy"): default 98 s wall / 24 s CPU, passive 6.6 s / 1.7 s, one thread
+  8.9 s / 1.6 s, both 8.9 s / 1.5 s; beside spinning hogs the table in the benchmark's
+  output (see the lead's report) kept the same order: default far behind, passive
+  and one thread close to each other.
+
+Passive waiting removes the pathology (the spinning) for every operation in the process
+at once, the app's and the CLIs' included, and keeps the cores a wider machine offers
+(a 16-core Space) for the heavy cases (B=32, wide models, the encoder search), which
+one thread would give up. The remaining gap to one thread beside a hog (about 20%)
+is a fair share, not a fight. The tiny image models of DLG are the exception: their
+steps are so short that thread synchronisation dominates, so DLG runs on one thread
+(``DlgConfig.cpu_threads``), set around each resume of its generator by
+:func:`on_threads`, which leaves the process setting untouched between events.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import TypeVar
 
 POLICY: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
 """Environment defaults applied by :func:`configure_cpu_threads` (user settings win)."""
+
+T = TypeVar("T")
 
 
 def configure_cpu_threads() -> dict[str, str]:
@@ -28,3 +53,42 @@ def configure_cpu_threads() -> dict[str, str]:
             os.environ[key] = value
             applied[key] = value
     return applied
+
+
+def on_threads(events: Iterator[T], threads: int | None) -> Iterator[T]:
+    """Run a generator with ``threads`` torch threads, only while it runs.
+
+    Torch's thread count is process-wide. A ``with`` block around ``yield from`` would
+    keep it changed while the generator is suspended (the app renders, other requests
+    run); instead the count is set before every resume and the caller's count restored
+    at every yield, the way ``torch.no_grad()`` as a decorator handles grad mode.
+
+    Args:
+        events: the generator to drive.
+        threads: torch threads while it runs; ``None`` leaves the setting alone.
+
+    Yields:
+        The items of ``events``. Closing this generator closes ``events``.
+    """
+    if threads is None:
+        yield from events
+        return
+    import torch  # here, not at import: this module must stay torch-free
+
+    try:
+        while True:
+            previous = torch.get_num_threads()
+            if previous != threads:
+                torch.set_num_threads(threads)
+            try:
+                item = next(events)
+            except StopIteration:
+                return
+            finally:
+                if previous != threads:
+                    torch.set_num_threads(previous)
+            yield item
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
