@@ -127,31 +127,30 @@ def _fair(threads: int, hogs: int, cores: int) -> float:
     return max(1.0, quiet_cores / min(shared, quiet_cores))
 
 
-def _table(rows: list[dict[str, object]], cores: int, markdown: bool) -> str:
-    quiet = {r["policy"]: r["attack_s"] for r in rows if r["hogs"] == 0 and "attack_s" in r}
+HEAD = ["policy", "hogs", "threads", "attack s", "CPU s", "slowdown", "vs best quiet", "fair", "exact"]
+WIDTHS = [9, 5, 8, 9, 7, 9, 14, 6, 6]
+
+
+def _cells(r: dict[str, object], quiet: dict[str, float], cores: int) -> list[str]:
+    """One table row; slowdowns need the quiet rows measured before it."""
+    if "error" in r:
+        return [str(r["policy"]), str(r["hogs"]), "-", str(r["error"]), "", "", "", "", ""]
+    own = quiet.get(str(r["policy"]))
     best_quiet = min(quiet.values()) if quiet else None
-    head = ["policy", "hogs", "threads", "attack s", "CPU s", "slowdown", "vs best quiet", "fair", "exact"]
-    body: list[list[str]] = []
-    for r in rows:
-        if "error" in r:
-            body.append([str(r["policy"]), str(r["hogs"]), "-", r["error"], "", "", "", "", ""])
-            continue
-        own = quiet.get(r["policy"])
-        body.append([
-            str(r["policy"]), str(r["hogs"]), str(r["threads"]),
-            f"{r['attack_s']:.2f}", f"{r['cpu_s']:.2f}",
-            f"{r['attack_s'] / own:.1f}x" if own else "-",
-            f"{r['attack_s'] / best_quiet:.1f}x" if best_quiet else "-",
-            f"{_fair(int(r['threads']), int(r['hogs']), cores):.1f}x",
-            f"{r['exact']:.0%}",
-        ])
+    return [
+        str(r["policy"]), str(r["hogs"]), str(r["threads"]),
+        f"{r['attack_s']:.2f}", f"{r['cpu_s']:.2f}",
+        f"{r['attack_s'] / own:.1f}x" if own else "-",
+        f"{r['attack_s'] / best_quiet:.1f}x" if best_quiet else "-",
+        f"{_fair(int(r['threads']), int(r['hogs']), cores):.1f}x",
+        f"{r['exact']:.0%}",
+    ]
+
+
+def _line(cells: list[str], markdown: bool) -> str:
     if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(b) + " |" for b in body]
-        return "\n".join(lines)
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*head)] + [fmt.format(*b) for b in body])
+        return "| " + " | ".join(cells) + " |"
+    return "  ".join(c.ljust(w) for c, w in zip(cells, WIDTHS))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,15 +173,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.model}, median of {args.repeats}",
         file=sys.stderr,
     )
-    rows = []
-    for hogs in args.hogs:
+    # Rows print as they are measured (quiet ones first), so a cut-short run still reports.
+    print(_line(HEAD, args.markdown), flush=True)
+    if args.markdown:
+        print("|" + "---|" * len(HEAD), flush=True)
+    rows: list[dict[str, object]] = []
+    quiet: dict[str, float] = {}
+    for hogs in sorted(args.hogs):
         for policy in args.policies:
             row = _measure(args, policy, hogs)
-            print(f"  {policy} with {hogs} hog(s): {row}", file=sys.stderr)
             rows.append(row)
-    print(_table(rows, cores, args.markdown))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+            if hogs == 0 and "attack_s" in row:
+                quiet[policy] = float(row["attack_s"])  # type: ignore[arg-type]
+            print(_line(_cells(row, quiet, cores), args.markdown), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=2))
+    print(f"load average after: {os.getloadavg()[0]:.2f}", file=sys.stderr)
     return 0
 
 

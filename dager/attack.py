@@ -118,8 +118,8 @@ def iter_dager(
             f"The shared update lacks {len(missing)} parameter(s) DAGER reads (e.g. {missing[0]!r}); "
             "share the full update or at least dager.required_parameters(bundle)."
         )
-    run = _Run(bundle=bundle, update=update, config=config, hooks=hooks, deadline=_Deadline(t0, config.time_budget_s))
-    yield from _attack(run, names)
+    deadline = _Deadline(t0, config.time_budget_s)
+    yield from _attack(_Run(bundle=bundle, update=update, config=config, hooks=hooks, deadline=deadline), names)
 
 
 def _now() -> float:
@@ -327,7 +327,8 @@ def _search_step(run: _Run, stream: Iterator[Found | Step | Warn | Tick]) -> Ite
                     num_checked=item.num_checked,
                 )
             elif isinstance(item, Found):
-                yield _recovered(run, Found(_finish_ids(run.bundle, run.update.task, item.token_ids), item.exact, item.distance))
+                ids = _finish_ids(run.bundle, run.update.task, item.token_ids)
+                yield _recovered(run, Found(ids, item.exact, item.distance))
             elif isinstance(item, Warn):
                 code = WarningCode(item.code)
                 if code is WarningCode.BUDGET_EXHAUSTED:
@@ -368,7 +369,8 @@ def _greedy_step(run: _Run, decoding: _Decoding, span2: Span) -> Iterator[DagerE
         max_length=min(decoding.max_length, 4 * hooks.hidden_size),
         exclude={f.token_ids for f in run.found},
     ):
-        yield _recovered(run, Found(_finish_ids(run.bundle, run.update.task, item.token_ids), False, item.distance))
+        ids = _finish_ids(run.bundle, run.update.task, item.token_ids)
+        yield _recovered(run, Found(ids, False, item.distance))
     warning = run.out_of_time()
     if warning is not None:
         yield warning
