@@ -8,25 +8,44 @@ imported, so :func:`configure_cpu_threads` must run before ``import torch``. Thi
 imports nothing heavy at import time, and it never overrides a variable the user has set.
 
 The policy: ``OMP_WAIT_POLICY=PASSIVE`` and torch's own thread count. Measured with
-``benchmarks/cpu_contention.py`` (DAGER, gpt2-small-random, B=8 everyday sentences, a
-fresh process per policy; the attack's median wall time, its CPU time, all threads):
+``benchmarks/cpu_contention.py`` (DAGER, gpt2-small-random, B=8 sentences of
+``assets/sentences/tweets.txt``, a fresh process per policy; attack wall time and the
+process's CPU time, all threads, spinning included):
 
-* issue 13 (2 cores, one spinning process beside it): default threads 33-34 s, passive
-  2.4-2.6 s, one thread 1.8-2.1 s.
-* this branch (the same 2 cores, already shared with five other jobs, load 4-6, so
-  "quiet" means "busy"): default 98 s wall / 24 s CPU, passive 6.6 s / 1.7 s, one thread
-  8.9 s / 1.6 s, both 8.9 s / 1.5 s; beside spinning hogs the table in the benchmark's
-  output (see the lead's report) kept the same order: default far behind, passive
-  and one thread close to each other.
+* issue 13 (2 cores, one spinning process beside it): torch's default 33-34 s,
+  passive 2.4-2.6 s, one thread 1.8-2.1 s.
+* the engine branch, on the same 2 cores shared with five other jobs (load 4 to 20,
+  so even "quiet" was busy and wall times are several times a quiet machine's):
 
-Passive waiting removes the pathology (the spinning) for every operation in the process
-at once, the app's and the CLIs' included, and keeps the cores a wider machine offers
-(a 16-core Space) for the heavy cases (B=32, wide models, the encoder search), which
-one thread would give up. The remaining gap to one thread beside a hog (about 20%)
-is a fair share, not a fight. The tiny image models of DLG are the exception: their
-steps are so short that thread synchronisation dominates, so DLG runs on one thread
-(``DlgConfig.cpu_threads``), set around each resume of its generator by
-:func:`on_threads`, which leaves the process setting untouched between events.
+  ==========  ====  ===============  ===========
+  policy      hogs  attack s (wall)  CPU s
+  ==========  ====  ===============  ===========
+  default     0     98.4            24.4
+  passive     0     6.6             1.66
+  threads1    0     8.9             1.61
+  both        0     8.9             1.47
+  default     1     56.3            10.4
+  passive     1     12.5            1.95
+  threads1    1     13.6            1.78
+  both        1     10.4            1.58
+  passive     2     13.1            1.52
+  threads1    2     17.8            1.49
+  ==========  ====  ===============  ===========
+
+Spinning is the whole pathology: torch's default burns 6-15x the CPU of any other
+policy for the same work. Passive waiting removes it for every operation in the
+process at once (the app's and the CLIs' included), and among passive, one thread and
+both the differences are within this machine's noise, in wall and in CPU time. One
+thread would give up the cores a wider machine offers (a 16-core Space) for the heavy
+cases (B=32, wide models, the encoder search), so the thread count stays torch's. To
+revisit on a quiet machine: ``python benchmarks/cpu_contention.py --hogs 0 1 2``; if
+``both`` beats ``passive`` beside a hog by more than it loses when quiet, add
+``"OMP_NUM_THREADS": "1"`` to :data:`POLICY`.
+
+The tiny image models of DLG are the exception: their steps are so short that thread
+synchronisation dominates, so DLG runs on one thread (``DlgConfig.cpu_threads``), set
+around each resume of its generator by :func:`on_threads`, which leaves the process
+setting untouched between events.
 """
 
 from __future__ import annotations
