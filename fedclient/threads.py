@@ -30,6 +30,7 @@ process's CPU time, all threads, spinning included):
   both        1     10.4            1.58
   passive     2     13.1            1.52
   threads1    2     17.8            1.49
+  both        2     14.2            1.68
   ==========  ====  ===============  ===========
 
 Spinning is the whole pathology: torch's default burns 6-15x the CPU of any other
