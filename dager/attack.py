@@ -7,13 +7,22 @@ not the batch, not the attention mask. :func:`iter_dager` yields typed events fr
 Steps: (1) the rank of block 0's attention-input gradient (how many distinct inputs),
 (2) the layer-1 token filter over the whole vocabulary, (3) the sequence search with
 block 1's span (decoders grow prefixes, encoders assemble sequences), (4) the result.
+
+Every run has a bounded cost (issue 13). A layer-1 span at or near full rank (a
+defense's noise lifts every eigenvalue; a batch over the model's capacity fills it)
+rejects no token, so the exact search cannot run: the verdict comes at step 1
+(``span_full``) and the run ends there, unless the noise-tolerant best effort is asked
+for. ``DagerConfig.time_budget_s`` is checked in the filter, after every item the
+search yields (it yields a heartbeat at least every chunk of work) and in the greedy
+completion; at the deadline the run ends with what it found (``time_budget``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,7 +37,9 @@ from dager.events import (
     SearchProgress,
     SentenceRecovered,
     SpectrumComputed,
+    StopReason,
     TokensFiltered,
+    WarningCode,
 )
 from dager.layers import BertHooks, DecoderHooks, FamilyHooks, hooks_for
 from dager.encoder import encoder_search
@@ -72,15 +83,15 @@ def run_dager(
     return result
 
 
-def _span(hooks: FamilyHooks, update: SharedUpdate, names: list[str], config: DagerConfig, device: str) -> Span:
-    matrix = hooks.input_matrix(update, names).to(device)
-    return span_of(matrix, tolerance=config.rank_tolerance, by_gap=config.noise_tolerant)
-
-
 def iter_dager(
     bundle: ModelBundle, update: SharedUpdate, *, config: DagerConfig | None = None
 ) -> Iterator[DagerEvent]:
     """Recover the client's sentences from its shared update, as a stream of events.
+
+    The cost is bounded: a full layer-1 span (a defense's noise, or a batch over the
+    model's capacity) ends the run at the rank step (``span_full``) unless
+    ``config.noise_tolerant`` asks for the best effort, and ``config.time_budget_s``
+    ends it with what was found (``time_budget``).
 
     Args:
         bundle: the model the server sent, with its tokenizer.
@@ -89,15 +100,16 @@ def iter_dager(
 
     Yields:
         One :class:`AttackStarted`, then :class:`SpectrumComputed`,
-        :class:`TokensFiltered`, :class:`PrefixesExtended`, :class:`SentenceRecovered`
-        and :class:`AttackWarning` events, and one :class:`AttackFinished` last.
+        :class:`TokensFiltered`, :class:`PrefixesExtended`, :class:`SearchProgress`,
+        :class:`SentenceRecovered` and :class:`AttackWarning` events, and one
+        :class:`AttackFinished` last.
 
     Raises:
         IncompleteUpdateError: the update lacks a parameter the attack reads.
         UnsupportedModelError: the model family has no DAGER hooks.
     """
     config = config or DagerConfig()
-    t0 = time.perf_counter()
+    t0 = _now()
     hooks = hooks_for(bundle.model)
     names = hooks.required_parameters()
     missing = [n for n in names if n not in update]
@@ -106,30 +118,105 @@ def iter_dager(
             f"The shared update lacks {len(missing)} parameter(s) DAGER reads (e.g. {missing[0]!r}); "
             "share the full update or at least dager.required_parameters(bundle)."
         )
-    device = config.device
-    yield from _attack(bundle, update, config, hooks, names, device, t0)
+    deadline = _Deadline(t0, config.time_budget_s)
+    yield from _attack(_Run(bundle=bundle, update=update, config=config, hooks=hooks, deadline=deadline), names)
+
+
+def _now() -> float:
+    """The attack's clock (a module function, so tests can inject a fake one)."""
+    return time.perf_counter()
+
+
+@dataclass(frozen=True)
+class _Deadline:
+    """The time budget of one run, measured from ``start`` on :func:`_now`."""
+
+    start: float
+    budget: float | None
+
+    def elapsed(self) -> float:
+        return _now() - self.start
+
+    def expired(self) -> bool:
+        return self.budget is not None and self.elapsed() >= self.budget
+
+
+@dataclass
+class _Run:
+    """One attack's inputs and what it has found so far (internal)."""
+
+    bundle: ModelBundle
+    update: SharedUpdate
+    config: DagerConfig
+    hooks: FamilyHooks
+    deadline: _Deadline
+    found: list[Found] = field(default_factory=list)
+    budget_exhausted: bool = False
+    stop: StopReason = StopReason.COMPLETE
+    last_prefixes: tuple[tuple[int, ...], ...] = ()
+
+    def span(self, names: list[str]) -> Span:
+        matrix = self.hooks.input_matrix(self.update, names).to(self.config.device)
+        return span_of(matrix, tolerance=self.config.rank_tolerance, by_gap=self.config.noise_tolerant)
+
+    def out_of_time(self) -> AttackWarning | None:
+        """The ``time_budget`` warning the first time the deadline has passed, else ``None``."""
+        if self.stop is StopReason.TIME_BUDGET or not self.deadline.expired():
+            return None
+        self.stop = StopReason.TIME_BUDGET
+        log.debug("time budget of %.3g s reached", self.deadline.budget)
+        return AttackWarning(WarningCode.TIME_BUDGET, float(self.deadline.budget or 0.0))
+
+
+@dataclass(frozen=True)
+class _Decoding:
+    """What the decoder's greedy completion reuses from the search set-up."""
+
+    candidates: Callable[[int], torch.Tensor | None]
+    start: tuple[int, ...]
+    max_length: int
 
 
 # As a decorator, torch.no_grad() re-enters at every resume and restores the caller's grad
 # mode at every yield: a ``with`` block around ``yield`` would leave autograd off in the
 # consumer's thread while the generator is suspended (and on in another thread resuming it).
 @torch.no_grad()
-def _attack(
-    bundle: ModelBundle,
-    update: SharedUpdate,
-    config: DagerConfig,
-    hooks: FamilyHooks,
-    names: list[str],
-    device: str,
-    t0: float,
-) -> Iterator[DagerEvent]:
-    d = hooks.hidden_size
-    span1 = _span(hooks, update, hooks.attention_parameters(0), config, device)
+def _attack(run: _Run, names: list[str]) -> Iterator[DagerEvent]:
+    span1, over = yield from _rank_step(run, names)
+    if over and not run.config.noise_tolerant:
+        # A (nearly) full span rejects no token: the exact search cannot run, and
+        # trying fills memory with whole-vocabulary candidates (issue 13).
+        run.stop = StopReason.SPAN_FULL
+        yield AttackWarning(WarningCode.SPAN_FULL, float(span1.rank))
+        yield _finished(run, span1, over)
+        return
+    span2 = run.span(run.hooks.attention_parameters(1))
+    yield _spectrum_event(2, span2)
+    log.debug("spans done at %.3f s", run.deadline.elapsed())
+    accepted = yield from _filter_step(run, span1)
+    decoding: _Decoding | None = None
+    if run.stop is StopReason.COMPLETE:
+        stream, decoding = _search_stream(run, accepted, span2)
+        yield from _search_step(run, stream)
+    if decoding is not None and run.stop is StopReason.COMPLETE:
+        if (not run.found or over or run.budget_exhausted) and len(run.found) < run.update.batch_size:
+            yield from _greedy_step(run, decoding, span2)
+    if run.stop is StopReason.TIME_BUDGET:
+        yield from _partial_prefixes(run)
+    if not run.found or not all(f.exact for f in run.found):
+        yield AttackWarning(WarningCode.INCOMPLETE, float(sum(not f.exact for f in run.found)))
+    yield _finished(run, span1, over)
+
+
+def _rank_step(run: _Run, names: list[str]) -> Generator[DagerEvent, None, tuple[Span, bool]]:
+    """Step 1: the layer-1 rank and the capacity verdict (a fraction of a second)."""
+    d = run.hooks.hidden_size
+    span1 = run.span(run.hooks.attention_parameters(0))
     over = span1.rank >= OVER_CAPACITY * d
     yield AttackStarted(
-        model=bundle.name,
-        task=update.task,
-        batch_size=update.batch_size,
+        model=run.bundle.name,
+        task=run.update.task,
+        batch_size=run.update.batch_size,
         hidden_size=d,
         rank=span1.rank,
         over_capacity=over,
@@ -137,21 +224,26 @@ def _attack(
     )
     yield _spectrum_event(1, span1)
     if over:
-        yield AttackWarning("over_capacity", float(span1.rank))
-    if update.padding_side != "right":
-        yield AttackWarning("left_padding", 0.0)
-    span2 = _span(hooks, update, hooks.attention_parameters(1), config, device)
-    yield _spectrum_event(2, span2)
-    log.debug("spans done at %.3f s", time.perf_counter() - t0)
+        yield AttackWarning(WarningCode.OVER_CAPACITY, float(span1.rank))
+    if run.update.padding_side != "right":
+        yield AttackWarning(WarningCode.LEFT_PADDING, 0.0)
+    return span1, over
 
-    # Layer-1 token filter.
+
+def _filter_step(run: _Run, span1: Span) -> Generator[DagerEvent, None, dict[int | None, torch.Tensor]]:
+    """Step 2: the layer-1 token filter, one :class:`TokensFiltered` per position."""
+    hooks, config = run.hooks, run.config
     accepted: dict[int | None, torch.Tensor] = {}
-    dists, first_pos = _layer1(hooks, span1)
+    dists, first_pos = _layer1(hooks, span1, run.deadline)
     thr1 = config.layer1_threshold
     if thr1 is None:
         thr1 = gap_threshold(dists, min_keep=max(1, span1.rank), max_keep=64 * span1.rank + 4096)
     k = min(config.top_k_plot, dists.shape[1])
     for row in range(dists.shape[0]):
+        warning = run.out_of_time()
+        if warning is not None:
+            yield warning
+            break
         drow = dists[row]
         top_d, top_i = torch.topk(drow, k=k, largest=False)
         ok = top_i[top_d < thr1] if int((drow < thr1).sum()) <= k else _accepted(drow, thr1)
@@ -165,14 +257,18 @@ def _attack(
             vocab_distances=top_d.cpu(),
             vocab_token_ids=top_i.cpu(),
         )
-    del dists
-    log.debug("layer-1 filter done at %.3f s", time.perf_counter() - t0)
+    log.debug("layer-1 filter done at %.3f s", run.deadline.elapsed())
+    return accepted
 
-    found: list[Found] = []
-    budget = False
+
+def _search_stream(
+    run: _Run, accepted: dict[int | None, torch.Tensor], span2: Span
+) -> tuple[Iterator[Found | Step | Warn | Tick], _Decoding | None]:
+    """Step 3's set-up: the family's sequence search over the accepted tokens."""
+    hooks, config, bundle = run.hooks, run.config, run.bundle
     if isinstance(hooks, DecoderHooks):
-        span_mlp = _span(hooks, update, hooks.mlp_parameters(0), config, device)
-        log.debug("MLP span done at %.3f s", time.perf_counter() - t0)
+        span_mlp = run.span(hooks.mlp_parameters(0))
+        log.debug("MLP span done at %.3f s", run.deadline.elapsed())
         start: tuple[int, ...] = ()
         if bundle.family.prepend_bos and bundle.bos_token_id is not None:
             start = (bundle.bos_token_id,)
@@ -184,94 +280,139 @@ def _attack(
 
         else:
             max_length = hooks.num_positions()
-            bag = accepted[None]
+            bag = accepted.get(None)
 
             def candidates(pos: int) -> torch.Tensor | None:
                 return bag
 
-        thresholds = Thresholds(mlp=config.layer2_threshold, layer2=config.layer2_threshold)
         stream = decoder_search(
             hooks,
             candidates,
             span_mlp,
             span2,
             start=start,
-            thresholds=thresholds,
+            thresholds=Thresholds(mlp=config.layer2_threshold, layer2=config.layer2_threshold),
             max_prefixes=config.max_prefixes,
             max_length=max_length,
             noise_tolerant=config.noise_tolerant,
-            final_keep=update.batch_size,
+            final_keep=run.update.batch_size,
         )
-    elif isinstance(hooks, BertHooks):
+        return stream, _Decoding(candidates, start, max_length)
+    if isinstance(hooks, BertHooks):
         stream = encoder_search(
             hooks,
             accepted,
             span2,
             special_ids=_special_ids(bundle.tokenizer),
-            batch_size=update.batch_size,
+            batch_size=run.update.batch_size,
             threshold=config.layer2_threshold,
             max_combinations=config.max_combinations,
         )
-    else:  # pragma: no cover - every registered hook is one of the two
-        raise TypeError(f"unknown hooks type {type(hooks).__name__}")
+        return stream, None
+    raise TypeError(f"unknown hooks type {type(hooks).__name__}")  # pragma: no cover
 
-    for item in stream:
-        if isinstance(item, Tick):
-            yield SearchProgress(position=item.position, checked=item.checked, seconds=time.perf_counter() - t0)
-        elif isinstance(item, Step):
-            yield PrefixesExtended(
-                position=item.position,
-                prefixes=item.prefixes,
-                num_prefixes=item.num_prefixes,
-                num_checked=item.num_checked,
-            )
-        elif isinstance(item, Found):
-            ids = _finish_ids(bundle, update.task, item.token_ids)
-            found.append(Found(ids, item.exact, item.distance))
-            yield SentenceRecovered(
-                index=len(found) - 1,
-                token_ids=ids,
-                text=bundle.decode(ids),
-                exact=item.exact,
-                distance=item.distance,
-            )
-        elif isinstance(item, Warn):
-            if item.code == "budget_exhausted":
-                if budget:
-                    continue
-                budget = True
-            yield AttackWarning(item.code, item.value)
-        else:  # pragma: no cover
-            raise TypeError(f"unknown search item {type(item).__name__}")
-    if isinstance(hooks, DecoderHooks) and (not found or over or budget) and len(found) < update.batch_size:
-        # Best effort: complete the missing sentences greedily, marked inexact.
-        for item in decoder_greedy(
-            hooks,
-            candidates,
-            span2,
-            start=start,
-            count=update.batch_size - len(found),
-            max_length=min(max_length, 4 * hooks.hidden_size),
-            exclude={f.token_ids for f in found},
-        ):
-            ids = _finish_ids(bundle, update.task, item.token_ids)
-            found.append(Found(ids, False, item.distance))
-            yield SentenceRecovered(
-                index=len(found) - 1, token_ids=ids, text=bundle.decode(ids), exact=False, distance=item.distance
-            )
-    if not found or not all(f.exact for f in found):
-        yield AttackWarning("incomplete", float(sum(not f.exact for f in found)))
-    result = DagerResult(
-        sentences=tuple(bundle.decode(f.token_ids) for f in found),
-        token_ids=tuple(f.token_ids for f in found),
-        exact=tuple(f.exact for f in found),
-        rank=span1.rank,
-        hidden_size=d,
-        over_capacity=over,
-        budget_exhausted=budget,
-        seconds=time.perf_counter() - t0,
+
+def _search_step(run: _Run, stream: Iterator[Found | Step | Warn | Tick]) -> Iterator[DagerEvent]:
+    """Step 3: turn the search's items into events; stop it at the time budget."""
+    try:
+        for item in stream:
+            if isinstance(item, Tick):
+                yield SearchProgress(position=item.position, checked=item.checked, seconds=run.deadline.elapsed())
+            elif isinstance(item, Step):
+                run.last_prefixes = item.prefixes
+                yield PrefixesExtended(
+                    position=item.position,
+                    prefixes=item.prefixes,
+                    num_prefixes=item.num_prefixes,
+                    num_checked=item.num_checked,
+                )
+            elif isinstance(item, Found):
+                ids = _finish_ids(run.bundle, run.update.task, item.token_ids)
+                yield _recovered(run, Found(ids, item.exact, item.distance))
+            elif isinstance(item, Warn):
+                code = WarningCode(item.code)
+                if code is WarningCode.BUDGET_EXHAUSTED:
+                    if run.budget_exhausted:
+                        continue
+                    run.budget_exhausted = True
+                yield AttackWarning(code, item.value)
+            else:  # pragma: no cover
+                raise TypeError(f"unknown search item {type(item).__name__}")
+            warning = run.out_of_time()
+            if warning is not None:
+                yield warning
+                return
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()  # frees the search's prefixes and caches now, not at garbage collection
+
+
+def _greedy_step(run: _Run, decoding: _Decoding, span2: Span) -> Iterator[DagerEvent]:
+    """Step 3b (decoders): complete the missing sentences greedily, marked inexact.
+
+    Bounded by the number of missing sentences and by the deadline: past it the
+    candidates run dry, which ends the sentence being grown and every later one.
+    """
+
+    def candidates(pos: int) -> torch.Tensor | None:
+        return None if run.deadline.expired() else decoding.candidates(pos)
+
+    hooks = run.hooks
+    assert isinstance(hooks, DecoderHooks)
+    for item in decoder_greedy(
+        hooks,
+        candidates,
+        span2,
+        start=decoding.start,
+        count=run.update.batch_size - len(run.found),
+        max_length=min(decoding.max_length, 4 * hooks.hidden_size),
+        exclude={f.token_ids for f in run.found},
+    ):
+        ids = _finish_ids(run.bundle, run.update.task, item.token_ids)
+        yield _recovered(run, Found(ids, False, item.distance))
+    warning = run.out_of_time()
+    if warning is not None:
+        yield warning
+
+
+def _partial_prefixes(run: _Run) -> Iterator[DagerEvent]:
+    """At the time budget: the search's surviving prefixes, as inexact partial sentences."""
+    start = 1 if run.bundle.family.prepend_bos and run.bundle.bos_token_id is not None else 0
+    known = {f.token_ids for f in run.found}
+    for prefix in run.last_prefixes:
+        if len(run.found) >= run.update.batch_size:
+            break
+        if len(prefix) > start and prefix not in known:
+            yield _recovered(run, Found(prefix, False, 1.0))
+
+
+def _recovered(run: _Run, item: Found) -> SentenceRecovered:
+    run.found.append(item)
+    return SentenceRecovered(
+        index=len(run.found) - 1,
+        token_ids=item.token_ids,
+        text=run.bundle.decode(item.token_ids),
+        exact=item.exact,
+        distance=item.distance,
     )
-    yield AttackFinished(result)
+
+
+def _finished(run: _Run, span1: Span, over: bool) -> AttackFinished:
+    found = run.found
+    return AttackFinished(
+        DagerResult(
+            sentences=tuple(run.bundle.decode(f.token_ids) for f in found),
+            token_ids=tuple(f.token_ids for f in found),
+            exact=tuple(f.exact for f in found),
+            rank=span1.rank,
+            hidden_size=run.hooks.hidden_size,
+            over_capacity=over,
+            budget_exhausted=run.budget_exhausted,
+            seconds=run.deadline.elapsed(),
+            stop_reason=run.stop,
+        )
+    )
 
 
 def _accepted(drow: torch.Tensor, thr: float) -> torch.Tensor:
@@ -301,13 +442,14 @@ def _spectrum_event(layer: int, span: Span) -> SpectrumComputed:
     return SpectrumComputed(layer=layer, singular_values=sv, rank=span.rank, tolerance=cut)
 
 
-def _layer1(hooks: FamilyHooks, span: Span) -> tuple[torch.Tensor, int]:
+def _layer1(hooks: FamilyHooks, span: Span, deadline: _Deadline) -> tuple[torch.Tensor, int]:
     """Layer-1 distances ``(P, V)`` for the occupied positions (or ``(1, V)``).
 
     Positions are filtered in blocks until a block holds no in-span token: a
     position is occupied when its best token is far closer to the span than the
     vocabulary's typical distance (the geometric middle of the two, in log terms).
-    At most ``rank`` positions can be occupied (each needs its own input).
+    At most ``rank`` positions can be occupied (each needs its own input). Past the
+    deadline no further block is computed (the filter then covers fewer positions).
     """
     filt = hooks.layer1_filter(span)
     if not hooks.positional:
@@ -330,6 +472,8 @@ def _layer1(hooks: FamilyHooks, span: Span) -> tuple[torch.Tensor, int]:
             occupied_until = start + int(occ.nonzero().max()) + 1
         if not bool(occ.all()):
             break  # occupied positions are contiguous from 0: this block holds the end
+        if deadline.expired():
+            break
     dists = torch.cat(blocks, dim=0)[:max(1, occupied_until)]
     return dists, 0
 

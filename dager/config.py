@@ -26,12 +26,20 @@ class DagerConfig:
             96.9% (2.5 s a batch); on one CPU a batch of four long sentences needed
             more than 20k (floating-point differences between CPUs move the search).
         noise_tolerant: rank candidates by distance and keep the best ones instead of
-            fixed thresholds, so updates with small noise (defenses) still leak.
+            fixed thresholds, so updates with small noise (defenses) still leak. It is
+            also the request for a best effort when the layer-1 span is full (rank at
+            or above 0.95 d): without it such a run stops at the rank step with the
+            ``span_full`` warning; with it the search runs, bounded by
+            ``max_prefixes`` and ``time_budget_s``.
         top_k_plot: how many of the smallest vocabulary distances each
             :class:`~dager.events.TokensFiltered` event carries (for plots).
-        time_budget_s: wall-clock budget of one attack in seconds; when it is reached
-            the attack stops and returns what it found (``time_budget`` warning).
-            ``None``: no limit (the CLI's default; the app passes one).
+        time_budget_s: wall-clock budget of one attack in seconds, checked in the
+            layer-1 filter, after every item of the search (at least every chunk of
+            work) and in the greedy completion; when it is reached the attack stops
+            and returns what it found, exact sentences still exact and the search's
+            surviving prefixes as inexact partial ones (``time_budget`` warning,
+            ``StopReason.TIME_BUDGET``). ``None``: no limit (the CLI's default; the
+            app passes one).
         device: torch device the attack computes on (``"cpu"`` or ``"cuda"``).
     """
 

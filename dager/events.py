@@ -16,8 +16,13 @@ import torch
 class WarningCode(str, Enum):
     """Stable codes of :class:`AttackWarning` (strings on the wire: JSON, the CLI).
 
-    A ``str`` enum compares equal to its value, so ``code == "incomplete"`` holds.
+    A ``str`` enum compares equal to its value, so ``code == "incomplete"`` holds, and
+    it prints as its value (``f"{code}"`` gives ``"incomplete"``, as ``enum.StrEnum``
+    does), so faces that format codes show the stable string.
     """
+
+    __str__ = str.__str__
+    __format__ = str.__format__
 
     OVER_CAPACITY = "over_capacity"
     """The layer-1 rank approaches d: exact recovery is not guaranteed."""
@@ -37,7 +42,10 @@ class WarningCode(str, Enum):
 
 
 class StopReason(str, Enum):
-    """Why a DAGER run ended (:attr:`DagerResult.stop_reason`)."""
+    """Why a DAGER run ended (:attr:`DagerResult.stop_reason`); prints as its value."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
 
     COMPLETE = "complete"
     """The search ran to its end."""

@@ -22,13 +22,12 @@ loss (:func:`fedclient.batch_loss`), which the server knows, never with the clie
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +36,7 @@ from torch import nn
 from fedclient.batch import ImageBatch
 from fedclient.client import batch_loss
 from fedclient.errors import InvalidConfigError, LabInputError
+from fedclient.threads import on_threads
 from fedclient.update import SharedUpdate
 from dlg.lbfgs import CompactLBFGS
 from dlg.events import DlgEvent, DlgFinished, DlgResult, DlgStarted, DlgStep, LabelsInferred
@@ -465,20 +465,6 @@ def warm_up_optimizers() -> None:
     opt.step(closure)
 
 
-@contextlib.contextmanager
-def _cpu_threads(threads: int | None) -> Iterator[None]:
-    """Run with ``threads`` torch threads, restoring the previous count afterwards."""
-    if threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def iter_dlg(
     model: nn.Module,
     update: SharedUpdate,
@@ -494,16 +480,44 @@ def iter_dlg(
     (:func:`warm_up_optimizers`) is paid before the clock starts. On the CPU the
     optimisation runs on ``config.cpu_threads`` threads (one by default):
     the attacked models are tiny, and thread synchronisation dominated their steps
-    (measured 8 ms vs 143 ms per LeNet matching step on a busy 2-core machine).
+    (measured 8 ms vs 143 ms per LeNet matching step on a busy 2-core machine). The
+    count is set only while the generator runs (:func:`fedclient.threads.on_threads`):
+    the caller's setting holds between events.
     """
     if config.uses_torch_optimizer:
         warm_up_optimizers()
     threads = config.cpu_threads if torch.device(config.device).type == "cpu" else None
-    with _cpu_threads(threads):
-        yield from _iter_dlg(
+    yield from on_threads(
+        _iter_dlg(
             model, update, config=config, image_shape=image_shape,
             num_classes=num_classes, model_name=model_name,
-        )
+        ),
+        threads,
+    )
+
+
+def _now() -> float:
+    """The attack's clock (a module function, so tests can inject a fake one)."""
+    return time.perf_counter()
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What every restart shares (internal)."""
+
+    model: nn.Module
+    params: dict[str, torch.Tensor]
+    target: dict[str, torch.Tensor]
+    batch_size: int
+    num_classes: int
+    device: torch.device
+    dtype: torch.dtype
+    dist_kind: str
+    scale: float
+    """The shared gradient's squared norm (L2; 1 for the cosine distance)."""
+    tolerance: float
+    deadline: float
+    """``_now()`` at which the time budget ends (``inf`` without one)."""
 
 
 @torch.enable_grad()  # gradient matching differentiates gradients, whatever the caller's mode
@@ -529,14 +543,70 @@ def _iter_dlg(
     Yields:
         One :class:`DlgStarted`, a :class:`LabelsInferred` for ``idlg``/``ig``, one
         :class:`DlgStep` per iteration (a preview frame on some, throttled in time),
-        and one :class:`DlgFinished`. Closing the generator stops the attack at once.
+        and one :class:`DlgFinished`. Closing the generator stops the attack at once;
+        ``config.time_budget_s`` stops it with the best reconstruction so far (stop
+        reason ``"time_budget"``), across restarts.
 
     Raises:
         UnattackableUpdateError: the update holds none of the model's parameters, or
             lacks the head when labels must be inferred.
         InvalidConfigError: the batch is larger than :data:`MAX_BATCH`.
     """
-    t0 = time.perf_counter()
+    t0 = _now()
+    setup = _setup(model, update, config, num_classes, t0)
+    yield DlgStarted(
+        method=config.method,
+        model=model_name,
+        batch_size=setup.batch_size,
+        iterations=config.iterations,
+        restarts=config.restarts,
+    )
+    labels: torch.Tensor | None = None
+    if config.method in ("idlg", "ig"):
+        labels, counts = infer_labels(
+            setup.model, setup.target, batch_size=setup.batch_size, image_shape=image_shape, seed=config.seed
+        )
+        yield LabelsInferred(labels=labels.clone(), counts=counts.clone())
+        labels = labels.to(setup.device)
+    gen = torch.Generator().manual_seed(config.seed)
+    previews = _Previews(config.preview_seconds)
+    best: _Run | None = None
+    timed_out = False
+    for restart in range(config.restarts):
+        if restart > 0 and _now() >= setup.deadline:
+            timed_out = True  # no time left for another restart
+            break
+        init = _initial_images(config, setup.batch_size, image_shape, gen)
+        run = yield from _restart(setup, config, labels, init, gen, restart, previews)
+        if best is None or run.best_loss < best.best_loss:
+            best = run
+        timed_out = run.stop_reason == "time_budget"
+        if run.stop_reason in ("tolerance", "time_budget"):
+            break
+    assert best is not None and best.best_images is not None
+    if config.method == "dlg":
+        assert best.best_soft is not None
+        rec_labels = best.best_soft.argmax(dim=-1).cpu()
+    else:
+        assert labels is not None
+        rec_labels = labels.cpu()
+    stop_reason = "time_budget" if timed_out else best.stop_reason
+    result = DlgResult(
+        images=best.best_images.clamp(0, 1).cpu(),
+        labels=rec_labels,
+        losses=tuple(best.losses),
+        converged_iteration=best.converged_iteration,
+        stop_reason=stop_reason,
+        frames=tuple(best.frames),
+        seconds=_now() - t0,
+    )
+    yield DlgFinished(result=result)
+
+
+def _setup(
+    model: nn.Module, update: SharedUpdate, config: DlgConfig, num_classes: int | None, t0: float
+) -> _Setup:
+    """Check the update, copy the model to the attack's device and set the scales."""
     batch_size = int(update.batch_size)
     if not 1 <= batch_size <= MAX_BATCH:
         raise InvalidConfigError(
@@ -555,179 +625,197 @@ def _iter_dlg(
             "The shared update holds none of this model's parameters; was it computed on "
             "another model?"
         )
-    params = {n: named[n] for n in names}
     target = {n: update[n].detach().to(device=device, dtype=dtype) for n in names}  # the shared gradient
     if num_classes is None:
         weight_name, _ = head_parameter_names(model)
         num_classes = int(named[weight_name].shape[0])
-
-    yield DlgStarted(
-        method=config.method,
-        model=model_name,
-        batch_size=batch_size,
-        iterations=config.iterations,
-        restarts=config.restarts,
-    )
-
-    labels: torch.Tensor | None = None
-    if config.method in ("idlg", "ig"):
-        labels, counts = infer_labels(
-            model, target, batch_size=batch_size, image_shape=image_shape, seed=config.seed
-        )
-        yield LabelsInferred(labels=labels.clone(), counts=counts.clone())
-        labels = labels.to(device)
-    dist_kind = config.distance
-    if config.per_layer:
-        dist_kind = f"{dist_kind}_layer"
-
-    gen = torch.Generator().manual_seed(config.seed)
+    dist_kind = f"{config.distance}_layer" if config.per_layer else config.distance
     # The L2 tolerance is relative to the shared gradient's squared norm, so one value
     # fits every model and batch size; the cosine distance is scale-free already.
     scale = 1.0
     if config.distance == "l2":
         zeros = {n: torch.zeros_like(t) for n, t in target.items()}
         scale = float(gradient_distance(zeros, target, dist_kind))
-    tolerance = config.effective_tolerance * max(scale, 1e-30)
-    last_preview = -math.inf
-    best: _Run | None = None
-    for restart in range(config.restarts):
-        run = _Run()
-        init = _initial_images(config, batch_size, image_shape, gen)
-        x = init.to(device=device, dtype=dtype).requires_grad_(True)  # (B, C, H, W) dummy images
-        soft = None
-        variables = [x]
-        if config.method == "dlg":
-            soft = torch.randn((batch_size, num_classes), generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
-            variables.append(soft)  # (B, K) dummy label logits
+    budget = config.time_budget_s
+    return _Setup(
+        model=model,
+        params={n: named[n] for n in names},
+        target=target,
+        batch_size=batch_size,
+        num_classes=num_classes,
+        device=device,
+        dtype=dtype,
+        dist_kind=dist_kind,
+        scale=scale,
+        tolerance=config.effective_tolerance * max(scale, 1e-30),
+        deadline=math.inf if budget is None else t0 + budget,
+    )
 
-        use_adam = config.effective_optimizer == "adam"
 
-        def objective() -> torch.Tensor:
-            y = torch.softmax(soft, dim=-1) if soft is not None else labels
-            dummy = _dummy_gradient(model, params, x, y)
-            loss = gradient_distance(dummy, target, dist_kind)
-            if config.method == "ig" and config.tv_weight > 0:
-                tv = total_variation(x) if use_adam else smooth_total_variation(x)  # L-BFGS needs it smooth
-                loss = loss + config.tv_weight * tv
-            elif config.method != "ig" and batch_size > 1 and config.batch_tv > 0:
-                loss = loss + config.batch_tv * scale * smooth_total_variation(x)
-            return loss
+class _Previews:
+    """Throttles preview frames in the events to one per ``seconds`` (all restarts)."""
 
-        if use_adam:
-            opt: torch.optim.Optimizer | CompactLBFGS = torch.optim.Adam(variables, lr=config.effective_lr)
-            milestones = [int(config.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-        elif config.line_search != "strong_wolfe":
-            # torch's fixed-step L-BFGS (as in the DLG code) with less per-iteration
-            # overhead, and a backtracking safeguard unless the plain unit step is asked for.
-            opt = CompactLBFGS(variables, lr=config.effective_lr, max_iter=config.lbfgs_max_iter,
-                               history_size=100, backtrack=config.line_search == "armijo")
-            sched = None
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.last = -math.inf
+
+    def take(self, frame: torch.Tensor | None) -> torch.Tensor | None:
+        now = time.perf_counter()
+        if frame is None or now - self.last < self.seconds:
+            return None
+        self.last = now
+        return frame
+
+
+def _optimizer(
+    config: DlgConfig, variables: list[torch.Tensor]
+) -> tuple[torch.optim.Optimizer | CompactLBFGS, torch.optim.lr_scheduler.LRScheduler | None]:
+    """The restart's optimizer (and Adam's learning-rate schedule)."""
+    if config.effective_optimizer == "adam":
+        opt = torch.optim.Adam(variables, lr=config.effective_lr)
+        milestones = [int(config.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    if config.line_search != "strong_wolfe":
+        # torch's fixed-step L-BFGS (as in the DLG code) with less per-iteration
+        # overhead, and a backtracking safeguard unless the plain unit step is asked for.
+        return CompactLBFGS(variables, lr=config.effective_lr, max_iter=config.lbfgs_max_iter,
+                            history_size=100, backtrack=config.line_search == "armijo"), None
+    return torch.optim.LBFGS(
+        variables, lr=config.effective_lr, max_iter=config.lbfgs_max_iter, history_size=100,
+        line_search_fn=config.line_search,
+    ), None
+
+
+def _restart(
+    setup: _Setup,
+    config: DlgConfig,
+    labels: torch.Tensor | None,
+    init: torch.Tensor,
+    gen: torch.Generator,
+    restart: int,
+    previews: _Previews,
+) -> Generator[DlgEvent, None, _Run]:
+    """One random restart: optimise from ``init`` until a stop rule fires."""
+    run = _Run()
+    x = init.to(device=setup.device, dtype=setup.dtype).requires_grad_(True)  # (B, C, H, W) dummy images
+    soft = None
+    variables = [x]
+    if config.method == "dlg":
+        soft = torch.randn((setup.batch_size, setup.num_classes), generator=gen).to(
+            device=setup.device, dtype=setup.dtype).requires_grad_(True)
+        variables.append(soft)  # (B, K) dummy label logits
+    use_adam = config.effective_optimizer == "adam"
+
+    def objective() -> torch.Tensor:
+        y = torch.softmax(soft, dim=-1) if soft is not None else labels
+        dummy = _dummy_gradient(setup.model, setup.params, x, y)
+        loss = gradient_distance(dummy, setup.target, setup.dist_kind)
+        if config.method == "ig" and config.tv_weight > 0:
+            tv = total_variation(x) if use_adam else smooth_total_variation(x)  # L-BFGS needs it smooth
+            loss = loss + config.tv_weight * tv
+        elif config.method != "ig" and setup.batch_size > 1 and config.batch_tv > 0:
+            loss = loss + config.batch_tv * setup.scale * smooth_total_variation(x)
+        return loss
+
+    opt, sched = _optimizer(config, variables)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()
+        return loss
+
+    def step() -> torch.Tensor:
+        if not use_adam:
+            return opt.step(closure)  # the loss at the iterate before the step
+        opt.zero_grad()
+        loss_t = objective()
+        loss_t.backward()
+        if config.signed:
+            x.grad.sign_()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            x.clamp_(0, 1)  # pixels live in [0, 1]
+        return loss_t
+
+    run.frames.append((0, x.detach().clamp(0, 1).cpu().clone()))
+    yield from _iterate(setup, config, run, x, soft, step, restart, previews)
+    _score_last_iterate(run, x, soft, objective, init.to(setup.device))
+    log.debug(
+        "restart %d: %s after %d iterations, best loss %.3g",
+        restart, run.stop_reason, len(run.losses), run.best_loss,
+    )
+    return run
+
+
+def _iterate(
+    setup: _Setup,
+    config: DlgConfig,
+    run: _Run,
+    x: torch.Tensor,
+    soft: torch.Tensor | None,
+    step: Callable[[], torch.Tensor],
+    restart: int,
+    previews: _Previews,
+) -> Iterator[DlgEvent]:
+    """The optimisation loop of one restart: one :class:`DlgStep` per iteration."""
+    since_best = frozen = 0
+    plateau_ref = math.inf
+    for it in range(1, config.iterations + 1):
+        if _now() >= setup.deadline:
+            run.stop_reason, run.converged_iteration = "time_budget", it - 1
+            break
+        snapshot = x.detach().clone()
+        soft_snapshot = soft.detach().clone() if soft is not None else None
+        loss = float(step().detach())
+        run.losses.append(loss)
+        if not math.isfinite(loss):
+            run.stop_reason, run.converged_iteration = "diverged", it
+            break
+        if loss < run.best_loss:
+            run.best_loss, run.best_images, run.best_soft = loss, snapshot, soft_snapshot
+        if loss < plateau_ref * (1 - config.min_improvement):
+            plateau_ref, since_best = loss, 0
         else:
-            opt = torch.optim.LBFGS(
-                variables, lr=config.effective_lr, max_iter=config.lbfgs_max_iter, history_size=100,
-                line_search_fn=config.line_search,
-            )
-            sched = None
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = objective()
-            loss.backward()
-            return loss
-
-        run.frames.append((0, x.detach().clamp(0, 1).cpu().clone()))
-        since_best = frozen = 0
-        plateau_ref = math.inf
-        for it in range(1, config.iterations + 1):
-            snapshot = x.detach().clone()
-            soft_snapshot = soft.detach().clone() if soft is not None else None
-            if use_adam:
-                opt.zero_grad()
-                loss_t = objective()
-                loss_t.backward()
-                if config.signed:
-                    x.grad.sign_()
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    x.clamp_(0, 1)  # pixels live in [0, 1]
-            else:
-                loss_t = opt.step(closure)  # the loss at the iterate before the step
-            loss = float(loss_t.detach())
-            run.losses.append(loss)
-            if not math.isfinite(loss):
-                run.stop_reason = "diverged"
-                run.converged_iteration = it
-                break
-            if loss < run.best_loss:
-                run.best_loss = loss
-                run.best_images = snapshot
-                run.best_soft = soft_snapshot
-            if loss < plateau_ref * (1 - config.min_improvement):
-                plateau_ref = loss
-                since_best = 0
-            else:
-                since_best += 1
-            # L-BFGS returns at once, loss unchanged, when its line search stalls (e.g.
-            # a saturated soft label): five such steps end the restart early.
-            frozen = frozen + 1 if run.losses[-2:-1] == [loss] else 0
-            frame = None
-            if it % config.preview_every == 0:
-                frame = x.detach().clamp(0, 1).cpu().clone()
-                run.frames.append((it, frame))
-            stopping = loss <= tolerance or (config.patience and since_best >= config.patience) or frozen >= 5
-            preview = None
-            now = time.perf_counter()
-            if frame is not None and now - last_preview >= config.preview_seconds:
-                preview, last_preview = frame, now
-            yield DlgStep(iteration=it, restart=restart, loss=loss, preview=preview)
-            if loss <= tolerance:
-                run.stop_reason, run.converged_iteration = "tolerance", it
-                break
-            if stopping:
-                run.stop_reason, run.converged_iteration = "plateau", it
-                break
-        # The iterate after the last step has not been scored yet; it is often the best.
-        if run.stop_reason != "diverged":
-            final_loss = float(objective().detach())
-            if math.isfinite(final_loss) and final_loss < run.best_loss:
-                run.best_loss = final_loss
-                run.best_images = x.detach().clone()
-                run.best_soft = soft.detach().clone() if soft is not None else None
-        if run.best_images is None:  # diverged at the first step
-            run.best_images = init.to(device)
-            run.best_soft = soft.detach().clone() if soft is not None else None
-        run.best_images = run.best_images.float()
-        final = run.best_images.clamp(0, 1).cpu()
-        if not run.frames or run.frames[-1][0] != len(run.losses):
-            run.frames.append((len(run.losses), final.clone()))
-        log.debug(
-            "restart %d: %s after %d iterations, best loss %.3g",
-            restart, run.stop_reason, len(run.losses), run.best_loss,
-        )
-        if best is None or run.best_loss < best.best_loss:
-            best = run
-        if run.stop_reason == "tolerance":
+            since_best += 1
+        # L-BFGS returns at once, loss unchanged, when its line search stalls (e.g.
+        # a saturated soft label): five such steps end the restart early.
+        frozen = frozen + 1 if run.losses[-2:-1] == [loss] else 0
+        frame = None
+        if it % config.preview_every == 0:
+            frame = x.detach().clamp(0, 1).cpu().clone()
+            run.frames.append((it, frame))
+        yield DlgStep(iteration=it, restart=restart, loss=loss, preview=previews.take(frame))
+        if loss <= setup.tolerance:
+            run.stop_reason, run.converged_iteration = "tolerance", it
+            break
+        if (config.patience and since_best >= config.patience) or frozen >= 5:
+            run.stop_reason, run.converged_iteration = "plateau", it
             break
 
-    assert best is not None and best.best_images is not None
-    if config.method == "dlg":
-        assert best.best_soft is not None
-        rec_labels = best.best_soft.argmax(dim=-1).cpu()
-    else:
-        assert labels is not None
-        rec_labels = labels.cpu()
-    result = DlgResult(
-        images=best.best_images.clamp(0, 1).cpu(),
-        labels=rec_labels,
-        losses=tuple(best.losses),
-        converged_iteration=best.converged_iteration,
-        stop_reason=best.stop_reason,
-        frames=tuple(best.frames),
-        seconds=time.perf_counter() - t0,
-    )
-    yield DlgFinished(result=result)
+
+def _score_last_iterate(
+    run: _Run,
+    x: torch.Tensor,
+    soft: torch.Tensor | None,
+    objective: Callable[[], torch.Tensor],
+    init: torch.Tensor,
+) -> None:
+    """Score the iterate after the last step (often the best) and keep the best frame."""
+    if run.stop_reason != "diverged":
+        final_loss = float(objective().detach())
+        if math.isfinite(final_loss) and final_loss < run.best_loss:
+            run.best_loss = final_loss
+            run.best_images = x.detach().clone()
+            run.best_soft = soft.detach().clone() if soft is not None else None
+    if run.best_images is None:  # diverged at the first step
+        run.best_images = init
+        run.best_soft = soft.detach().clone() if soft is not None else None
+    run.best_images = run.best_images.float()
+    final = run.best_images.clamp(0, 1).cpu()
+    if not run.frames or run.frames[-1][0] != len(run.losses):
+        run.frames.append((len(run.losses), final.clone()))
 
 
 def run_dlg(

@@ -73,8 +73,9 @@ class DlgResult:
         losses: the loss at each iteration of the best restart.
         converged_iteration: the iteration at which early stopping fired, or
             ``None`` when the whole budget ran.
-        stop_reason: ``"tolerance"``, ``"plateau"``, ``"budget"``, ``"diverged"`` or
-            ``"cancelled"``.
+        stop_reason: ``"tolerance"``, ``"plateau"``, ``"budget"`` (the iterations ran
+            out), ``"diverged"``, ``"time_budget"`` (the configured time budget ran out;
+            the result is the best reconstruction so far) or ``"cancelled"``.
         frames: reconstructions over iterations, for GIF export: ``(iteration, images)``.
         seconds: wall-clock attack time.
     """
@@ -116,10 +117,19 @@ class TextDlgStep:
 class TextDlgResult:
     """The text baseline's final guesses.
 
-    ``seq_len`` is the sequence length the attack used and ``seq_len_source`` where it
-    came from: ``"given"`` (the caller's config), ``"inferred"`` (read off the shared
-    update's position-embedding gradient) or ``"guessed"`` (the attacker's guess, e.g.
-    on RoPE models, which have no position embedding).
+    Attributes:
+        sentences: one decoded guess per example.
+        token_ids: their token ids.
+        losses: the loss at each iteration.
+        seconds: wall-clock attack time.
+        seq_len: the sequence length the attack used.
+        seq_len_source: where it came from: ``"given"`` (the caller's config),
+            ``"inferred"`` (read off the shared update's position-embedding gradient)
+            or ``"guessed"`` (the attacker's guess, e.g. on RoPE models, which have no
+            position embedding).
+        stop_reason: ``"budget"`` (every iteration ran), ``"diverged"`` or
+            ``"time_budget"`` (the configured time budget ran out; the result is the
+            best guess so far).
     """
 
     sentences: tuple[str, ...]
@@ -128,6 +138,7 @@ class TextDlgResult:
     seconds: float
     seq_len: int | None = None
     seq_len_source: str = "given"
+    stop_reason: str = "budget"
 
 
 @dataclass(frozen=True)

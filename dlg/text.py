@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 DISTANCES = ("l2", "cosine")
 
+HEARTBEAT_SECONDS = 0.3
+"""A step event at least this often (whenever an iteration ends past it), so a face can
+stop the run promptly; one iteration is the finest grain (a full-model double backward)."""
+
 
 @dataclass(frozen=True)
 class TextDlgConfig:
@@ -213,8 +217,10 @@ def iter_dlg_text(
     Yields:
         One :class:`DlgStarted` (method ``"dlg-text"``), throttled
         :class:`TextDlgStep` events with the current nearest-token decoding, and one
-        :class:`TextDlgFinished` with one sentence per example. Closing the generator
-        stops the attack at once.
+        :class:`TextDlgFinished` with one sentence per example. A step comes at least
+        after every iteration that ends :data:`HEARTBEAT_SECONDS` after the last event.
+        Closing the generator stops the attack at once; ``config.time_budget_s`` stops
+        it with the best guess so far (stop reason ``"time_budget"``).
 
     Raises:
         LabInputError: the update holds none of the model's (non-embedding) parameters,
@@ -291,8 +297,13 @@ def iter_dlg_text(
 
     losses: list[float] = []
     best_loss, best_embeds = math.inf, embeds.detach().clone()
-    last_event = -math.inf
+    deadline = math.inf if config.time_budget_s is None else t0 + config.time_budget_s
+    stop_reason = "budget"
+    last_event = time.perf_counter()
     for it in range(1, config.iterations + 1):
+        if time.perf_counter() >= deadline:
+            stop_reason = "time_budget"  # finish with the best guess so far
+            break
         opt.zero_grad()
         loss_d = _dummy_loss(model, task, embeds, label_logits)
         grads = torch.autograd.grad(loss_d, list(params.values()), create_graph=True)
@@ -301,6 +312,7 @@ def iter_dlg_text(
         value = float(loss.detach())
         if not math.isfinite(value):
             log.debug("text DLG diverged at iteration %d", it)
+            stop_reason = "diverged"
             break
         if value < best_loss:
             best_loss, best_embeds = value, embeds.detach().clone()
@@ -308,7 +320,8 @@ def iter_dlg_text(
         sched.step()
         losses.append(value)
         now = time.perf_counter()
-        if (it % config.preview_every == 0 or it == config.iterations) and now - last_event >= config.preview_seconds:
+        due = (it % config.preview_every == 0 or it == config.iterations) and now - last_event >= config.preview_seconds
+        if due or now - last_event >= HEARTBEAT_SECONDS:
             last_event = now
             ids = decode(embeds)
             yield TextDlgStep(iteration=it, loss=value, token_ids=ids, texts=texts(ids))
@@ -321,6 +334,7 @@ def iter_dlg_text(
         seconds=time.perf_counter() - t0,
         seq_len=seq_len,
         seq_len_source=seq_len_source,
+        stop_reason=stop_reason,
     )
     yield TextDlgFinished(result=result)
 

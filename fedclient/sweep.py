@@ -16,7 +16,9 @@ standard grid::
     save_plot(plot_sweep(rows, y=["rouge1"], title="DAGER under noise"), "noise.html")
 
 Each row is a flat dict: ``label``, ``axis``, ``strength``, ``defense`` (the spec, or
-``"none"``), ``epsilon`` (DP grids only), the attack's metrics, and ``seconds``.
+``"none"``), ``epsilon`` (DP grids only), ``time_budget_s`` (with a per-point budget),
+the attack's metrics, and ``seconds``. A per-point budget (``time_budget_s=``) bounds
+every point's cost: the runner passes it to the attack, which puts it in its config.
 """
 
 from __future__ import annotations
@@ -67,16 +69,40 @@ class SweepPoint:
 
 def iter_sweep(
     points: Sequence[SweepPoint],
-    attack: Callable[[Defense | None], Mapping[str, float]],
+    attack: Callable[..., Mapping[str, float]],
+    *,
+    time_budget_s: float | None = None,
 ) -> Iterator[dict[str, object]]:
     """Run ``attack`` once per point, yielding each row as soon as it is done.
 
+    Args:
+        points: the settings to attack, in order.
+        attack: ``attack(defense)`` returns the point's metrics; with a budget it is
+            called as ``attack(defense, time_budget_s=...)`` and puts the budget in its
+            attack's config (``DagerConfig``, ``DlgConfig`` and ``TextDlgConfig`` take
+            ``time_budget_s``), so every point ends in bounded time with what it found.
+        time_budget_s: seconds each point's attack may take, ``None`` for no limit;
+            written in each row as ``time_budget_s``.
+
     Yields:
-        One flat dict per point, in order (see the module docs for the columns).
+        One flat dict per point, in order, as soon as the point is done (see the
+        module docs for the columns), so a face can stream rows.
+
+    Raises:
+        InvalidConfigError: for a budget that is not a positive number of seconds.
     """
+    if time_budget_s is not None and not (
+        isinstance(time_budget_s, (int, float)) and 0 < time_budget_s < math.inf
+    ):
+        raise InvalidConfigError(
+            f"time_budget_s must be a positive number of seconds, or None for no limit (got {time_budget_s})."
+        )
     for point in points:
         start = time.perf_counter()
-        metrics = dict(attack(point.defense))
+        if time_budget_s is None:
+            metrics = dict(attack(point.defense))
+        else:
+            metrics = dict(attack(point.defense, time_budget_s=time_budget_s))
         row: dict[str, object] = {
             "label": point.label,
             "axis": point.axis,
@@ -87,6 +113,8 @@ def iter_sweep(
         if eps is not None:
             row["epsilon"] = eps
         row.update(point.extra)
+        if time_budget_s is not None:
+            row["time_budget_s"] = float(time_budget_s)
         row.update(metrics)
         row["seconds"] = time.perf_counter() - start
         log.debug("sweep point %s done in %.2fs", point.label, row["seconds"])
@@ -95,10 +123,12 @@ def iter_sweep(
 
 def run_sweep(
     points: Sequence[SweepPoint],
-    attack: Callable[[Defense | None], Mapping[str, float]],
+    attack: Callable[..., Mapping[str, float]],
+    *,
+    time_budget_s: float | None = None,
 ) -> list[dict[str, object]]:
     """Run a whole sweep (drains :func:`iter_sweep`)."""
-    return list(iter_sweep(points, attack))
+    return list(iter_sweep(points, attack, time_budget_s=time_budget_s))
 
 
 # -------------------------------------------------------------------------- grids
@@ -252,7 +282,7 @@ def plot_sweep(
 
     if x_scale not in ("category", "linear", "log"):
         raise InvalidConfigError(f"Unknown x scale {x_scale!r}: use category, linear or log.")
-    bookkeeping = {"label", "axis", "strength", "defense", "epsilon", "seconds", x}
+    bookkeeping = {"label", "axis", "strength", "defense", "epsilon", "seconds", "time_budget_s", x}
     metrics = list(y) or [
         k for k in dict.fromkeys(k for r in rows for k in r)
         if k not in bookkeeping and all(isinstance(r.get(k), (int, float)) for r in rows if k in r)

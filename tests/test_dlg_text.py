@@ -32,7 +32,7 @@ def test_text_baseline_event_contract(tiny, task):
     events = list(iter_dlg_text(bundle, update, config=config))
     assert isinstance(events[0], DlgStarted) and events[0].method == "dlg-text" and events[0].batch_size == 2
     steps = [e for e in events if isinstance(e, TextDlgStep)]
-    assert [s.iteration for s in steps] == [2, 4, 6]
+    assert [s.iteration for s in steps if s.iteration % 2 == 0] == [2, 4, 6]  # odd ones: heartbeats
     assert all(s.token_ids.shape == (2, batch.input_ids.shape[1]) and len(s.texts) == 2 for s in steps)
     assert isinstance(events[-1], TextDlgFinished)
     result = events[-1].result
