@@ -2,17 +2,21 @@
 
 Layer-2 inputs of an encoder depend on the whole (bidirectional) sequence, so
 sequences of a given length are assembled from per-position layer-1 candidates and
-checked whole; see :func:`encoder_search`.
+checked whole; see :func:`encoder_search`. The search is one small class,
+:class:`_EncoderSearch`, whose methods are its named steps: calibrate the
+threshold, pick a starting sequence, descend (sweeps and pair moves), record.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
+from dager.events import WarningCode
 from dager.layers import BertHooks
 from dager.search import Found, Step, Tick, Warn
 from dager.span import Span
@@ -26,9 +30,41 @@ EXHAUSTIVE_CAP = 4096
 PAIR_SUSPECTS = 4
 """Encoder descent: positions (farthest rows) tried in pairs at a local minimum."""
 
+PAIR_POOL = 12
+"""Candidates per suspect position in a pair move: the best single moves of the last
+sweep there. Bounds a pair grid at 144 sequences: at B=8 a position holds ~100
+layer-1 candidates (the batch's whole bag of tokens), and a full 100x100 grid per
+pair spent a 40k budget on one pair move."""
+
 ENCODER_CEILING = 1e-3
 """Encoder layer-2 threshold never exceeds this: in-span sequences sit at float32
 round-off (1e-7..1e-5), and a failed assembly can sit far below random probes."""
+
+THRESHOLD_FRACTION = 1e-3
+"""Automatic threshold: this fraction of the nearest random probe's worst row."""
+
+NUM_PROBES = 8
+"""Random sequences that measure the off-span level."""
+
+PROBE_LOW_ID = 1000
+"""Probe tokens are drawn from ids at or above this (BERT vocabularies keep special
+and unused tokens below it)."""
+
+MAX_SWEEPS = 8
+"""Coordinate-descent sweeps per assembled sequence."""
+
+RESTART_PATIENCE = 4
+"""Restarts of a length without a new sentence before the length is dropped."""
+
+IMPROVEMENT = 1e-9
+"""A move is kept when it lowers the score by more than this (float noise)."""
+
+SCORE_CHUNK = 128
+"""Sequences scored at once; a :class:`Tick` follows each chunk. 128 sequences of ~20
+tokens take ~0.25 s on one minilm-l6 CPU thread, so heartbeats stay under ~0.3 s."""
+
+DISTANCE_FLOOR = 1e-12
+"""Row distances are clamped here before the log (an exact 0 is round-off)."""
 
 
 def encoder_search(
@@ -52,7 +88,9 @@ def encoder_search(
     to the layer-2 span (attention is bidirectional: a wrong token anywhere perturbs
     every row, so the whole sequence is the score, not the varied row). A sequence
     whose every row lies in the span (worst distance below the threshold) is a
-    sentence.
+    sentence. At a local minimum of single changes, pairs of the positions whose rows
+    are farthest from the span change together (their best :data:`PAIR_POOL` single
+    moves each).
 
     Restarts break the collapse onto one dominant sentence: the B sentences together
     use every layer-1 candidate, so each restart starts from candidates that the
@@ -76,193 +114,324 @@ def encoder_search(
         generator: seeds the probes and the restarts.
 
     Yields:
-        :class:`Step` per assembled sequence, :class:`Found` per sentence,
-        :class:`Warn` when the budget is hit.
+        :class:`Tick` after every scored chunk, :class:`Step` per assembled
+        sequence, :class:`Found` per sentence (exact ones first, then the nearest
+        failed assemblies up to ``batch_size``, marked inexact), and
+        :class:`Warn` (``combinations_capped``) when the budget is hit.
     """
-    cls_id, sep_id = special_ids[:2]
-    dev = hooks.device
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    positions = sorted(p for p in accepted if p is not None)
-    lengths = [p + 1 for p in positions if p >= 2 and bool((accepted[p] == sep_id).any())]
-    if not lengths:
-        return
-    budget = [max_combinations]
-    specials = torch.tensor([cls_id, sep_id], device=dev)
-    cand_cache: dict[int, torch.Tensor] = {}
+    search = _EncoderSearch(
+        hooks,
+        accepted,
+        span2,
+        special_ids=special_ids,
+        batch_size=batch_size,
+        threshold=threshold,
+        max_combinations=max_combinations,
+        generator=generator,
+    )
+    yield from search.run()
 
-    def cands(p: int) -> torch.Tensor:
-        if p not in cand_cache:
-            c = accepted[p].to(dev)
-            cand_cache[p] = c[~torch.isin(c, specials)]
-        return cand_cache[p]
 
-    def score(seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        budget[0] -= int(seqs.shape[0])
-        d = span2.distance(hooks.layer2_inputs(seqs))  # (n, L)
-        return d.clamp(min=1e-12).log().mean(-1), d.max(-1).values
+@dataclass
+class _Descent:
+    """One sequence being descended: its score and, per position, the scores of the
+    single moves tried there last (aligned with the position's candidates)."""
 
-    # The off-span level: random tokens at every position of the longest length.
-    L0 = max(lengths)
-    probe = torch.randint(1000, hooks.vocab_size, (8, L0), generator=gen).to(dev)
-    probe[:, 0] = cls_id
-    probe[:, L0 - 1] = sep_id
-    probes_worst = span2.distance(hooks.layer2_inputs(probe)).max(-1).values
-    thr = threshold
-    if thr is None:
-        thr = min(ENCODER_CEILING, 1e-3 * float(probes_worst.min()))
-    log.debug("encoder layer-2 threshold %.3g (probes from %.3g)", thr, float(probes_worst.min()))
+    seq: torch.Tensor  # (L,)
+    score: float
+    worst: float
+    move_scores: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def descend(seq: torch.Tensor, fixed: int | None) -> tuple[torch.Tensor, float]:
-        L = int(seq.shape[0])
-        cur_s, cur_w = score(seq.unsqueeze(0))
-        cur, worst = float(cur_s[0]), float(cur_w[0])
 
-        def pair_move() -> bool:
-            """Change two positions at once (a local minimum of single changes, e.g.
-            two swapped tokens): the rows farthest from the span are the suspects."""
-            nonlocal seq, cur, worst
-            rows = span2.distance(hooks.layer2_inputs(seq.unsqueeze(0)))[0]
-            movable = [p for p in range(1, L - 1) if p != fixed and cands(p).numel() > 1]
-            suspects = sorted(movable, key=lambda p: -float(rows[p]))[:PAIR_SUSPECTS]
-            best: tuple[float, torch.Tensor, float] | None = None
-            for a in range(len(suspects)):
-                for b in range(a + 1, len(suspects)):
-                    pa, pb = suspects[a], suspects[b]
-                    grid = torch.cartesian_prod(cands(pa), cands(pb))
-                    seqs = seq.unsqueeze(0).repeat(int(grid.shape[0]), 1)
-                    seqs[:, pa] = grid[:, 0]
-                    seqs[:, pb] = grid[:, 1]
-                    s, w = score(seqs)
-                    i = int(s.argmin())
-                    if float(s[i]) < cur - 1e-9 and (best is None or float(s[i]) < best[0]):
-                        best = (float(s[i]), seqs[i].clone(), float(w[i]))
-            if best is None:
-                return False
-            cur, seq, worst = best
-            return True
-        for _sweep in range(8):
-            changed = False
-            for p in range(1, L - 1):
-                if worst < thr or budget[0] <= 0:
-                    return seq, worst
-                c = cands(p)
-                if p == fixed or c.numel() <= 1:
-                    continue
-                seqs = seq.unsqueeze(0).repeat(int(c.numel()), 1)
-                seqs[:, p] = c
-                s, w = score(seqs)
-                i = int(s.argmin())
-                if float(s[i]) < cur - 1e-9:
-                    seq, cur, worst = seqs[i].clone(), float(s[i]), float(w[i])
-                    changed = True
-            if not changed:
-                if worst < thr or budget[0] <= 0 or not pair_move():
-                    break
-        return seq, worst
+class _EncoderSearch:
+    """State and steps of one encoder search (see :func:`encoder_search`)."""
 
-    found: list[torch.Tensor] = []
-    keys: set[tuple[int, ...]] = set()
-    results: list[tuple[torch.Tensor, float]] = []
+    def __init__(
+        self,
+        hooks: BertHooks,
+        accepted: dict[int | None, torch.Tensor],
+        span2: Span,
+        *,
+        special_ids: tuple[int, ...],
+        batch_size: int,
+        threshold: float | None,
+        max_combinations: int,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.hooks = hooks
+        self.accepted = accepted
+        self.span2 = span2
+        self.cls_id, self.sep_id = special_ids[:2]
+        self.batch_size = batch_size
+        self.threshold = threshold
+        self.max_combinations = max_combinations
+        self.device = hooks.device
+        self.gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.checked = 0
+        self.thr = 0.0
+        self.found: list[torch.Tensor] = []
+        self.keys: set[tuple[int, ...]] = set()
+        self.results: list[tuple[torch.Tensor, float]] = []
+        self._specials = torch.tensor([self.cls_id, self.sep_id], device=self.device)
+        self._cands: dict[int, torch.Tensor] = {}
 
-    def initial(L: int, greedy: bool) -> torch.Tensor | None:
+    # -- small helpers -------------------------------------------------------------
+
+    @property
+    def left(self) -> int:
+        """Sequences the budget still allows."""
+        return self.max_combinations - self.checked
+
+    @property
+    def done(self) -> bool:
+        return len(self.found) >= self.batch_size or self.left <= 0
+
+    def cands(self, p: int) -> torch.Tensor:
+        """``(c,)`` layer-1 candidates at position ``p`` without ``[CLS]``/``[SEP]``."""
+        if p not in self._cands:
+            c = self.accepted[p].to(self.device)
+            self._cands[p] = c[~torch.isin(c, self._specials)]
+        return self._cands[p]
+
+    def rows(self, seqs: torch.Tensor) -> torch.Tensor:
+        """``(n, L)`` distances of every block-1 input row to the layer-2 span (charged)."""
+        self.checked += int(seqs.shape[0])
+        return self.span2.distance(self.hooks.layer2_inputs(seqs))
+
+    def score(self, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(n,)`` mean log row distance (the descent's objective) and worst row."""
+        d = self.rows(seqs)
+        return d.clamp(min=DISTANCE_FLOOR).log().mean(-1), d.max(-1).values
+
+    def score_chunks(self, seqs: torch.Tensor) -> Generator[Tick, None, tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`score` in chunks of :data:`SCORE_CHUNK`, a :class:`Tick` after each."""
+        L = int(seqs.shape[1])
+        parts = []
+        for start in range(0, int(seqs.shape[0]), SCORE_CHUNK):
+            parts.append(self.score(seqs[start : start + SCORE_CHUNK]))
+            yield self.tick(L)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def frame(self, L: int) -> torch.Tensor:
+        """``(L,)`` ``[CLS] ? ... ? [SEP]`` with the inside left to fill."""
+        seq = torch.empty(L, dtype=torch.long, device=self.device)
+        seq[0] = self.cls_id
+        seq[L - 1] = self.sep_id
+        return seq
+
+    def tick(self, L: int) -> Tick:
+        return Tick(L - 1, self.checked)
+
+    # -- the steps -----------------------------------------------------------------
+
+    def calibrate(self, lengths: list[int]) -> float:
+        """The layer-2 threshold: given, or a fraction of random probes' worst rows.
+
+        Probes are not charged to the budget (they are not candidates).
+        """
+        L0 = max(lengths)
+        probe = torch.randint(PROBE_LOW_ID, self.hooks.vocab_size, (NUM_PROBES, L0), generator=self.gen)
+        probe = probe.to(self.device)
+        probe[:, 0] = self.cls_id
+        probe[:, L0 - 1] = self.sep_id
+        probes_worst = self.span2.distance(self.hooks.layer2_inputs(probe)).max(-1).values
+        thr = self.threshold
+        if thr is None:
+            thr = min(ENCODER_CEILING, THRESHOLD_FRACTION * float(probes_worst.min()))
+        log.debug("encoder layer-2 threshold %.3g (probes from %.3g)", thr, float(probes_worst.min()))
+        return thr
+
+    def initial(self, L: int, greedy: bool) -> torch.Tensor | None:
         """Per position a candidate no found sentence uses there (nearest or random)."""
-        seq = torch.empty(L, dtype=torch.long, device=dev)
-        seq[0] = cls_id
-        seq[L - 1] = sep_id
+        seq = self.frame(L)
         for p in range(1, L - 1):
-            c = cands(p)
+            c = self.cands(p)
             if c.numel() == 0:
                 return None
-            used = [int(s[p]) for s in found if s.shape[0] > p + 1]
-            free = c[~torch.isin(c, torch.tensor(used, dtype=c.dtype, device=dev))] if used else c
+            used = [int(s[p]) for s in self.found if s.shape[0] > p + 1]
+            free = c[~torch.isin(c, torch.tensor(used, dtype=c.dtype, device=self.device))] if used else c
             pool = free if free.numel() else c
-            j = 0 if greedy else int(torch.randint(int(pool.numel()), (1,), generator=gen))
+            j = 0 if greedy else int(torch.randint(int(pool.numel()), (1,), generator=self.gen))
             seq[p] = pool[j]
         return seq
 
-    def record(seq: torch.Tensor, worst: float) -> Found | None:
-        results.append((seq, worst))
+    def descend(self, seq: torch.Tensor) -> Generator[Tick, None, tuple[torch.Tensor, float]]:
+        """Coordinate descent from ``seq``; returns ``(seq, worst)`` (``yield from``).
+
+        Sweeps try every candidate at every position; at a local minimum a pair
+        move may continue the descent. Stops in the span, out of budget, or after
+        :data:`MAX_SWEEPS` sweeps.
+        """
+        L = int(seq.shape[0])
+        s, w = self.score(seq.unsqueeze(0))
+        state = _Descent(seq, float(s[0]), float(w[0]))
+        for _sweep in range(MAX_SWEEPS):
+            changed = yield from self.sweep(state)
+            if self.settled(state):
+                break
+            if not changed:
+                moved = yield from self.pair_move(state)
+                if not moved:
+                    break
+        yield self.tick(L)
+        return state.seq, state.worst
+
+    def settled(self, state: _Descent) -> bool:
+        """In the span, or out of budget: the descent stops."""
+        return state.worst < self.thr or self.left <= 0
+
+    def sweep(self, state: _Descent) -> Generator[Tick, None, bool]:
+        """One pass over the positions, keeping each position's best single move."""
+        L = int(state.seq.shape[0])
+        changed = False
+        for p in range(1, L - 1):
+            if self.settled(state):
+                return changed
+            c = self.cands(p)
+            if c.numel() <= 1:
+                continue
+            seqs = state.seq.unsqueeze(0).repeat(int(c.numel()), 1)
+            seqs[:, p] = c
+            s, w = yield from self.score_chunks(seqs)
+            state.move_scores[p] = s
+            i = int(s.argmin())
+            if float(s[i]) < state.score - IMPROVEMENT:
+                state.seq, state.score, state.worst = seqs[i].clone(), float(s[i]), float(w[i])
+                changed = True
+        return changed
+
+    def pair_pool(self, state: _Descent, p: int) -> torch.Tensor:
+        """The candidates a pair move tries at ``p``: the best single moves of the last
+        sweep (in candidate order), or all when they are few or unscored."""
+        c = self.cands(p)
+        s = state.move_scores.get(p)
+        if c.numel() <= PAIR_POOL or s is None or s.numel() != c.numel():
+            return c
+        keep = torch.zeros(c.numel(), dtype=torch.bool, device=c.device)
+        keep[s.argsort()[:PAIR_POOL]] = True
+        return c[keep]
+
+    def pair_move(self, state: _Descent) -> Generator[Tick, None, bool]:
+        """Change two positions at once (a local minimum of single changes, e.g. two
+        swapped tokens): the rows farthest from the span are the suspects. Returns
+        whether the score improved."""
+        seq = state.seq
+        L = int(seq.shape[0])
+        rows = self.rows(seq.unsqueeze(0))[0]
+        movable = [p for p in range(1, L - 1) if self.cands(p).numel() > 1]
+        suspects = sorted(movable, key=lambda p: -float(rows[p]))[:PAIR_SUSPECTS]
+        best: tuple[float, torch.Tensor, float] | None = None
+        for a in range(len(suspects)):
+            for b in range(a + 1, len(suspects)):
+                pa, pb = suspects[a], suspects[b]
+                grid = torch.cartesian_prod(self.pair_pool(state, pa), self.pair_pool(state, pb))
+                seqs = seq.unsqueeze(0).repeat(int(grid.shape[0]), 1)
+                seqs[:, pa] = grid[:, 0]
+                seqs[:, pb] = grid[:, 1]
+                s, w = yield from self.score_chunks(seqs)
+                i = int(s.argmin())
+                if float(s[i]) < state.score - IMPROVEMENT and (best is None or float(s[i]) < best[0]):
+                    best = (float(s[i]), seqs[i].clone(), float(w[i]))
+        if best is None:
+            return False
+        state.score, state.seq, state.worst = best
+        return True
+
+    def record(self, seq: torch.Tensor, worst: float) -> Found | None:
+        """Keep an assembled sequence; a new one in the span is a sentence."""
+        self.results.append((seq, worst))
         key = tuple(seq.tolist())
-        if worst < thr and key not in keys:
-            keys.add(key)
-            found.append(seq)
+        if worst < self.thr and key not in self.keys:
+            self.keys.add(key)
+            self.found.append(seq)
             return Found(key, True, worst)
         return None
 
-    exhaustive_cap = min(EXHAUSTIVE_CAP, max_combinations)
-    order = sorted(lengths, reverse=True)
-    misses = {L: 0 for L in order}
-    patience = 4  # restarts of a length without a new sentence before it is dropped
-    first_round = True
-    while len(found) < batch_size and budget[0] > 0 and order:
-        for L in list(order):
-            if len(found) >= batch_size or budget[0] <= 0:
-                break
-            pools = [cands(p) for p in range(1, L - 1)]
-            if any(c.numel() == 0 for c in pools):
-                order.remove(L)
-                continue
-            if math.prod(int(c.numel()) for c in pools) <= exhaustive_cap:
-                # Few combinations: enumerate them all (the paper's exhaustive search).
-                for seq, worst in _enumerate(hooks, span2, pools, cls_id, sep_id, batch_size):
-                    budget[0] -= 1
-                    item = record(seq, worst)
-                    if item is not None:
-                        yield item
-                yield Step(L - 1, (tuple(results[-1][0].tolist()),), len(found), max_combinations - budget[0])
-                order.remove(L)
-                continue
-            seq = initial(L, greedy=first_round)
-            if seq is None:
-                order.remove(L)
-                continue
-            seq, worst = descend(seq, None)
-            yield Tick(L - 1, max_combinations - budget[0])
-            item = record(seq, worst)
-            yield Step(L - 1, (tuple(seq.tolist()),), len(found), max_combinations - budget[0])
+    def enumerate_length(self, L: int, pools: list[torch.Tensor]) -> Iterator[Found | Step | Tick]:
+        """All ``[CLS] pools... [SEP]`` sequences of one length, verified in chunks."""
+        kept = yield from self._enumerate(L, pools)
+        for seq, worst in kept:
+            item = self.record(seq, worst)
             if item is not None:
-                misses[L] = 0
                 yield item
-            else:
-                misses[L] += 1
-                if misses[L] >= patience:
+        yield Step(L - 1, (tuple(self.results[-1][0].tolist()),), len(self.found), self.checked)
+
+    def _enumerate(
+        self, L: int, pools: list[torch.Tensor]
+    ) -> Generator[Tick, None, list[tuple[torch.Tensor, float]]]:
+        """The ``batch_size`` nearest of all combinations (``yield from``); every
+        combination evaluated is charged to the budget."""
+        combos = torch.cartesian_prod(*pools) if len(pools) > 1 else pools[0].reshape(-1, 1)
+        combos = combos.reshape(combos.shape[0], -1)
+        n = int(combos.shape[0])
+        seqs = self.frame(L).unsqueeze(0).repeat(n, 1)
+        seqs[:, 1 : L - 1] = combos
+        worst_parts = []
+        for start in range(0, n, SCORE_CHUNK):
+            worst_parts.append(self.rows(seqs[start : start + SCORE_CHUNK]).max(-1).values)
+            yield self.tick(L)
+        worst = torch.cat(worst_parts)
+        order = worst.argsort()[: self.batch_size]
+        return [(seqs[i].clone(), float(worst[i])) for i in order.tolist()]
+
+    def assemble(self, L: int, greedy: bool) -> Generator[Found | Step | Tick, None, bool | None]:
+        """One restart at length ``L``; returns whether it found a new sentence (``None``:
+        the length cannot be assembled)."""
+        seq = self.initial(L, greedy)
+        if seq is None:
+            return None
+        seq, worst = yield from self.descend(seq)
+        item = self.record(seq, worst)
+        yield Step(L - 1, (tuple(seq.tolist()),), len(self.found), self.checked)
+        if item is not None:
+            yield item
+        return item is not None
+
+    def best_effort(self) -> Iterator[Found]:
+        """Fill up to the batch size with the nearest failed assemblies (inexact)."""
+        for seq, worst in sorted(self.results, key=lambda r: r[1]):
+            if len(self.found) >= self.batch_size:
+                break
+            key = tuple(seq.tolist())
+            if key in self.keys:
+                continue
+            self.keys.add(key)
+            self.found.append(seq)
+            yield Found(key, False, worst)
+
+    def run(self) -> Iterator[Found | Step | Warn | Tick]:
+        """Lengths longest first, then round-robin restarts (see :func:`encoder_search`)."""
+        positions = sorted(p for p in self.accepted if p is not None)
+        lengths = [p + 1 for p in positions if p >= 2 and bool((self.accepted[p] == self.sep_id).any())]
+        if not lengths:
+            return
+        self.thr = self.calibrate(lengths)
+        order = sorted(lengths, reverse=True)
+        misses = {L: 0 for L in order}
+        first_round = True
+        while order and not self.done:
+            for L in list(order):
+                if self.done:
+                    break
+                pools = [self.cands(p) for p in range(1, L - 1)]
+                if any(c.numel() == 0 for c in pools):
                     order.remove(L)
-        first_round = False
-    if budget[0] <= 0:
-        yield Warn("combinations_capped", float(max_combinations))
-    # Best effort: fill up to the batch size with the nearest failed assemblies.
-    for seq, worst in sorted(results, key=lambda r: r[1]):
-        if len(found) >= batch_size:
-            break
-        key = tuple(seq.tolist())
-        if key in keys:
-            continue
-        keys.add(key)
-        found.append(seq)
-        yield Found(key, False, worst)
-
-
-def _enumerate(
-    hooks: BertHooks,
-    span2: Span,
-    pools: list[torch.Tensor],
-    cls_id: int,
-    sep_id: int,
-    keep: int,
-) -> list[tuple[torch.Tensor, float]]:
-    """All ``[CLS] pools... [SEP]`` sequences, verified; the ``keep`` nearest."""
-    combos = torch.cartesian_prod(*pools) if len(pools) > 1 else pools[0].reshape(-1, 1)
-    combos = combos.reshape(combos.shape[0], -1)
-    n = combos.shape[0]
-    dev = combos.device
-    seqs = torch.cat(
-        [torch.full((n, 1), cls_id, device=dev), combos, torch.full((n, 1), sep_id, device=dev)], dim=1
-    )
-    worst = torch.cat(
-        [
-            span2.distance(hooks.layer2_inputs(seqs[s : s + 512])).max(-1).values
-            for s in range(0, n, 512)
-        ]
-    )
-    order = worst.argsort()[:keep]
-    return [(seqs[i].clone(), float(worst[i])) for i in order.tolist()]
+                    continue
+                if math.prod(int(c.numel()) for c in pools) <= min(EXHAUSTIVE_CAP, self.left):
+                    # Few combinations: enumerate them all (the paper's exhaustive search).
+                    yield from self.enumerate_length(L, pools)
+                    order.remove(L)
+                    continue
+                new = yield from self.assemble(L, greedy=first_round)
+                if new is None:
+                    order.remove(L)
+                elif new:
+                    misses[L] = 0
+                else:
+                    misses[L] += 1
+                    if misses[L] >= RESTART_PATIENCE:
+                        order.remove(L)
+            first_round = False
+        if self.left <= 0:
+            yield Warn(WarningCode.COMBINATIONS_CAPPED.value, float(self.max_combinations))
+        yield from self.best_effort()
