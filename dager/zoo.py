@@ -421,7 +421,7 @@ def build_llama_width_random(
     "The first two decoder blocks of a Llama-2-7B-shaped model (d=4096, 32 heads, MLP 11008, "
     "RMSNorm, RoPE, BOS) with GPT-2's tokenizer; weights are a fixed-seed random init, not "
     "Llama-2's. Two blocks are all DAGER reads: the row space of the layer-1/2 gradients is "
-    "the span of those layers' inputs, whatever follows. About 2.5 GB of RAM.",
+    "the span of those layers' inputs, whatever follows. Its weights take 2.4 GB of RAM.",
     pretrained=False,
 )
 def _llama2_width(task: str):
