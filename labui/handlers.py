@@ -350,7 +350,16 @@ def run_text_attack(sentences_text: str, model: str, hub_id: str | None, task: s
 
     items = job.run(produce)
     try:
-        bundle = _await_model(items)
+        loading = f"**Preparing:** loading {name} (only the first run of a model takes long)…"
+        bundle = None
+        for item in items:  # until the model is loaded, the status says so (and Stop works)
+            if isinstance(item, ModelReady):
+                bundle = item.bundle
+                break
+            elif isinstance(item, Tick):
+                yield (f"{loading} ⏱ {time.perf_counter() - t0:.0f} s", *_skips(len(TEXT_KEYS)))
+            else:
+                raise TypeError(f"expected the model first, got a {type(item).__name__}")
         if bundle is None:
             return
         view = DagerView(
@@ -371,25 +380,32 @@ def run_text_attack(sentences_text: str, model: str, hub_id: str | None, task: s
         release_memory()
 
 
-def _await_model(items: Iterator[object]) -> object | None:
-    for item in items:
-        if isinstance(item, ModelReady):
-            return item.bundle
-        elif isinstance(item, Tick):
-            continue
-        else:
-            raise TypeError(f"expected the model first, got a {type(item).__name__}")
-    return None
-
-
 def _token_text(bundle, token_id: int) -> str:  # noqa: ANN001
-    """A token as text; byte-level BPE pieces that are not valid UTF-8 on their own
-    (part of an emoji) are shown as their bytes, not as a replacement character."""
+    """A token as text. A byte-level BPE piece that is not valid UTF-8 on its own (part
+    of an emoji or accented letter) is shown as its bytes, e.g. ``⟨F0 9F⟩``, instead of
+    the replacement character the tokenizer's decode gives."""
     text = bundle.tokenizer.decode([int(token_id)])
-    if "\ufffd" in text:
-        piece = bundle.tokenizer.convert_ids_to_tokens(int(token_id))
-        return f"⟨{piece}⟩" if isinstance(piece, str) else text
+    if "\ufffd" not in text:
+        return text
+    piece = bundle.tokenizer.convert_ids_to_tokens(int(token_id))
+    raw = _byte_decoder()
+    if isinstance(piece, str) and piece and all(c in raw for c in piece):
+        return "⟨" + " ".join(f"{raw[c]:02X}" for c in piece) + "⟩"
     return text
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-to-unicode table (Radford et al.'s encoder.py), inverted: the
+    printable stand-in character -> the byte it encodes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in table.items()}
 
 
 def _utility(model: torch.nn.Module, batch: object, update: object) -> dict[str, float]:
@@ -424,21 +440,30 @@ def run_text_baseline(sentences_text: str, model: str, hub_id: str | None, task:
 
     items = job.run(produce)
     try:
-        bundle = _await_model(items)
+        bundle = None
+        for item in items:
+            if isinstance(item, ModelReady):
+                bundle = item.bundle
+                break
+            elif isinstance(item, Tick):
+                yield (view.render()["race_status"], gr.skip(), gr.skip())
+            else:
+                raise TypeError(f"expected the model first, got a {type(item).__name__}")
         if bundle is None:
             return
         view.normalize = functools.partial(normalize, bundle)
         view.scorer = text_scorer(bundle)
         last = time.perf_counter()
         for item in items:
-            if isinstance(item, Tick):
-                view.tick()
+            if isinstance(item, Tick):  # only the countdown changed: re-send the status alone
+                yield (view.render()["race_status"], gr.skip(), gr.skip())
+                continue
             elif isinstance(item, UpdateReady):
                 view.phase = "the attacker starts matching gradients…"
             else:
                 view.apply(item)
             job.where = view.where
-            if time.perf_counter() - last >= 0.25 or not isinstance(item, (Tick,)) and view.urgent(item):
+            if view.urgent(item) or time.perf_counter() - last >= 0.25:
                 last = time.perf_counter()
                 yield _emit_plain(view, TEXT_DLG_KEYS)
         yield _emit_plain(view, TEXT_DLG_KEYS)
