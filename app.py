@@ -20,6 +20,7 @@ from fedclient.threads import configure_cpu_threads  # noqa: E402
 
 configure_cpu_threads()  # before gradio or torch import torch
 
+import functools  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import threading  # noqa: E402
@@ -31,6 +32,7 @@ from dager.zoo import embedded_models  # noqa: E402
 from dlg.images import MAX_IMAGES as MAX_BATCH_IMAGES  # noqa: E402
 from labui import handlers as h  # noqa: E402
 from labui import inputs  # noqa: E402
+from labui.components import UndecodedImage  # noqa: E402
 from labui.inputs import ASSETS, MAX_ITERATIONS, MAX_SENTENCES, NUM_CLASSES, ON_GPU, SWEEPS  # noqa: E402
 
 log = logging.getLogger("gradient_leakage_lab.app")
@@ -150,8 +152,7 @@ def build_app() -> gr.Blocks:
                                             else models[0], label="Model")
                         hub_id = gr.Textbox(value="", label="…or a Hugging Face model id, owner/name (needs the hub)",
                                             placeholder="e.g. openai-community/gpt2")
-                        task = gr.Radio(["classification", "next-token"], value="classification", label="Task",
-                                        info="next-token needs a decoder (GPT-2, Llama); MiniLM is an encoder.")
+                        task = gr.Radio(["classification", "next-token"], value="classification", label="Task")
                         tolerant = gr.Checkbox(value=False, label="Noise-tolerant mode (for defended updates)")
                         with gr.Row():
                             run = gr.Button("Run DAGER", variant="primary", elem_id="gll-run-text")
@@ -188,19 +189,28 @@ def build_app() -> gr.Blocks:
             with gr.Tab("Images (DLG)", id="images"):
                 with gr.Row():
                     with gr.Column(scale=2):
+                        # One control chooses the image source: the sub-tabs. The radio is the
+                        # endpoint's `source` input (kept for the /dlg and /sweep APIs), hidden.
                         source = gr.Radio([("one image", "upload"), ("sketch", "sketch"), ("batch", "batch")],
-                                          value="upload", label="Image source")
+                                          value="upload", label="Image source", visible=False)
                         with gr.Tabs():
-                            with gr.Tab("Upload or sample"):
-                                upload = gr.Image(type="numpy", label="Private image", image_mode="RGB",
-                                                  sources=["upload", "clipboard"], height=220)
+                            with gr.Tab("Upload or sample", id="upload") as tab_upload:
+                                upload = UndecodedImage(type="filepath", label="Private image", image_mode="RGB",
+                                                        sources=["upload", "clipboard"], height=220,
+                                                        elem_id="gll-upload")
                                 samples = inputs.sample_images()
                                 if samples:
                                     gr.Examples(samples, inputs=[upload], label="Sample images")
-                            with gr.Tab("Draw"):
+                            with gr.Tab("Draw", id="sketch") as tab_sketch:
+                                # No crop/resize tools and one layer: the brush is the active tool
+                                # from the first stroke.
                                 sketch = gr.Sketchpad(label="Draw your image", type="numpy", height=260,
-                                                      canvas_size=(256, 256))
-                            with gr.Tab("Batch"):
+                                                      canvas_size=(256, 256), transforms=(), layers=False,
+                                                      brush=gr.Brush(default_size=12, colors=["#111827", "#dc2626",
+                                                                                            "#2563eb", "#16a34a"],
+                                                                     default_color="#111827"),
+                                                      elem_id="gll-sketch")
+                            with gr.Tab("Batch", id="batch") as tab_batch:
                                 batch = gr.File(file_count="multiple", file_types=["image"], height=180,
                                                 label=f"Private images (1 to {MAX_BATCH_IMAGES}, one client batch)")
                                 batch_samples = gr.Button("Use the sample images", size="sm")
@@ -251,12 +261,11 @@ def build_app() -> gr.Blocks:
                   [sweep_target, sweep_axis, *text_inputs, tolerant, source, upload, sketch, batch, label,
                    vmodel, method, iterations],
                   [sweep_status, sweep_plot, sweep_table], "sweep", "slow")
-        sketch.change(lambda _: "sketch", inputs=sketch, outputs=source, api_name=False, queue=False,
-                      show_progress="hidden")
-        upload.change(lambda v: "upload" if v is not None else gr.skip(), inputs=upload, outputs=source,
-                      api_name=False, queue=False, show_progress="hidden")
-        batch.change(lambda v: "batch" if v else gr.skip(), inputs=batch, outputs=source,
-                     api_name=False, queue=False, show_progress="hidden")
+        for tab, value in ((tab_upload, "upload"), (tab_sketch, "sketch"), (tab_batch, "batch")):
+            tab.select(functools.partial(lambda v: v, value), outputs=source, api_name=False, queue=False,
+                       show_progress="hidden")
+        model.change(h.task_choices, inputs=[model, task], outputs=task, api_name=False, concurrency_id="models",
+                     show_progress="hidden")
         batch_samples.click(lambda: inputs.sample_images()[:MAX_BATCH_IMAGES], outputs=batch, api_name=False,
                             queue=False)
         demo.unload(h.forget_session)

@@ -199,6 +199,19 @@ def model_name(model: str, hub_id: str | None) -> str:
     return hub
 
 
+def task_choices(model: str, task: str) -> object:
+    """The task radio for a model: only the tasks its family supports (MiniLM, an
+    encoder, has no next-token head), so a run never fails on the task."""
+    try:
+        tasks = tuple(load_bundle(model, "classification").family.tasks)
+    except LabInputError:
+        return gr.skip()
+    value = task if task in tasks else tasks[0]
+    info = ("" if "next-token" in tasks else
+            "This model is an encoder: it has no next-token head, so only classification is offered.")
+    return gr.Radio(choices=list(tasks), value=value, info=info or None)
+
+
 def text_scorer(bundle) -> Callable[[Sequence[str], Sequence[str]], object]:  # noqa: ANN001
     """ROUGE / exact match, judged on what the tokenizer can represent."""
     from dager.metrics import evaluate_text
@@ -556,7 +569,8 @@ def run_image_attack(source: str, upload: object, sketch: object, batch_files: o
     inputs.class_label(label)  # a bad label is reported before any file is read
     settings = DefenseSettings.from_inputs(sigma, dp, clip, z, prune, precision, fedavg_steps, clients)
     defense = settings.build()
-    images, note = inputs.load_client_image(source, upload, sketch, batch_files), None
+    images = inputs.load_client_image(source, upload, sketch, batch_files)
+    note = inputs.input_note(source, upload, batch_files)
     labels = inputs.client_labels(label, images.shape[0])
     job = JOBS.start(session_of(request), "image")
     view = DlgView(originals=images, labels=labels, budget_s=TIME_BUDGET_S, t0=t0, note=note)

@@ -317,9 +317,34 @@ def load_client_image(source: str, upload: object, sketch: object, batch_files: 
             raise FormInputError(f"The image is {value.shape[1]}x{value.shape[0]} pixels; use one under "
                                  f"{MAX_IMAGE_SIDE} pixels a side.")
         paths = file_paths(value) if isinstance(value, (str, dict)) or hasattr(value, "name") else []
-        return load_images(paths if paths else [value])
+        return load_images(paths if paths else [value])  # the library names what is wrong with a file
     else:
         raise UnknownChoiceError(f"Unknown image source {source!r}; choose one of {', '.join(IMAGE_SOURCES)}.")
+
+
+def input_note(source: str, upload: object, batch_files: object) -> str | None:
+    """A sentence about how the images were read, e.g. that an animated GIF's first frame
+    was used (None when there is nothing to say)."""
+    from PIL import Image
+
+    if source == "batch":
+        paths = file_paths(batch_files)
+    elif source == "upload":
+        paths = file_paths(upload) if isinstance(upload, (str, dict)) else []
+    else:
+        paths = []
+    animated = []
+    for i, path in enumerate(paths, 1):
+        try:
+            with Image.open(path) as img:
+                if getattr(img, "n_frames", 1) > 1:
+                    animated.append(i)
+        except (OSError, ValueError):
+            continue  # unreadable files were already refused by load_client_image
+    if not animated:
+        return None
+    which = "The image" if len(paths) == 1 else "Image " + ", ".join(str(i) for i in animated)
+    return f"ℹ️ {which} is animated: the attack used its first frame."
 
 
 # -- assets -------------------------------------------------------------------------

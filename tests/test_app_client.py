@@ -147,3 +147,51 @@ def test_cancelling_a_job_stops_the_attack(served, private_png):
     final = client.predict(SENTENCES[0], "gpt2-small-random", "", "classification", False, *DEFENSES_OFF,
                            api_name="/dager")
     assert final[-1]["recovered"] == [SENTENCES[0]]
+
+
+def test_a_text_file_named_png_gets_the_batch_tabs_message(served, tmp_path):
+    """Gradio used to decode the single upload itself and fail with a bare "Error"."""
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    _, client, _ = served
+    fake = tmp_path / "holiday.png"
+    fake.write_text("this is not an image\n")
+    with pytest.raises(AppError, match=r"Image 1 \(.*\.png\) is not an image PIL can read"):
+        client.predict("upload", handle_file(str(fake)), None, None, 7, "lenet", "idlg", 3, *DEFENSES_OFF,
+                       api_name="/dlg")
+
+
+def test_an_animated_gif_says_it_used_the_first_frame(served, tmp_path):
+    from gradio_client import handle_file
+
+    _, client, _ = served
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue", "green")]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    status = client.predict("upload", handle_file(str(path)), None, None, 7, "lenet", "idlg", 2, *DEFENSES_OFF,
+                            api_name="/dlg")[0]
+    assert "animated: the attack used its first frame" in status
+
+
+def test_two_visitors_a_short_text_run_is_not_stuck_behind_a_long_image_run(served, private_png):
+    """Separate lanes: visitor B's DAGER run finishes while visitor A's DLG run is still going."""
+    from gradio_client import Client, handle_file
+    from gradio_client.utils import Status
+
+    _, client_a, _ = served
+    client_b = Client(client_a.src, analytics_enabled=False, verbose=False)
+    long_job = client_a.submit("upload", handle_file(private_png), None, None, 3, "lenet", "ig", 500,
+                               *DEFENSES_OFF, api_name="/dlg")
+    deadline = time.monotonic() + 60
+    while len(long_job.outputs()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(long_job.outputs()) >= 2, "the image run never started"
+    final = client_b.predict(SENTENCES[0], "gpt2-small-random", "", "classification", False, *DEFENSES_OFF,
+                             api_name="/dager")
+    assert final[-1]["recovered"] == [SENTENCES[0]]
+    assert not long_job.done(), "the short run waited for the long one"
+    long_job.cancel()
+    deadline = time.monotonic() + 15
+    while long_job.status().code != Status.CANCELLED and time.monotonic() < deadline:
+        time.sleep(0.1)
