@@ -16,6 +16,8 @@ class UndecodedImage(gr.Image):
     URLs) and numpy values keep Gradio's own handling.
     """
 
+    is_template = True  # rendered by the frontend's own Image component (see Block.get_block_name)
+
     def preprocess(self, payload):  # noqa: ANN001, ANN201 - Gradio's signature
         if payload is None:
             return None
