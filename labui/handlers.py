@@ -63,8 +63,11 @@ SWEEP_BUDGET_S = float(os.environ.get("GLL_SWEEP_BUDGET_S", "180"))
 """Cap of a whole sweep; each setting gets an equal share."""
 STOP_WAIT_S = 30.0
 """How long the Stop handler waits for the worker before saying it is still finishing."""
-DEFAULT_RACE_ITERATIONS = 60
-"""The DLG text race's default: about 30-60 s on the 2-core CPU Space (measured)."""
+DEFAULT_RACE_ITERATIONS = 10
+"""The DLG text race's default. Each Adam step differentiates a gradient through the
+whole model (seconds per step on gpt2-small-random on the 2-core CPU; 200 steps took
+tens of minutes), so the default is the slider's minimum and the run is capped at
+:data:`TIME_BUDGET_S`; the status shows an estimate from the rate seen."""
 DEFAULT_IMAGE_ITERATIONS = 100
 
 JOBS = JobRegistry()

@@ -162,3 +162,24 @@ def test_face_turns_library_errors_into_one_sentence():
 
     with pytest.raises(gr.Error, match="Type at least one sentence"):
         list(h.face(handler)(" "))
+
+
+def test_files_made_from_user_data_are_purged(tmp_path, monkeypatch):
+    """The GIF written after a DLG run goes to Gradio's cache folder and is deleted by the
+    purge that runs on the upload schedule (and at shutdown)."""
+    from dlg.events import DlgFinished, DlgResult, DlgStarted
+    from labui.image_view import DlgView
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    originals = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    frames = tuple((i, originals * i / 3) for i in (1, 2, 3))
+    view = DlgView(originals=originals)
+    view.apply(DlgStarted("idlg", "lenet", 1, 3))
+    view.apply(DlgFinished(DlgResult(originals, torch.tensor([1]), (1.0,), None, "budget", frames, 0.1)))
+    gif = h.write_gif(view)
+    assert gif is not None and os.path.dirname(gif) == str(tmp_path) and os.path.getsize(gif) > 0
+    other = tmp_path / "not-ours.txt"
+    other.write_text("x")
+    assert h.purge_user_files(older_than_s=3600) == 0 and os.path.exists(gif)  # too young for the schedule
+    assert h.purge_user_files(older_than_s=0) == 1  # the schedule's turn, or shutdown
+    assert not os.path.exists(gif) and other.exists()  # only the app's own files
