@@ -51,10 +51,10 @@ def _free_port() -> int:
 
 
 def _sentences(n: int) -> list[str]:
-    import app
+    from labui.inputs import sentence_sets
 
     pool: list[str] = []
-    for text in app.sentence_sets().values():
+    for text in sentence_sets().values():
         pool.extend(text.splitlines())
     if len(pool) < n:
         raise SystemExit(f"need {n} sample sentences, found {len(pool)}")
