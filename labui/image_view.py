@@ -16,6 +16,9 @@ from labui import plots
 IMAGE_KEYS = ("status", "preview", "loss", "psnr", "comparison")
 """The DLG view's outputs, in the order the app wires them."""
 
+HELD_BELOW_DB = 20.0
+"""A reconstruction below this PSNR is no longer recognisable on the lab's 32x32 images."""
+
 
 def to_grid(images: torch.Tensor, *, scale: int = 4, pad: int = 2) -> np.ndarray:
     """``(B, C, H, W)`` in [0, 1] -> one ``(H', W', 3)`` uint8 row, upscaled (nearest)."""
@@ -57,6 +60,10 @@ class DlgView:
     originals: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     clock: Callable[[], float] = time.perf_counter
+    budget_s: float | None = None
+    t0: float = 0.0
+    note: str | None = None
+    """A line about the input (e.g. "the GIF's first frame was used")."""
 
     started: DlgStarted | None = None
     inferred: LabelsInferred | None = None
@@ -68,12 +75,14 @@ class DlgView:
     restart: int = 0
     finished: DlgFinished | None = None
     scores: object | None = None
-    t0: float = 0.0
+    utility: dict[str, float] | None = None
     frames_shown: int = 0
     dirty: set[str] = field(default_factory=lambda: set(IMAGE_KEYS))
+    _shown_second: int = -1
 
     def __post_init__(self) -> None:
-        self.t0 = self.clock()
+        if not self.t0:
+            self.t0 = self.clock()
         self._handlers = {
             DlgStarted: self._started,
             LabelsInferred: self._labels,
@@ -91,6 +100,43 @@ class DlgView:
         if handler is None:
             raise TypeError(f"DlgView cannot display a {type(event).__name__} event")
         handler(event)
+
+    def mark_update_done(self, utility: dict[str, float] | None = None) -> None:
+        """The client's update is computed (``utility``: its cost, for a defended run)."""
+        self.utility = utility
+        self.dirty.add("status")
+
+    def tick(self) -> None:
+        """Time passed with no event: the countdown changes once a second."""
+        second = int(self.clock() - self.t0)
+        if second != self._shown_second:
+            self._shown_second = second
+            self.dirty.add("status")
+
+    @property
+    def where(self) -> str:
+        """Where the run is, for "Stopped at ..."."""
+        if self.finished is not None:
+            return "the end"
+        if self.started is None:
+            return "the client's update"
+        it = self.iterations[-1] if self.iterations else 0
+        psnr = f" (PSNR {self.psnrs[-1]:.1f} dB)" if self.psnrs else ""
+        return f"iteration {it} of {self.started.iterations}{psnr}"
+
+    def verdict(self) -> str | None:
+        """One line on a defended run: did the defense hold, and what did it cost?"""
+        if self.utility is None or self.finished is None:
+            return None
+        kept = f"the update kept {float(self.utility.get('utility_cosine', float('nan'))):.3f} of its direction"
+        psnr = self.final_psnr
+        if psnr is None:
+            return f"**Verdict:** {kept}."
+        if psnr < HELD_BELOW_DB:
+            head = f"defense held: {psnr:.1f} dB, below {HELD_BELOW_DB:.0f} dB"
+        else:
+            head = f"defense failed: {psnr:.1f} dB, at or above {HELD_BELOW_DB:.0f} dB (recognisable)"
+        return f"**Verdict:** {head}; {kept}."
 
     def _started(self, e: DlgStarted) -> None:
         self.started = e
@@ -168,8 +214,10 @@ class DlgView:
 
     def status_markdown(self) -> str:
         s = self.started
+        note = [self.note] if self.note else []
+        clock = self._countdown()
         if s is None:
-            return "**Running:** computing the client's gradient…"
+            return "\n\n".join([*note, f"**Running:** computing the client's gradient… {clock}"])
         head = f"**{s.method.upper()}** on **{s.model}** · batch {s.batch_size} · budget {s.iterations} iterations"
         if s.restarts > 1:
             head += f" · restart {self.restart + 1} of {s.restarts}"
@@ -185,7 +233,7 @@ class DlgView:
             it = self.iterations[-1] if self.iterations else 0
             loss = f", distance {self.losses[-1]:.3g}" if self.losses else ""
             psnr = f", PSNR {self.psnrs[-1]:.1f} dB" if self.psnrs else ""
-            lines.append(f"**Running:** iteration {it}{loss}{psnr}…")
+            lines.append(f"**Running:** iteration {it}{loss}{psnr}… {clock}")
         else:
             r = self.finished.result
             stop = {
@@ -194,9 +242,18 @@ class DlgView:
                 "budget": "the iteration budget ran out",
                 "diverged": "the optimisation diverged",
                 "cancelled": "it was stopped",
-            }.get(r.stop_reason, r.stop_reason)
+                "time_budget": f"it reached the {self.budget_s or 0:.0f} s time budget",
+            }.get(str(getattr(r.stop_reason, "value", r.stop_reason)), r.stop_reason)
             at = f" at iteration {r.converged_iteration}" if r.converged_iteration else ""
             psnr = self.final_psnr
             tail = f"; PSNR **{psnr:.1f} dB**" if psnr is not None else ""
             lines.append(f"**Done** in {r.seconds:.1f} s: stopped{at} because {stop}{tail}.")
-        return "\n\n".join(lines)
+            verdict = self.verdict()
+            if verdict:
+                lines.append(verdict)
+        return "\n\n".join([*note, *lines])
+
+    def _countdown(self) -> str:
+        elapsed = self.clock() - self.t0
+        budget = f" of the {self.budget_s:.0f} s budget" if self.budget_s else ""
+        return f"⏱ {elapsed:.0f} s{budget}"

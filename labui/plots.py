@@ -18,6 +18,7 @@ _LAYOUT = dict(
     margin=dict(l=55, r=15, t=45, b=45),
     font=dict(family="system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif", size=12),
     legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+    modebar=dict(orientation="v"),  # down the right edge: the toolbar never covers the title
 )
 
 
@@ -57,10 +58,12 @@ def spectrum_figure(
         ))
         fig.add_vline(x=rank + 0.5, line=dict(color=CUT if layer == 1 else "#f59e0b", dash="dash"),
                       annotation_text=f"rank {rank}" + ("" if layer == 1 else f" (L{layer})"),
-                      annotation_position="top right" if layer == 1 else "bottom right")
+                      # Rank labels at the top, the capacity label at the bottom: they never
+                      # overlap, however close the rank comes to d.
+                      annotation_position="top right" if layer == 1 else "top left")
     if hidden_size:
         fig.add_vline(x=hidden_size, line=dict(color=CAPACITY, dash="dot"),
-                      annotation_text=f"capacity d={hidden_size}", annotation_position="top left")
+                      annotation_text=f"capacity d={hidden_size}", annotation_position="bottom left")
     fig.update_layout(**_LAYOUT, title=dict(text=title, font=dict(size=14)))
     fig.update_yaxes(type="log", title="singular value", exponentformat="power")
     fig.update_xaxes(title="index", range=[0, max(top, hidden_size or 0) * 1.02])

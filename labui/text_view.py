@@ -22,6 +22,7 @@ from dager.events import (
     SentenceRecovered,
     SpectrumComputed,
     TokensFiltered,
+    WarningCode,
 )
 from dlg.events import DlgStarted, TextDlgFinished, TextDlgStep
 from labui import plots
@@ -30,7 +31,22 @@ from labui.textdiff import diff_html, match
 TEXT_KEYS = ("status", "spectrum", "distances", "grid", "sentences", "metrics")
 """The DAGER view's outputs, in the order the app wires them."""
 
+VOCABULARY = (
+    "**Reading the labels.** *span check passed*: every prefix of the sentence lies in the "
+    "gradient's span (what the attacker knows, without seeing your text). *matches original*: "
+    "the app compared it with what you typed (evaluation only; green means this and nothing "
+    "else). *as the tokenizer sees it*: the model cannot represent your text exactly (e.g. "
+    "MiniLM lowercases, strips accents and maps emoji to [UNK]), so the comparison uses the "
+    "tokenizer's version."
+)
+"""The one place the text tab's vocabulary is explained (shown under the results)."""
+
+SPAN_FULL = "**The span is full: this defense stopped the exact attack.**"
+
 WARNINGS = {
+    "span_full": SPAN_FULL + " The gradient's rank reached the model width (rank {value:.0f}), so "
+    "every token passes the span check and none can be rejected; the attack stopped at the rank step.",
+    "time_budget": "⏱ The attack reached its time budget ({value:.0f} s) and shows what it found by then.",
     "over_capacity": "The batch has about as many distinct tokens as the model is wide "
     "(rank {value:.0f}): exact recovery is no longer guaranteed; this is a best effort.",
     "budget_exhausted": "The search stopped at its budget ({value:.0f} candidates) before "
@@ -41,6 +57,10 @@ WARNINGS = {
     "incomplete": "Some sentences could not be completed exactly ({value:.0f}).",
     "left_padding": "The update was computed on left-padded batches; positions are shifted.",
 }
+
+
+def _code(code: object) -> str:
+    return str(getattr(code, "value", code))
 
 
 def _fmt_token(text: str) -> str:
@@ -72,6 +92,9 @@ class DagerView:
     model_note: str = ""
     scorer: Callable[[Sequence[str], Sequence[str]], object] | None = None
     clock: Callable[[], float] = time.perf_counter
+    noise_tolerant: bool = False
+    budget_s: float | None = None
+    t0: float = 0.0
 
     started: AttackStarted | None = None
     spectra: dict[int, tuple[list[float], int]] = field(default_factory=dict)
@@ -82,16 +105,19 @@ class DagerView:
     warnings: list[AttackWarning] = field(default_factory=list)
     finished: AttackFinished | None = None
     scores: object | None = None
-    t0: float = 0.0
+    utility: dict[str, float] | None = None
     phase: str = "computing the client's update…"
     update_s: float | None = None
     first_tokens_s: float | None = None
     finished_s: float | None = None
     dirty: set[str] = field(default_factory=lambda: set(TEXT_KEYS))
     _figs: dict[str, object] = field(default_factory=dict)
+    _pairs: object | None = None
+    _shown_second: int = -1
 
     def __post_init__(self) -> None:
-        self.t0 = self.clock()
+        if not self.t0:
+            self.t0 = self.clock()
         self._handlers = {
             AttackStarted: self._started,
             SpectrumComputed: self._spectrum,
@@ -116,11 +142,37 @@ class DagerView:
             raise TypeError(f"DagerView cannot display a {type(event).__name__} event")
         handler(event)
 
-    def mark_update_done(self) -> None:
-        """The client's update is computed; the attack starts (for the timings)."""
+    def mark_update_done(self, utility: dict[str, float] | None = None) -> None:
+        """The client's update is computed; the attack starts (for the timings).
+
+        Args:
+            utility: :func:`fedclient.defenses.utility_cost` of a defended update.
+        """
         self.update_s = self.clock() - self.t0
+        self.utility = utility
         self.phase = "the attacker reads the shared gradient…"
         self.dirty |= {"status", "metrics"}
+
+    def tick(self) -> None:
+        """Time passed with no event: the countdown changes once a second."""
+        second = int(self.clock() - self.t0)
+        if second != self._shown_second:
+            self._shown_second = second
+            self.dirty.add("status")
+
+    @property
+    def where(self) -> str:
+        """Where the run is, for "Stopped at ..."."""
+        if self.finished is not None:
+            return "the end"
+        if self.started is None:
+            return "the client's update" if self.update_s is None else "the rank step"
+        found = f"{len(self.recovered)} sentence(s) recovered"
+        if self.prefixes is not None:
+            return f"position {self.prefixes.position + 1} of the search ({found})"
+        if self.progress is not None and self.progress.position is not None:
+            return f"position {self.progress.position + 1} of the search ({found})"
+        return f"the token filter ({found})"
 
     def _started(self, e: AttackStarted) -> None:
         self.started = e
@@ -150,6 +202,7 @@ class DagerView:
 
     def _sentence(self, e: SentenceRecovered) -> None:
         self.recovered.append(e)
+        self._pairs = None
         self._mark_tokens()
         self.dirty |= {"grid", "sentences", "status"}
 
@@ -167,8 +220,10 @@ class DagerView:
         ):
             if tuple(ids) not in seen:
                 self.recovered.append(SentenceRecovered(len(self.recovered), tuple(ids), text, exact, 0.0))
+        self._pairs = None
         if self.scorer is not None and self.references:
-            self.scores = self.scorer(list(self.references), list(e.result.sentences))
+            # The same predictions as the per-sentence badges: the counts cannot disagree.
+            self.scores = self.scorer(list(self.references), self.predictions)
         self.dirty |= set(TEXT_KEYS)
 
     # -- rendering ---------------------------------------------------------------
@@ -201,6 +256,65 @@ class DagerView:
         d, self.dirty = self.dirty, set()
         return d
 
+    # -- evaluation (the app knows the originals; the attacker does not) ---------------
+
+    def judgements(self) -> list[tuple[str, int | None]]:
+        """Per recovered sentence: (``"match"`` | ``"differs"`` | ``"unmatched"``, reference index).
+
+        Uses the scorer's matching (the one behind the metrics table), so the badges,
+        the status counts and "exact match" always agree.
+        """
+        if not self.references:
+            return [("unmatched", None)] * len(self.recovered)
+        if self._pairs is None or len(self._pairs) != len(self.recovered):
+            preds = self.predictions
+            out: list[tuple[str, int | None]] = [("unmatched", None)] * len(preds)
+            if self.scorer is not None and preds:
+                for pair in self.scorer(list(self.references), preds).pairs:
+                    if pair.prediction_index is not None:
+                        out[pair.prediction_index] = ("match" if pair.exact else "differs", pair.reference_index)
+            else:
+                refs = [self.normalize(r) for r in self.references]
+                for i, (pred, ref_i) in enumerate(zip(preds, match([p.strip() for p in preds], refs))):
+                    if ref_i is not None:
+                        same = " ".join(self.normalize(pred).split()) == refs[ref_i]
+                        out[i] = ("match" if same else "differs", ref_i)
+            self._pairs = out
+        return list(self._pairs)
+
+    @property
+    def num_matching(self) -> int:
+        """Recovered sentences equal to their original (evaluation)."""
+        return sum(kind == "match" for kind, _ in self.judgements())
+
+    @property
+    def span_full(self) -> bool:
+        """The span was full: the exact attack could not run."""
+        if any(_code(w.code) == WarningCode.SPAN_FULL.value for w in self.warnings):
+            return True
+        reason = None if self.finished is None else getattr(self.finished.result, "stop_reason", None)
+        return _code(reason) == "span_full"
+
+    def verdict(self) -> str | None:
+        """One line on a defended run: did the defense hold, and what did it cost?"""
+        if self.utility is None or self.finished is None:
+            return None
+        kept = f"the update kept {float(self.utility.get('utility_cosine', float('nan'))):.3f} of its direction"
+        n = len(self.references)
+        if self.span_full:
+            return f"**Verdict:** defense held: the span is full, the exact attack could not run; {kept}."
+        if self.scores is None or not n:
+            return f"**Verdict:** {kept}."
+        exact = self.scores.num_exact
+        rouge = 100 * float(self.scores.rouge1)
+        if exact == 0 and rouge < 50:
+            head = f"defense held: no sentence recovered, ROUGE-1 {rouge:.1f} (below 50)"
+        elif exact < n:
+            head = f"defense partly held: {exact} of {n} sentences recovered exactly, ROUGE-1 {rouge:.1f}"
+        else:
+            head = f"defense failed: all {n} sentences recovered exactly"
+        return f"**Verdict:** {head}; {kept}."
+
     def status_markdown(self) -> str:
         lines: list[str] = []
         if self.model_note:
@@ -209,40 +323,58 @@ class DagerView:
         if s is None:
             lines.append(f"**Running:** {self.phase}")
         else:
-            verdict = (
-                "⚠️ over capacity: best effort" if s.over_capacity
-                else "within capacity: exact recovery expected"
-            )
+            if self.noise_tolerant:
+                verdict = "noise-tolerant mode: candidates are ranked by distance, nothing is guaranteed exact"
+            elif self.span_full:
+                verdict = "the span is full"
+            elif s.over_capacity:
+                verdict = "⚠️ over capacity: best effort"
+            else:
+                verdict = "within capacity: the span check can be exact"
             lines.append(
                 f"**{html.escape(s.model)}** · task *{s.task}* · batch {s.batch_size} · "
                 f"rank **{s.rank}** of d = {s.hidden_size} ({verdict})"
             )
+        if self.span_full:
+            lines.append(SPAN_FULL)
         if self.finished is None and s is not None:
             progress = f"{len(self.recovered)} sentence(s) recovered"
             if self.prefixes is not None:
-                progress += f", search at position {self.prefixes.position} with {self.prefixes.num_prefixes} prefix(es)"
+                progress += (f", search at position {self.prefixes.position} with "
+                             f"{self.prefixes.num_prefixes} prefix(es)")
             lines.append(f"**Running:** {progress}…")
         elif self.finished is not None:
             r = self.finished.result
-            lines.append(
-                f"**Done:** {len(r.sentences)} sentence(s) in {r.seconds:.2f} s "
-                f"({sum(r.exact)} passed the exact check)."
-            )
+            line = f"**Done:** {len(self.recovered)} sentence(s) in {r.seconds:.2f} s"
+            if not self.noise_tolerant:
+                line += f"; {sum(x.exact for x in self.recovered)} passed the span check"
+            if self.references:
+                line += f"; {self.num_matching} of {len(self.references)} match the original (evaluation)"
+            lines.append(line + ".")
+            v = self.verdict()
+            if v:
+                lines.append(v)
+        if self.finished is None:
+            elapsed = self.clock() - self.t0
+            budget = f" of the {self.budget_s:.0f} s budget" if self.budget_s else ""
+            lines.append(f"⏱ {elapsed:.0f} s{budget}")
         for w in self.warnings:
-            template = WARNINGS.get(w.code, "Warning: {code} ({value:g}).")
-            lines.append("⚠️ " + template.format(code=w.code, value=w.value))
+            code = _code(w.code)
+            if code == WarningCode.SPAN_FULL.value:
+                continue  # said once, above
+            template = WARNINGS.get(code, "Warning: {code} ({value:g}).")
+            lines.append("⚠️ " + template.format(code=code, value=w.value) if not template.startswith("⏱")
+                         else template.format(code=code, value=w.value))
         return "\n\n".join(lines)
 
-    def _cell(self, tid: int) -> str:
-        cls = "gll-special" if tid in self.special_ids else "gll-tok"
-        return f'<td class="{cls}" title="id {tid}">{_fmt_token(self.token_text(tid))}</td>'
-
     def grid_html(self, max_rows: int = 24) -> str:
-        """A token grid: recovered sentences, then the search's live prefixes."""
+        """A token grid: recovered sentences (green only when they match the original),
+        then the search's live prefixes. Long sentences wrap onto several lines."""
         rows: list[tuple[str, tuple[int, ...]]] = []
         done = [s.token_ids for s in self.recovered]
-        for s in self.recovered:
-            rows.append(("gll-row-exact" if s.exact else "gll-row-inexact", s.token_ids))
+        for s, (kind, _) in zip(self.recovered, self.judgements()):
+            cls = {"match": "gll-row-match", "differs": "gll-row-differs"}.get(kind, "gll-row-unjudged")
+            rows.append((cls, s.token_ids))
         if self.prefixes is not None and self.finished is None:
             for p in self.prefixes.prefixes:
                 if any(d[: len(p)] == tuple(p) for d in done):
@@ -250,41 +382,52 @@ class DagerView:
                 rows.append(("gll-row-live", tuple(p)))
         if not rows:
             return '<div class="gll-empty">The token grid fills in as the search recovers tokens.</div>'
-        width = max(len(ids) for _, ids in rows[:max_rows])
-        head = "".join(f"<th>{i}</th>" for i in range(width))
+        marks = {"gll-row-match": ("✓", "matches original"), "gll-row-differs": ("✗", "differs from the original"),
+                 "gll-row-unjudged": ("•", "recovered"), "gll-row-live": ("…", "live prefix")}
         body = []
-        for n, (cls, ids) in enumerate(rows[:max_rows]):
-            mark = {"gll-row-exact": "✓", "gll-row-inexact": "≈", "gll-row-live": "…"}[cls]
-            cells = "".join(self._cell(int(t)) for t in ids)
-            cells += '<td class="gll-pad"></td>' * (width - len(ids))
-            body.append(f'<tr class="{cls}"><th>{mark}</th>{cells}</tr>')
+        for cls, ids in rows[:max_rows]:
+            mark, title = marks[cls]
+            cells = "".join(self._span_cell(i, int(t)) for i, t in enumerate(ids))
+            body.append(f'<div class="gll-row {cls}" title="{title}"><span class="gll-mark">{mark}</span>{cells}</div>')
         more = len(rows) - max_rows
         extra = f'<div class="gll-note">… and {more} more prefixes</div>' if more > 0 else ""
-        return (
-            '<div class="gll-grid-wrap"><table class="gll-grid"><thead><tr><th></th>'
-            f"{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>{extra}"
-        )
+        return f'<div class="gll-grid-wrap"><div class="gll-grid">{"".join(body)}</div></div>{extra}'
+
+    def _span_cell(self, position: int, tid: int) -> str:
+        cls = "gll-special" if tid in self.special_ids else "gll-tok"
+        return (f'<span class="gll-cell {cls}" title="position {position}, id {tid}">'
+                f"{_fmt_token(self.token_text(tid))}</span>")
 
     def sentences_html(self) -> str:
-        """Recovered sentences with exact/inexact marks and a diff against the originals."""
+        """Recovered sentences with the attacker's check, the evaluation and a word diff."""
         if not self.recovered:
             return '<div class="gll-empty">Recovered sentences appear here.</div>'
-        refs = [self.normalize(r) for r in self.references]
-        preds = [s.text.strip() for s in self.recovered]
-        pairs = match(preds, refs)
         items = []
-        for s, pred, ref_i in zip(self.recovered, preds, pairs):
-            check = (
-                '<span class="gll-badge gll-exact" title="every prefix passed the span check">exact check ✓</span>'
-                if s.exact else
-                '<span class="gll-badge gll-inexact" title="best-effort completion">inexact ≈</span>'
-            )
-            if ref_i is None:
-                verdict, body = '<span class="gll-badge gll-miss">no original left</span>', html.escape(pred)
-            elif pred == refs[ref_i]:
-                verdict, body = '<span class="gll-badge gll-same">= original</span>', html.escape(pred)
+        for s, (kind, ref_i) in zip(self.recovered, self.judgements()):
+            pred = s.text.strip()
+            if self.noise_tolerant:
+                check = ('<span class="gll-badge gll-check-na" title="noise-tolerant mode ranks candidates; '
+                         'it checks nothing exactly">ranked guess</span>')
+            elif s.exact:
+                check = ('<span class="gll-badge gll-check" title="every prefix lies in the gradient\'s span: '
+                         'what the attacker knows">span check passed</span>')
             else:
-                verdict, body = '<span class="gll-badge gll-diff">differs</span>', diff_html(refs[ref_i], pred)
+                check = ('<span class="gll-badge gll-check-failed" title="a best-effort completion">'
+                         "span check failed</span>")
+            body = html.escape(pred)
+            if kind == "unmatched" or ref_i is None:
+                verdict = ('<span class="gll-badge gll-miss">no original left</span>' if self.references else "")
+            else:
+                typed = self.references[ref_i].strip()
+                seen = self.normalize(typed)
+                if kind == "match":
+                    verdict = '<span class="gll-badge gll-same">matches original</span>'
+                    if " ".join(typed.split()) != seen:
+                        verdict += (f'<span class="gll-badge gll-seen" title="you typed: {html.escape(typed)}">'
+                                    "as the tokenizer sees it</span>")
+                else:
+                    verdict = '<span class="gll-badge gll-diff">differs</span>'
+                    body = diff_html(seen, " ".join(self.normalize(pred).split()) or pred)
             items.append(f'<li class="gll-sent">{check}{verdict}<span class="gll-text">{body}</span></li>')
         return f'<ol class="gll-sents">{"".join(items)}</ol>'
 
@@ -292,7 +435,7 @@ class DagerView:
         if self.finished is None:
             first = "–" if self.first_tokens_s is None else f"{self.first_tokens_s:.2f} s"
             upd = "" if self.update_s is None else f"Client update computed after {self.update_s:.2f} s. "
-            return f"{upd}First tokens after {first}. Scores appear when the attack finishes."
+            return f"{upd}First tokens shown after {first}. Scores appear when the attack finishes."
         r = self.finished.result
         lines = ["| metric | value |", "|---|---|"]
         sc = self.scores
@@ -301,19 +444,24 @@ class DagerView:
             lines.append(f"| ROUGE-2 F1 | {100 * float(sc.rouge2):.1f} |")
             if hasattr(sc, "rougeL"):
                 lines.append(f"| ROUGE-L F1 | {100 * float(sc.rougeL):.1f} |")
-            lines.append(f"| exact match | {100 * float(sc.exact_match):.0f} % |")
+            lines.append(f"| exact match (matches original) | {100 * float(sc.exact_match):.0f} % "
+                         f"({self.num_matching} of {len(self.references)}) |")
             if hasattr(sc, "token_accuracy"):
                 lines.append(f"| token accuracy | {100 * float(sc.token_accuracy):.1f} % |")
-        lines.append(f"| sentences recovered | {len(r.sentences)} of {len(self.references) or r.rank} |")
+        lines.append(f"| sentences recovered | {len(self.recovered)} of {len(self.references) or r.rank} |")
+        if not self.noise_tolerant:
+            lines.append(f"| span check passed | {sum(x.exact for x in self.recovered)} |")
         lines.append(f"| layer-1 rank / d | {r.rank} / {r.hidden_size} |")
+        if self.utility is not None:
+            lines.append(f"| update direction kept (cosine) | {float(self.utility.get('utility_cosine', 0)):.3f} |")
         if self.update_s is not None:
             lines.append(f"| client update computed | {self.update_s:.2f} s |")
         if self.first_tokens_s is not None:
-            lines.append(f"| first tokens shown | {self.first_tokens_s:.2f} s |")
+            lines.append(f"| first tokens shown (from Run) | {self.first_tokens_s:.2f} s |")
         lines.append(f"| attack time | {r.seconds:.2f} s |")
         if self.finished_s is not None:
             lines.append(f"| total (update + attack) | {self.finished_s:.2f} s |")
-        return "\n".join(lines)
+        return "\n".join(lines) + "\n\n" + VOCABULARY
 
 
 TEXT_DLG_KEYS = ("race_status", "race_loss", "race_sentences")
@@ -327,6 +475,7 @@ class TextDlgView:
     normalize: Callable[[str], str] = lambda s: s.strip()  # noqa: E731
     scorer: Callable[[Sequence[str], Sequence[str]], object] | None = None
     clock: Callable[[], float] = time.perf_counter
+    budget_s: float | None = None
 
     started: DlgStarted | None = None
     iterations: list[int] = field(default_factory=list)
@@ -335,9 +484,12 @@ class TextDlgView:
     finished: TextDlgFinished | None = None
     scores: object | None = None
     t0: float = 0.0
+    phase: str = "loading the model and computing the client's update…"
+    attack_t0: float | None = None
 
     def __post_init__(self) -> None:
-        self.t0 = self.clock()
+        if not self.t0:
+            self.t0 = self.clock()
         self._handlers = {DlgStarted: self._started, TextDlgStep: self._step, TextDlgFinished: self._finished}
 
     def apply(self, event: object) -> None:
@@ -351,8 +503,25 @@ class TextDlgView:
             raise TypeError(f"TextDlgView cannot display a {type(event).__name__} event")
         handler(event)
 
+    @staticmethod
+    def urgent(event: object) -> bool:
+        """Start and finish are shown at once; steps are throttled."""
+        return isinstance(event, (DlgStarted, TextDlgFinished))
+
+    def tick(self) -> None:
+        """Time passed with no event (the countdown is rendered on the next yield)."""
+
+    @property
+    def where(self) -> str:
+        if self.finished is not None:
+            return "the end"
+        if self.started is None:
+            return "the client's update"
+        return f"iteration {self.iterations[-1] if self.iterations else 0} of {self.started.iterations}"
+
     def _started(self, e: DlgStarted) -> None:
         self.started = e
+        self.attack_t0 = self.clock()
 
     def _step(self, e: TextDlgStep) -> None:
         self.iterations.append(int(e.iteration))
@@ -365,19 +534,38 @@ class TextDlgView:
         if self.scorer is not None and self.references:
             self.scores = self.scorer(list(self.references), list(e.result.sentences))
 
+    def estimate_s(self) -> float | None:
+        """Seconds left at the rate seen so far (capped by the budget), or None before a step."""
+        if self.started is None or not self.iterations or self.attack_t0 is None:
+            return None
+        spent = self.clock() - self.attack_t0
+        done = self.iterations[-1]
+        left = spent / max(done, 1) * max(self.started.iterations - done, 0)
+        if self.budget_s:
+            left = min(left, max(self.budget_s - (self.clock() - self.t0), 0.0))
+        return left
+
     def render(self) -> dict[str, object]:
+        elapsed = self.clock() - self.t0
+        budget = f" of the {self.budget_s:.0f} s budget" if self.budget_s else ""
         if self.finished is not None:
             r = self.finished.result
             status = f"**DLG baseline done** in {r.seconds:.1f} s."
+            reason = getattr(r, "stop_reason", None)
+            if _code(reason) == "time_budget":
+                status += f" It reached the {self.budget_s or 0:.0f} s time budget and shows its best guess."
             sc = self.scores
             if sc is not None:
                 status += (f" ROUGE-1 {100 * float(sc.rouge1):.1f}, ROUGE-2 {100 * float(sc.rouge2):.1f}, "
                            f"exact match {100 * float(sc.exact_match):.0f} %.")
         elif self.started is not None:
             last = self.iterations[-1] if self.iterations else 0
-            status = f"**DLG baseline running:** iteration {last} of {self.started.iterations}…"
+            left = self.estimate_s()
+            eta = "" if left is None else f", about {left:.0f} s left"
+            status = (f"**DLG baseline running:** iteration {last} of {self.started.iterations}{eta}… "
+                      f"⏱ {elapsed:.0f} s{budget}")
         else:
-            status = "**DLG baseline:** computing the client's update…"
+            status = f"**DLG baseline:** {self.phase} ⏱ {elapsed:.0f} s{budget}"
         refs = [self.normalize(r) for r in self.references]
         preds = [t.strip() for t in self.texts]
         items = []

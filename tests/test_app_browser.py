@@ -42,7 +42,9 @@ def browser_app(tiny, monkeypatch):
     import app
 
     bundle = tiny("gpt2")  # the real engine on a tiny seeded GPT-2 keeps the test fast
-    monkeypatch.setattr(app, "load_model", lambda name, task="classification", device="cpu": bundle)
+    from labui import handlers
+
+    monkeypatch.setattr(handlers, "load_model", lambda name, task="classification", device="cpu": bundle)
     demo = app.build_app()
     port = _free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
@@ -68,17 +70,20 @@ def test_browser_types_runs_and_sees_recovered_sentences(browser_app, tmp_path):
                     outside.append(request.url)
 
             page.on("request", record)
-            page.goto(browser_app, wait_until="networkidle", timeout=60_000)
+            page.goto(browser_app, wait_until="load", timeout=60_000)
+            # (not "networkidle": the page keeps a heartbeat stream open so that closing
+            # the tab stops the visitor's runs)
+            page.locator("#gll-run-text").wait_for(timeout=60_000)
             box = page.locator("#gll-sentences textarea")
             box.fill("\n".join(SENTENCES))
             page.locator("#gll-run-text").click()
             recovered = page.locator("#gll-recovered")
             for sentence in SENTENCES:
                 expect(recovered).to_contain_text(sentence, timeout=90_000)
-            expect(recovered).to_contain_text("= original")
+            expect(recovered).to_contain_text("matches original")
             expect(page.locator("#gll-metrics")).to_contain_text("ROUGE-1", timeout=30_000)
             expect(page.locator("#gll-text-status")).to_contain_text("Done")
-            assert page.locator("#gll-grid td.gll-tok").count() >= 10  # the token grid filled in
+            assert page.locator("#gll-grid .gll-tok").count() >= 10  # the token grid filled in
             shot = tmp_path / "app_text_tab.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
@@ -87,3 +92,85 @@ def test_browser_types_runs_and_sees_recovered_sentences(browser_app, tmp_path):
         finally:
             browser.close()
     assert outside == [], f"the page fetched from outside: {outside}"
+
+
+LET_GO = __import__("threading").Event()
+
+
+def _endless_dager(b, update, **options):
+    """A DAGER stand-in that runs until stopped, then holds on (as a real search step
+    would) until the test has seen "Stopping…" and sets :data:`LET_GO`."""
+    import time
+
+    from dager.events import AttackStarted, SearchProgress
+
+    try:
+        yield AttackStarted("tiny", "classification", 1, b.hidden_size, 5, False, ())
+        i = 0
+        while True:
+            i += 1
+            yield SearchProgress(position=2, checked=i, seconds=0.0)
+            time.sleep(0.01)
+    finally:
+        LET_GO.wait(20)
+        LET_GO.clear()
+
+
+@pytest.fixture
+def page_of(browser_app):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(browser_app, wait_until="load", timeout=60_000)
+            # (not "networkidle": the page keeps a heartbeat stream open so that closing
+            # the tab stops the visitor's runs)
+            page.locator("#gll-run-text").wait_for(timeout=60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def test_browser_stop_states_and_run_after_stop(monkeypatch, page_of):
+    from playwright.sync_api import expect
+
+    from labui import handlers
+
+    monkeypatch.setattr(handlers, "dager_events", _endless_dager)
+    page = page_of
+    run, stop = page.locator("#gll-run-text"), page.locator("#gll-stop-text")
+    status = page.locator("#gll-text-status")
+    expect(stop).to_be_disabled()
+    run.click()
+    expect(run).to_be_disabled(timeout=10_000)  # Run stays off until the worker lets go
+    expect(status).to_contain_text("⏱", timeout=60_000)  # running, with its countdown
+    stop.click()
+    expect(status).to_contain_text("Stopping…", timeout=10_000)
+    expect(run).to_be_disabled()  # the worker has not let go yet
+    LET_GO.set()
+    expect(status).to_contain_text("Stopped at position 3 of the search", timeout=30_000)
+    expect(run).to_be_enabled()
+    # A Run pressed right after the Stop starts a new run (it used to vanish now and then).
+    run.click()
+    expect(run).to_be_disabled(timeout=10_000)
+    expect(status).not_to_contain_text("Stopped", timeout=30_000)
+    expect(status).to_contain_text("⏱", timeout=60_000)
+    stop.click()
+    expect(status).to_contain_text("Stopping…", timeout=10_000)
+    LET_GO.set()
+    expect(status).to_contain_text("Stopped at", timeout=30_000)
+    expect(run).to_be_enabled()
+
+
+def test_browser_fake_png_gets_a_sentence(page_of, tmp_path):
+    from playwright.sync_api import expect
+
+    page = page_of
+    fake = tmp_path / "holiday.png"
+    fake.write_text("this is not an image\n")
+    page.get_by_role("tab", name="Images (DLG)").click()
+    page.locator("#gll-upload input[type=file]").set_input_files(str(fake))
+    page.locator("#gll-run-image").click()
+    expect(page.get_by_text("is not an image PIL can read").first).to_be_visible(timeout=60_000)

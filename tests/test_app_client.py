@@ -33,10 +33,11 @@ def _free_port() -> int:
 def served(tmp_path_factory):
     import app
     from conftest import tiny_bundle
+    from labui import handlers
 
     with pytest.MonkeyPatch.context() as mp:
         bundle = tiny_bundle("gpt2")
-        mp.setattr(app, "load_model", lambda name, task="classification", device="cpu": bundle)
+        mp.setattr(handlers, "load_model", lambda name, task="classification", device="cpu": bundle)
         demo = app.build_app()
         port = _free_port()
         demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
@@ -46,7 +47,7 @@ def served(tmp_path_factory):
         client = Client(f"http://127.0.0.1:{port}/", analytics_enabled=False, verbose=False,
                         download_files=str(tmp_path_factory.mktemp("downloads")))
         try:
-            yield app, client, mp
+            yield handlers, client, mp
         finally:
             demo.close()
 
@@ -72,7 +73,7 @@ def test_text_endpoint_streams_and_recovers_typed_sentences(served):
     assert result["done"] is True
     assert sorted(result["recovered"]) == sorted(SENTENCES)
     assert result["exact_match"] == 1.0 and result["rouge1"] == 1.0
-    assert "= original" in final[4] and "Done" in final[0]
+    assert "matches original" in final[4] and "Done" in final[0]
 
 
 def test_text_endpoint_reports_bad_input_as_a_message(served):
@@ -103,8 +104,10 @@ def test_image_endpoint_returns_a_reconstruction(served, private_png):
 def test_image_endpoint_attacks_a_batch_of_files(served, private_png):
     from gradio_client import handle_file
 
-    app, client, _ = served
-    files = [handle_file(private_png), handle_file(app.sample_images()[0])]
+    _, client, _ = served
+    from labui.inputs import sample_images
+
+    files = [handle_file(private_png), handle_file(sample_images()[0])]
     status, preview, _loss, _psnr, comparison, _gif = client.predict(
         "batch", None, None, files, 98, "lenet", "idlg", 3, *DEFENSES_OFF, api_name="/dlg"
     )
@@ -144,3 +147,51 @@ def test_cancelling_a_job_stops_the_attack(served, private_png):
     final = client.predict(SENTENCES[0], "gpt2-small-random", "", "classification", False, *DEFENSES_OFF,
                            api_name="/dager")
     assert final[-1]["recovered"] == [SENTENCES[0]]
+
+
+def test_a_text_file_named_png_gets_the_batch_tabs_message(served, tmp_path):
+    """Gradio used to decode the single upload itself and fail with a bare "Error"."""
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    _, client, _ = served
+    fake = tmp_path / "holiday.png"
+    fake.write_text("this is not an image\n")
+    with pytest.raises(AppError, match=r"Image 1 \(.*\.png\) is not an image PIL can read"):
+        client.predict("upload", handle_file(str(fake)), None, None, 7, "lenet", "idlg", 3, *DEFENSES_OFF,
+                       api_name="/dlg")
+
+
+def test_an_animated_gif_says_it_used_the_first_frame(served, tmp_path):
+    from gradio_client import handle_file
+
+    _, client, _ = served
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue", "green")]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    status = client.predict("upload", handle_file(str(path)), None, None, 7, "lenet", "idlg", 2, *DEFENSES_OFF,
+                            api_name="/dlg")[0]
+    assert "animated: the attack used its first frame" in status
+
+
+def test_two_visitors_a_short_text_run_is_not_stuck_behind_a_long_image_run(served, private_png):
+    """Separate lanes: visitor B's DAGER run finishes while visitor A's DLG run is still going."""
+    from gradio_client import Client, handle_file
+    from gradio_client.utils import Status
+
+    _, client_a, _ = served
+    client_b = Client(client_a.src, analytics_enabled=False, verbose=False)
+    long_job = client_a.submit("upload", handle_file(private_png), None, None, 3, "lenet", "ig", 500,
+                               *DEFENSES_OFF, api_name="/dlg")
+    deadline = time.monotonic() + 60
+    while len(long_job.outputs()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(long_job.outputs()) >= 2, "the image run never started"
+    final = client_b.predict(SENTENCES[0], "gpt2-small-random", "", "classification", False, *DEFENSES_OFF,
+                             api_name="/dager")
+    assert final[-1]["recovered"] == [SENTENCES[0]]
+    assert not long_job.done(), "the short run waited for the long one"
+    long_job.cancel()
+    deadline = time.monotonic() + 15
+    while long_job.status().code != Status.CANCELLED and time.monotonic() < deadline:
+        time.sleep(0.1)

@@ -12,6 +12,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import app  # noqa: E402
+from labui import handlers as h  # noqa: E402
+from labui import inputs  # noqa: E402
+from fedclient.errors import LabInputError  # noqa: E402
 from dager.events import (  # noqa: E402
     AttackFinished,
     AttackStarted,
@@ -95,9 +98,9 @@ def _view(bundle, refs, clock=None):
         references=refs,
         token_text=lambda i: bundle.tokenizer.decode([int(i)]),
         special_ids=frozenset(bundle.tokenizer.all_special_ids),
-        normalize=lambda s: app._normalize(bundle, s),
-        model_note=app.model_note(bundle),
-        scorer=app.text_scorer(bundle),
+        normalize=lambda s: h.normalize(bundle, s),
+        model_note=h.model_note(bundle),
+        scorer=h.text_scorer(bundle),
         clock=clock or FakeClock(),
     )
 
@@ -134,23 +137,25 @@ def test_dager_view_renders_every_stage(tiny):
     threshold = next(t for t in dist.data if t.name == "threshold")
     first_tokens = {r[0] for r in (_ids(bundle, s) for s in REFS)}
     assert len(accepted.y) == len(first_tokens) and max(accepted.y) < threshold.y[0] < min(rejected.y)
-    assert out["grid"].count('class="gll-row-live"') == 2  # two live prefixes of length 1
+    assert out["grid"].count("gll-row gll-row-live") == 2  # two live prefixes of length 1
 
     for e in events[4:]:
         view.apply(e)
     out = view.render()
-    # Grid: one exact row, one inexact row, no stale live prefixes once finished.
-    assert out["grid"].count('class="gll-row-exact"') == 1
-    assert out["grid"].count('class="gll-row-inexact"') == 1
+    # Grid: one row matching its original (green), one differing, no stale live prefixes.
+    assert out["grid"].count("gll-row gll-row-match") == 1
+    assert out["grid"].count("gll-row gll-row-differs") == 1
     assert "gll-row-live" not in out["grid"]
-    assert ">the</td>" in out["grid"] or "·cat" in out["grid"]
+    assert ">the</span>" in out["grid"] or "·cat" in out["grid"]
     # Sentences: the first equals its original, the second shows a word diff.
-    assert "= original" in out["sentences"] and "differs" in out["sentences"]
+    assert "matches original" in out["sentences"] and "differs" in out["sentences"]
+    assert "span check passed" in out["sentences"] and "span check failed" in out["sentences"]
     assert '<del class="gll-del">home</del>' in out["sentences"]
     assert '<ins class="gll-ins">away</ins>' in out["sentences"]
     expected = evaluate_text(REFS, [bundle.decode(_ids(bundle, REFS[0])), "a dog ran away"])
     assert f"| ROUGE-1 F1 | {100 * expected.rouge1:.1f} |" in out["metrics"]
-    assert "| exact match | 50 % |" in out["metrics"]
+    assert "| exact match (matches original) | 50 % (1 of 2) |" in out["metrics"]
+    assert "1 passed the span check; 1 of 2 match the original" in out["status"]
     assert "could not be completed exactly" in out["status"]
     assert "Done:** 2 sentence(s)" in out["status"]
 
@@ -171,9 +176,8 @@ def test_stream_throttles_and_skips_unchanged_plots(tiny):
     view = _view(bundle, REFS, clock)
     view.render(), view.take_dirty()
     events = list(_dager_stream(bundle, REFS))
-    outs = list(app.stream_dager(view, iter(events), clock=clock))  # the clock never moves
-    urgent = sum(type(e).__name__ in ("AttackStarted", "SentenceRecovered", "AttackFinished", "PrefixesExtended")
-                 for e in events)
+    outs = list(h.stream_dager(view, iter(events), clock=clock))  # the clock never moves
+    urgent = sum(isinstance(e, h.URGENT_TEXT) for e in events)
     assert len(outs) == urgent + 1  # only urgent events yield when no time passes, plus the final
     assert all(len(o) == len(TEXT_KEYS) + 1 for o in outs)
     first = outs[0]  # after AttackStarted: the spectrum changed, the grid did not
@@ -192,34 +196,34 @@ def test_run_text_attack_end_to_end_with_a_hand_built_stream(tiny, monkeypatch):
         seen["update"] = update
         return _dager_stream(b, typed)
 
-    monkeypatch.setattr(app, "load_model", lambda name, task, device="cpu": bundle)
-    monkeypatch.setattr(app, "dager_parameters", lambda b: ["transformer.h.0.attn.c_attn.weight"])
-    monkeypatch.setattr(app, "dager_events", fake_events)
+    monkeypatch.setattr(h, "load_model", lambda name, task, device="cpu": bundle)
+    monkeypatch.setattr(h, "dager_parameters", lambda b: ["transformer.h.0.attn.c_attn.weight"])
+    monkeypatch.setattr(h, "dager_events", fake_events)
     typed = ["Alice owes Bob ten pounds.", "The meeting is at noon."]
-    outs = list(app.run_text_attack("\n".join(typed) + "\n\n", "tiny", "", "classification"))
+    outs = list(h.run_text_attack("\n".join(typed) + "\n\n", "tiny", "", "classification"))
     final = outs[-1]
     assert final[-1]["recovered"] == typed and final[-1]["exact_match"] == 1.0
     assert set(seen["update"]) == {"transformer.h.0.attn.c_attn.weight"}  # only what DAGER reads
     assert seen["update"].batch_size == 2
-    assert "= original" in final[4] and "differs" not in final[4]
+    assert "matches original" in final[4] and "differs" not in final[4]
 
 
 def test_input_limits_become_clear_messages(tiny, monkeypatch):
-    with pytest.raises(gr.Error, match="at least one sentence"):
-        app.parse_sentences(" \n \n")
-    with pytest.raises(gr.Error, match=f"at most {app.MAX_SENTENCES}"):
-        app.parse_sentences("\n".join(f"s{i}" for i in range(app.MAX_SENTENCES + 1)))
-    with pytest.raises(gr.Error, match="characters"):
-        app.parse_sentences("x" * (app.MAX_SENTENCE_CHARS + 1))
-    with pytest.raises(gr.Error, match="unreachable"):
-        app._bundle("gpt2-small-random", "someone/some-model", "classification")
-    monkeypatch.setattr(app, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
-    with pytest.raises(gr.Error, match="tokens long"):
-        list(app.run_text_attack(" ".join(["a"] * 80), "tiny", "", "classification"))
-    with pytest.raises(gr.Error, match="between 1 and"):
-        app._iterations(app.MAX_ITERATIONS + 1)
-    with pytest.raises(gr.Error, match="sketchpad is empty"):
-        app.load_client_image("sketch", None, {"composite": np.full((64, 64, 4), 0, np.uint8)})
+    with pytest.raises(LabInputError, match="at least one sentence"):
+        inputs.parse_sentences(" \n \n")
+    with pytest.raises(LabInputError, match=f"at most {inputs.MAX_SENTENCES}"):
+        inputs.parse_sentences("\n".join(f"s{i}" for i in range(inputs.MAX_SENTENCES + 1)))
+    with pytest.raises(LabInputError, match="characters"):
+        inputs.parse_sentences("x" * (inputs.MAX_SENTENCE_CHARS + 1))
+    with pytest.raises(LabInputError, match="unreachable"):
+        h.model_name("gpt2-small-random", "someone/some-model")
+    monkeypatch.setattr(h, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
+    with pytest.raises(LabInputError, match="tokens long"):
+        list(h.run_text_attack(" ".join(["a"] * 80), "tiny", "", "classification"))
+    with pytest.raises(LabInputError, match="between 1 and"):
+        inputs.iterations(inputs.MAX_ITERATIONS + 1)
+    with pytest.raises(LabInputError, match="sketchpad is empty"):
+        inputs.load_client_image("sketch", None, {"composite": np.full((64, 64, 4), 0, np.uint8)})
 
 
 def _dlg_stream(originals):
@@ -241,7 +245,7 @@ def _dlg_stream(originals):
 def test_dlg_view_and_stream():
     originals = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     view = DlgView(originals=originals, labels=torch.tensor([7]), clock=FakeClock())
-    outs = list(app.stream_dlg(view, _dlg_stream(originals), clock=FakeClock()))
+    outs = list(h.stream_dlg(view, _dlg_stream(originals), clock=FakeClock()))
     # Start, labels, the 5 preview-free... only non-step events yield when no time passes, plus the final.
     assert len(outs) == 3 + 1
     status, preview, loss, psnr, comparison, gif = outs[-1]
@@ -261,34 +265,34 @@ def test_dlg_view_and_stream():
 
 def test_image_attack_on_a_batch_of_files(monkeypatch):
     """The batch source sends every file as one client batch, labels label, label+1, ..."""
-    paths = app.sample_images()[:3]
+    paths = inputs.sample_images()[:3]
     seen = {}
 
-    def fake_events(model, update, *, method, iterations, name):  # noqa: ANN001
+    def fake_events(model, update, *, method, iterations, name, time_budget_s=None):  # noqa: ANN001
         seen["batch_size"], seen["method"] = update.batch_size, method
-        return _dlg_stream(app.load_client_image("batch", None, None, paths))
+        return _dlg_stream(inputs.load_client_image("batch", None, None, paths))
 
-    monkeypatch.setattr(app, "dlg_events", fake_events)
+    monkeypatch.setattr(h, "dlg_events", fake_events)
     files = [{"path": p} for p in paths]  # the shape Gradio gives a handler for uploaded files
-    outs = list(app.run_image_attack("batch", None, None, files, 98, "lenet", "idlg", 50))
+    outs = list(h.run_image_attack("batch", None, None, files, 98, "lenet", "idlg", 50))
     assert seen == {"batch_size": 3, "method": "idlg"}
     status, preview, _loss, _psnr, comparison, gif = outs[-1]
     assert "stopped at iteration 50" in status
     assert preview.shape == (128, 3 * 128 + 2 * 2, 3)  # three reconstructions side by side
     assert comparison.shape == (2 * 128 + 8, 3 * 128 + 2 * 2, 3)  # originals above, reconstructions below
     os.remove(gif)
-    torch.testing.assert_close(app.client_labels(98, 3), torch.tensor([98, 99, 0]))
+    torch.testing.assert_close(inputs.client_labels(98, 3), torch.tensor([98, 99, 0]))
 
 
 def test_batch_input_errors_are_specific():
-    with pytest.raises(gr.Error, match="batch is empty"):
-        app.load_client_image("batch", None, None, [])
-    with pytest.raises(gr.Error, match="at most 8"):
-        app.load_client_image("batch", None, None, app.sample_images()[:1] * 9)
-    with pytest.raises(gr.Error, match="whole number from 0 to 99"):
-        app.client_labels(100, 1)
-    with pytest.raises(gr.Error, match="whole number"):
-        app.client_labels(2.5, 1)
+    with pytest.raises(LabInputError, match="batch is empty"):
+        inputs.load_client_image("batch", None, None, [])
+    with pytest.raises(LabInputError, match="at most 8"):
+        inputs.load_client_image("batch", None, None, inputs.sample_images()[:1] * 9)
+    with pytest.raises(LabInputError, match="whole number from 0 to 99"):
+        inputs.client_labels(100, 1)
+    with pytest.raises(LabInputError, match="whole number"):
+        inputs.client_labels(2.5, 1)
 
 
 def test_matched_psnr_ignores_batch_order():
@@ -299,7 +303,7 @@ def test_matched_psnr_ignores_batch_order():
 
 def test_text_baseline_view(tiny):
     bundle = tiny("gpt2")
-    view = TextDlgView(references=REFS, scorer=app.text_scorer(bundle))
+    view = TextDlgView(references=REFS, scorer=h.text_scorer(bundle))
     view.apply(DlgStarted("dlg-text", "tiny", 2, 100))
     view.apply(TextDlgStep(10, 0.5, torch.zeros(2, 3, dtype=torch.long), ("the dog sat", "a cat ran")))
     out = view.render()
@@ -321,25 +325,25 @@ def test_defense_panel_settings_build_the_shared_defense():
     from fedclient import defenses as dfn
 
     off = (0.0, False, 1.0, 1.0, 0.0, "fp32", 1, 1)
-    assert app.build_defense(*off) is None
-    assert "No defense" in app.describe_defense(*off)
-    d = app.build_defense(1e-3, False, 1.0, 1.0, 0.3, "fp16", 1, 4)
+    assert inputs.DefenseSettings.from_inputs(*off).build() is None
+    assert "No defense" in h.describe_defense(*off)
+    d = inputs.DefenseSettings.from_inputs(1e-3, False, 1.0, 1.0, 0.3, "fp16", 1, 4).build()
     assert isinstance(d, dfn.Compose)
     kinds = [type(x) for x in d.defenses]
     assert kinds[:3] == [dfn.GaussianNoise, dfn.Prune, dfn.Quantize] and kinds[-1] is dfn.SecureAggregation
-    dp = app.build_defense(0.0, True, 2.0, 1.1, 0.0, "fp32", 1, 1)
+    dp = inputs.DefenseSettings.from_inputs(0.0, True, 2.0, 1.1, 0.0, "fp32", 1, 1).build()
     assert isinstance(dp, dfn.DPSGD) and dp.clip_norm == 2.0 and dp.noise_multiplier == 1.1
-    assert f"epsilon = {dp.epsilon:.3g}" in app.describe_defense(0.0, True, 2.0, 1.1, 0.0, "fp32", 1, 1)
-    with pytest.raises(gr.Error, match="pick one"):
-        app.build_defense(0.0, True, 1.0, 1.0, 0.0, "fp32", 3, 1)
-    with pytest.raises(gr.Error):
-        app.build_defense(-1.0, False, 1.0, 1.0, 0.0, "fp32", 1, 1)  # caught by the defense's checks
-    assert "⚠️" in app.describe_defense(0.0, False, 1.0, 1.0, 1.5, "fp32", 1, 1)
+    assert f"epsilon = {dp.epsilon:.3g}" in h.describe_defense(0.0, True, 2.0, 1.1, 0.0, "fp32", 1, 1)
+    with pytest.raises(LabInputError, match="pick one"):
+        inputs.DefenseSettings.from_inputs(0.0, True, 1.0, 1.0, 0.0, "fp32", 3, 1).build()
+    with pytest.raises(LabInputError):
+        inputs.DefenseSettings.from_inputs(-1.0, False, 1.0, 1.0, 0.0, "fp32", 1, 1).build()  # caught by the defense's checks
+    assert "⚠️" in h.describe_defense(0.0, False, 1.0, 1.0, 1.5, "fp32", 1, 1)
 
 
 def test_text_baseline_handler_runs_the_real_baseline(tiny, monkeypatch):
-    monkeypatch.setattr(app, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
-    outs = list(app.run_text_baseline("the cat sat\na dog ran home", "tiny", "", "classification", 5))
+    monkeypatch.setattr(h, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
+    outs = list(h.run_text_baseline("the cat sat\na dog ran home", "tiny", "", "classification", 5))
     status, loss, sentences = outs[-1]
     assert "DLG baseline done" in status and "ROUGE-1" in status
     assert sentences.count('<li class="gll-sent">') == 2  # one guess per client sentence
@@ -349,8 +353,8 @@ def test_text_baseline_handler_runs_the_real_baseline(tiny, monkeypatch):
 def test_defense_sweep_handler_streams_one_row_per_setting(tiny, monkeypatch):
     from fedclient.sweep import grid
 
-    monkeypatch.setattr(app, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
-    outs = list(app.run_defense_sweep("text", "precision", "the cat sat\na dog ran home", "tiny", "",
+    monkeypatch.setattr(h, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
+    outs = list(h.run_defense_sweep("text", "precision", "the cat sat\na dog ran home", "tiny", "",
                                       "classification", False, "upload", None, None, None, 7, "lenet", "idlg", 10))
     points = grid("precision")
     assert len(outs) == 1 + len(points)  # a first status, then one yield per finished setting
@@ -359,4 +363,5 @@ def test_defense_sweep_handler_streams_one_row_per_setting(tiny, monkeypatch):
     assert [row[0] for row in table["data"]] == [p.label for p in points]
     rouge = [row[1] for row in table["data"]]
     assert rouge[0] == 1.0  # the undefended (or fp16) update still leaks everything
-    assert {t.name for t in fig.data} == {"rouge1", "exact_match"}
+    assert {t.name for t in fig.data} == {"rouge1", "exact_match", "utility_cosine"}  # success next to utility
+    assert table["headers"][-1] == "recovered" and "the cat sat" in table["data"][0][-1]
