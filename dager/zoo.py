@@ -180,14 +180,15 @@ class EmbeddedModel:
     description: str
     pretrained: bool
     build: Callable[[str], tuple[torch.nn.Module, object]]
+    weights_gb: float = 0.5  # float32 weights in RAM, about (faces use it to size their offer)
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {}
 
 
-def _register(name: str, description: str, *, pretrained: bool):
+def _register(name: str, description: str, *, pretrained: bool, weights_gb: float = 0.5):
     def deco(fn: Callable[[str], tuple[torch.nn.Module, object]]):
-        EMBEDDED[name] = EmbeddedModel(name, description, pretrained, fn)
+        EMBEDDED[name] = EmbeddedModel(name, description, pretrained, fn, weights_gb)
         return fn
 
     return deco
@@ -423,6 +424,7 @@ def build_llama_width_random(
     "Llama-2's. Two blocks are all DAGER reads: the row space of the layer-1/2 gradients is "
     "the span of those layers' inputs, whatever follows. Its weights take 2.4 GB of RAM.",
     pretrained=False,
+    weights_gb=2.4,
 )
 def _llama2_width(task: str):
     return build_llama_width_random(task)
@@ -587,6 +589,15 @@ def load_model(name: str, task: str = "classification", *, device: str = "cpu") 
     return _load_cached(name, task, str(device))
 
 
-def embedded_models() -> dict[str, str]:
-    """Embedded model names and their one-line descriptions."""
-    return {name: spec.description for name, spec in EMBEDDED.items()}
+def embedded_models(*, max_weights_gb: float | None = None) -> dict[str, str]:
+    """Embedded model names and their one-line descriptions.
+
+    Args:
+        max_weights_gb: only models whose weights take at most this much RAM (the app on
+            a CPU Space leaves out the 2.4 GB paper-width model); ``None``: all.
+    """
+    return {
+        name: spec.description
+        for name, spec in EMBEDDED.items()
+        if max_weights_gb is None or spec.weights_gb <= max_weights_gb
+    }

@@ -228,12 +228,19 @@ def normalize(bundle, text: str) -> str:  # noqa: ANN001
 
 
 def check_lengths(bundle, sentences: Sequence[str]) -> None:  # noqa: ANN001
-    """Refuse sentences longer than the demo's token limit.
+    """Refuse sentences the tokenizer cannot represent or longer than the demo's limit.
+
+    The representability rule is the CLI's (:func:`dager.textio.check_text`), so the app
+    and the CLI accept the same text (e.g. an emoji on minilm is refused by both).
 
     Raises:
+        UntokenizableTextError: a sentence holds characters the tokenizer cannot represent.
         FormInputError: a sentence is too long, named by its line number.
     """
+    from dager.textio import check_text
+
     for i, s in enumerate(sentences, 1):
+        check_text(bundle, s, where=f"sentence {i}")
         n = len(bundle.tokenize(s))
         if n > inputs.MAX_SENTENCE_TOKENS:
             raise inputs.FormInputError(f"Sentence {i} is {n} tokens long; the demo attacks sentences of at most "

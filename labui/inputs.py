@@ -358,7 +358,7 @@ def sentence_sets() -> dict[str, str]:
         for path in sorted(folder.glob("*.txt")):
             lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()
                      if ln.strip() and not ln.lstrip().startswith("#")]
-            if lines:
+            if lines and all(len(ln) <= MAX_SENTENCE_CHARS for ln in lines[:8]):  # documents are CLI-sized
                 sets[path.stem.replace("_", " ")] = "\n".join(lines[:8])
     return sets or dict(FALLBACK_SENTENCES)
 
