@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -128,6 +129,9 @@ class FamilyHooks:
 # ---------------------------------------------------------------------------
 # Shared maths
 
+
+QKV_MEMO_BYTES = 128 * 2**20
+"""Most bytes of position-free candidate projections a decoder search keeps (Llama)."""
 
 SCREEN = 0.05
 """Float32 screening cut: distances estimated below it are recomputed in float64."""
@@ -305,6 +309,31 @@ class ScaleFreeFilter:
         return out
 
 
+@dataclass(frozen=True)
+class MlpNormTerms:
+    """Block 0 from the attention mix to the MLP input, as plain tensors.
+
+    ``h = x + mix @ out_weight.T + out_bias`` and the MLP input is
+    ``gamma * c(h) / sqrt(|c(h)|^2 / d + eps) + beta``, where ``c`` subtracts the mean
+    (LayerNorm, ``centred``) or is the identity (RMSNorm).
+
+    Attributes:
+        out_weight: ``(d, H * dh)`` attention output projection.
+        out_bias: ``(d,)`` or ``None``.
+        gamma: ``(d,)`` norm weight.
+        beta: ``(d,)`` norm bias, or ``None``.
+        eps: the norm's epsilon.
+        centred: True for LayerNorm, False for RMSNorm.
+    """
+
+    out_weight: torch.Tensor
+    out_bias: torch.Tensor | None
+    gamma: torch.Tensor
+    beta: torch.Tensor | None
+    eps: float
+    centred: bool
+
+
 def _softmax_attend(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_self: torch.Tensor, v_self: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -331,6 +360,39 @@ def _softmax_attend(
     mix = torch.einsum("nthl,nhld->nthd", attn[..., :-1], v_cache)  # (n, t, H, dh)
     mix = mix + attn[..., -1:] * v_self.unsqueeze(0)
     return mix.reshape(n, t, H * dh)
+
+
+def _memo_rows(
+    memo: dict, tokens: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor | None]
+) -> torch.Tensor | None:
+    """``fn(tokens)`` row by row, each token's row computed once per search.
+
+    ``memo`` holds the sorted ids seen so far and their rows, up to
+    :data:`QKV_MEMO_BYTES`; past that, rows are computed afresh.
+    """
+    ids = memo.get("ids")
+    if ids is None:
+        need = tokens.unique()
+    else:
+        at = torch.searchsorted(ids, tokens).clamp(max=ids.numel() - 1)
+        need = tokens[ids[at] != tokens].unique()
+    if need.numel():
+        new = fn(need)
+        if new is None:
+            return None
+        size = new.numel() * new.element_size()
+        if memo.get("bytes", 0) + size > QKV_MEMO_BYTES:
+            return fn(tokens)
+        memo["bytes"] = memo.get("bytes", 0) + size
+        if ids is None:
+            ids, rows = need, new
+        else:
+            ids = torch.cat([ids, need])
+            rows = torch.cat([memo["rows"], new])
+            order = ids.argsort()
+            ids, rows = ids[order], rows[order]
+        memo["ids"], memo["rows"] = ids, rows
+    return memo["rows"][torch.searchsorted(memo["ids"], tokens)]
 
 
 class DecoderHooks(FamilyHooks):
@@ -360,6 +422,62 @@ class DecoderHooks(FamilyHooks):
 
     def attention_output(self, mix: torch.Tensor) -> torch.Tensor:
         """The output projection of block 0's attention."""
+        raise NotImplementedError
+
+    @property
+    def mlp_width(self) -> int:
+        """Hidden width of block 0's MLP (sizes the search's chunks)."""
+        raise NotImplementedError
+
+    def mlp_norm_terms(self) -> MlpNormTerms:
+        """Block 0's attention output projection and MLP-input norm as plain tensors.
+
+        The decoder search's screen bounds the MLP-input span distance from these
+        without running the projection for every (prefix, token) pair.
+        """
+        raise NotImplementedError
+
+    def token_states(
+        self, tokens: torch.Tensor, position: int, memo: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block-0 inputs and projections of candidate tokens at ``position``.
+
+        Block 0's queries, keys and values depend on a token and its position only,
+        never on the prefix, so the search computes them once per position.
+
+        Args:
+            tokens: ``(t,)`` ids.
+            position: the position they fill.
+            memo: a dict the caller keeps for one search; families whose projections
+                have a position-free part (RoPE) keep it there across positions.
+
+        Returns:
+            ``x`` ``(t, d)`` and ``q``, ``k``, ``v`` ``(t, H, dh)``, exactly as
+            :meth:`token_inputs` and :meth:`qkv` give them.
+        """
+        if memo is None:
+            proj = self.token_projections(tokens)
+        else:
+            proj = _memo_rows(memo, tokens, self.token_projections)
+        if proj is None:
+            x = self.token_inputs(tokens, position)
+            q, k, v = self.qkv(x, position)
+            return x, q, k, v
+        return self.place_tokens(tokens, proj, position)
+
+    def token_projections(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """``(t, p)`` position-free per-token terms of block 0's projections, or ``None``.
+
+        A family whose queries/keys/values split into a per-token part (computed once
+        per token and kept across positions) and a cheap positional part returns the
+        per-token part here and combines them in :meth:`place_tokens`.
+        """
+        return None
+
+    def place_tokens(
+        self, tokens: torch.Tensor, proj: torch.Tensor, position: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x, q, k, v`` at ``position`` from :meth:`token_projections` rows."""
         raise NotImplementedError
 
     def mlp_input(self, h: torch.Tensor) -> torch.Tensor:
@@ -486,6 +604,49 @@ class GPT2Hooks(DecoderHooks):
     def attention_output(self, mix: torch.Tensor) -> torch.Tensor:
         return self.blocks[0].attn.c_proj(mix)
 
+    def token_projections(self, tokens: torch.Tensor) -> torch.Tensor:
+        # LayerNorm(w + p) = gamma * (c(w) + c(p)) / sigma + beta with c centring, so
+        # c_attn of it is (A(w) + A(p)) / sigma + const with A = c(.) @ (gamma * W):
+        # A(w) (3 d^2) once per token; per position only sigma (an inner product).
+        blk = self.blocks[0]
+        w = self.tf.wte.weight[tokens]
+        cw = w - w.mean(-1, keepdim=True)
+        a = cw @ (blk.ln_1.weight.unsqueeze(1) * blk.attn.c_attn.weight)  # (t, 3d)
+        return torch.cat([a, (cw * cw).sum(-1, keepdim=True)], dim=1)
+
+    def place_tokens(
+        self, tokens: torch.Tensor, proj: torch.Tensor, position: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        blk = self.blocks[0]
+        ln, attn = blk.ln_1, blk.attn.c_attn
+        d = self.hidden_size
+        w = self.tf.wte.weight[tokens]
+        p = self.tf.wpe.weight[position]
+        cp = p - p.mean()
+        a_p = cp @ (ln.weight.unsqueeze(1) * attn.weight)  # (3d,)
+        const = ln.bias @ attn.weight + attn.bias  # (3d,)
+        var = (proj[:, -1] + 2 * (w @ cp) + (cp * cp).sum()) / d + ln.eps  # (t,)
+        qkv = (proj[:, :-1] + a_p) * torch.rsqrt(var).unsqueeze(1) + const
+        q, k, v = qkv.split(d, dim=-1)
+        shape = (tokens.shape[0], self.num_heads, self.head_dim)
+        return w + p, q.reshape(shape), k.reshape(shape), v.reshape(shape)
+
+    @property
+    def mlp_width(self) -> int:
+        return int(getattr(self.config, "n_inner", None) or 4 * self.hidden_size)
+
+    def mlp_norm_terms(self) -> MlpNormTerms:
+        blk = self.blocks[0]
+        proj = blk.attn.c_proj  # Conv1D: weight (in, out)
+        return MlpNormTerms(
+            out_weight=proj.weight.detach().T,
+            out_bias=proj.bias.detach(),
+            gamma=blk.ln_2.weight.detach(),
+            beta=blk.ln_2.bias.detach(),
+            eps=float(blk.ln_2.eps),
+            centred=True,
+        )
+
     def mlp_input(self, h: torch.Tensor) -> torch.Tensor:
         return self.blocks[0].ln_2(h)
 
@@ -555,7 +716,8 @@ class LlamaHooks(DecoderHooks):
         cos, sin = self.base.rotary_emb(like.unsqueeze(0), pos)  # (1, 1, dh)
         return cos[0, 0], sin[0, 0]
 
-    def qkv(self, x: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _raw_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values before RoPE (they depend on the token only)."""
         blk = self.blocks[0]
         a = blk.self_attn
         hx = blk.input_layernorm(x)
@@ -563,7 +725,13 @@ class LlamaHooks(DecoderHooks):
         q = a.q_proj(hx).reshape(t, -1, self.head_dim)
         k = a.k_proj(hx).reshape(t, -1, self.head_dim)
         v = a.v_proj(hx).reshape(t, -1, self.head_dim)
-        cos, sin = self._rope(position, x)
+        return q, k, v
+
+    def _place(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RoPE at ``position``, and the key/value heads repeated for grouped queries."""
+        cos, sin = self._rope(position, q)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         groups = q.shape[1] // k.shape[1]
@@ -572,8 +740,50 @@ class LlamaHooks(DecoderHooks):
             v = v.repeat_interleave(groups, dim=1)
         return q, k, v
 
+    def qkv(self, x: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._place(*self._raw_qkv(x), position)
+
+    def token_projections(self, tokens: torch.Tensor) -> torch.Tensor:
+        # Before RoPE the projections depend on the token only (3 d^2 per token, the
+        # bulk of the per-position work at d = 4096): computed once per search.
+        q, k, v = self._raw_qkv(self.token_inputs(tokens, 0))
+        return torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+
+    def place_tokens(
+        self, tokens: torch.Tensor, proj: torch.Tensor, position: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = self.blocks[0].self_attn
+        dq = a.q_proj.out_features
+        dk = a.k_proj.out_features
+        t = proj.shape[0]
+        q = proj[:, :dq].reshape(t, -1, self.head_dim)
+        k = proj[:, dq : dq + dk].reshape(t, -1, self.head_dim)
+        v = proj[:, dq + dk :].reshape(t, -1, self.head_dim)
+        q, k, v = self._place(q, k, v, position)
+        return self.token_inputs(tokens, position), q, k, v
+
     def attention_output(self, mix: torch.Tensor) -> torch.Tensor:
         return self.blocks[0].self_attn.o_proj(mix)
+
+    @property
+    def mlp_width(self) -> int:
+        return int(self.config.intermediate_size)
+
+    def mlp_norm_terms(self) -> MlpNormTerms:
+        blk = self.blocks[0]
+        proj = blk.self_attn.o_proj
+        norm = blk.post_attention_layernorm
+        eps = getattr(norm, "variance_epsilon", None)
+        if eps is None:
+            eps = getattr(norm, "eps", 1e-6)
+        return MlpNormTerms(
+            out_weight=proj.weight.detach(),
+            out_bias=proj.bias.detach() if proj.bias is not None else None,
+            gamma=norm.weight.detach(),
+            beta=None,
+            eps=float(eps),
+            centred=False,
+        )
 
     def mlp_input(self, h: torch.Tensor) -> torch.Tensor:
         return self.blocks[0].post_attention_layernorm(h)

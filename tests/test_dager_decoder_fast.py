@@ -1,0 +1,189 @@
+"""DAGER's decoder search: the screened search against the per-pair reference.
+
+The fast search (:func:`dager.search.decoder_search`) screens every (prefix, token)
+pair with a bound on its MLP-input span distance and runs block 0 exactly only on the
+pairs the bound cannot reject; these tests check it returns what the per-pair
+reference returns, that the screen never drops a pair the exact check accepts, and
+that a full span (every pair passes) keeps the search within its prefix budget.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dager.attack import required_parameters
+from dager.layers import _softmax_attend, hooks_for
+from dager.search import (
+    Found,
+    SearchStats,
+    Step,
+    Thresholds,
+    Warn,
+    _reference_decoder_search,
+    _Screen,
+    decoder_search,
+)
+from dager.span import span_of
+from fedclient import compute_update
+
+SENTENCES = [
+    "I think we should leave early tomorrow.",
+    "I think that the library is closed.",
+    "The cat sat on the mat.",
+    "We met at noon by the river.",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Many tiny chunks: torch's thread pool only adds overhead on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _setup(bundle, sentences, *, noise: float = 0.0):
+    """Spans, hooks and the every-batch-token candidate bag for one update."""
+    update = compute_update(bundle.model, bundle.encode(sentences, seed=0), parameters=required_parameters(bundle))
+    hooks = hooks_for(bundle.model)
+    grads = dict(update.items())
+    if noise:
+        gen = torch.Generator().manual_seed(1)
+        grads = {k: v + noise * torch.randn(v.shape, generator=gen) for k, v in grads.items()}
+
+    def span(names):
+        return span_of(torch.cat([hooks._input_columns(n, grads[n]) for n in names], dim=1))
+
+    span_mlp = span(hooks.mlp_parameters(0))
+    span2 = span(hooks.attention_parameters(1))
+    start = (bundle.bos_token_id,) if bundle.family.prepend_bos else ()
+    ids = sorted({t for s in sentences for t in bundle.tokenize(s)} - set(start))
+    # Every batch token at every position: the layer-1 filter cannot locate tokens.
+    bag = torch.tensor(ids)
+    longest = max(len(bundle.tokenize(s)) for s in sentences)
+    return hooks, span_mlp, span2, start, bag, longest
+
+
+def _drain(stream):
+    items = list(stream)
+    found = sorted((f.token_ids, f.exact) for f in items if isinstance(f, Found))
+    return items, found
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_screened_search_matches_the_per_pair_reference(tiny, model_type):
+    bundle = tiny(model_type, "classification", d=64, layers=3)
+    hooks, span_mlp, span2, start, bag, longest = _setup(bundle, SENTENCES)
+    kwargs = dict(start=start, max_prefixes=256, max_length=longest + 2)
+    with torch.no_grad():
+        ref_items, ref = _drain(
+            _reference_decoder_search(hooks, lambda p: bag, span_mlp, span2, thresholds=Thresholds(None, None), **kwargs)
+        )
+        stats = SearchStats()
+        fast_items, fast = _drain(
+            decoder_search(
+                hooks, lambda p: bag, span_mlp, span2, thresholds=Thresholds(None, None), stats=stats, **kwargs
+            )
+        )
+    assert fast == ref
+    expected = sorted(tuple(bundle.tokenize(s)) for s in SENTENCES)
+    assert sorted(ids for ids, _ in fast) == expected and all(exact for _, exact in fast)
+    ref_steps = [(s.position, s.num_prefixes, set(s.prefixes)) for s in ref_items if isinstance(s, Step)]
+    fast_steps = [(s.position, s.num_prefixes, set(s.prefixes)) for s in fast_items if isinstance(s, Step)]
+    assert fast_steps == ref_steps
+    # The screen did the work: far fewer pairs reached the exact check than were tried.
+    assert stats.screened < 0.2 * stats.checked
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_screen_never_discards_a_pair_the_exact_check_accepts(tiny, model_type):
+    bundle = tiny(model_type, "classification", d=64, layers=3)
+    hooks, span_mlp, span2, start, bag, longest = _setup(bundle, SENTENCES)
+    gen = torch.Generator().manual_seed(0)
+    screen = _Screen(hooks, span_mlp, gen)
+    assert screen.active
+    accepted_total = kept_total = 0
+    with torch.no_grad():
+        for sentence in SENTENCES:
+            ids = bundle.tokenize(sentence)
+            for pos in range(len(start), len(ids)):
+                # Prefixes: the true one and random ones; tokens: the bag plus random ones.
+                prefixes = [ids[:pos]] + [
+                    [*start, *torch.randint(0, hooks.vocab_size, (pos - len(start),), generator=gen).tolist()]
+                    for _ in range(3)
+                ]
+                tokens = torch.cat([bag, torch.randint(0, hooks.vocab_size, (40,), generator=gen)])
+                for prefix in prefixes:
+                    kc, vc = _cache(hooks, prefix)
+                    x, q, k, v = hooks.token_states(tokens, pos)
+                    mix = _softmax_attend(q, kc, vc, k, v, hooks.attention_scale)  # (1, t, d)
+                    h = x + hooks.attention_output(mix[0])
+                    exact = span_mlp.distance(hooks.mlp_input(h))
+                    for threshold in (1e-4, 1e-3, 1e-2, 0.1):
+                        kept = screen.keep(mix, screen.token_side(x), threshold)[0]
+                        accepted = exact < threshold
+                        assert bool(kept[accepted].all()), (pos, threshold)
+                        accepted_total += int(accepted.sum())
+                        kept_total += int(kept.sum())
+    # True pairs were among those tested, and the screen is selective at tight thresholds.
+    assert accepted_total > 0
+    assert kept_total < 4 * 64 * len(SENTENCES) * 20
+
+
+def _cache(hooks, prefix):
+    H, dh = hooks.num_heads, hooks.head_dim
+    ks, vs = [], []
+    for pos, tok in enumerate(prefix):
+        _, _, k, v = hooks.token_states(torch.tensor([tok]), pos)
+        ks.append(k)
+        vs.append(v)
+    if not ks:
+        return torch.zeros((1, H, 0, dh)), torch.zeros((1, H, 0, dh))
+    return torch.stack(ks, dim=2), torch.stack(vs, dim=2)  # (1, H, l, dh)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_full_span_keeps_at_most_max_prefixes(tiny, model_type, one_thread):
+    # Heavy noise fills every span: every pair passes every check, so the search
+    # can only keep the nearest prefixes. It must never hold more than the budget.
+    bundle = tiny(model_type, "classification", d=64, layers=3)
+    hooks, span_mlp, span2, start, bag, longest = _setup(bundle, SENTENCES, noise=1.0)
+    assert span_mlp.rank == span_mlp.dim and span2.rank == span2.dim
+    tokens = torch.arange(120)  # a large candidate set at every position
+    stats = SearchStats()
+    with torch.no_grad():
+        items = list(
+            decoder_search(
+                hooks, lambda p: tokens, span_mlp, span2, start=start, thresholds=Thresholds(0.5, 0.5),
+                max_prefixes=8, max_length=len(start) + 4, stats=stats, chunk_macs=3e5,
+            )
+        )
+    steps = [s for s in items if isinstance(s, Step)]
+    assert len(steps) == 4 and all(s.num_prefixes == 8 for s in steps)
+    assert any(isinstance(w, Warn) and w.code == "budget_exhausted" for w in items)
+    # Survivors are merged chunk by chunk: never more than the budget plus one chunk.
+    assert stats.checked == 4 * 8 * 120 - 7 * 120
+    assert stats.max_selected <= 8 + stats.max_chunk_pairs < 8 * 120
+    found = [f for f in items if isinstance(f, Found)]
+    assert found and not any(f.exact for f in found)
+
+
+def test_key_value_tables_stay_within_the_byte_budget(tiny, one_thread):
+    bundle = tiny("gpt2", "classification", d=64, layers=3)
+    hooks, span_mlp, span2, start, bag, longest = _setup(bundle, SENTENCES, noise=1.0)
+    tokens = torch.arange(40)
+    row = 2 * hooks.hidden_size * 4  # one (position, token) key and value in float32
+    budget = 2 * 30 * row  # tables may hold 30 rows: fewer than 64 prefixes need
+    stats = SearchStats()
+    with torch.no_grad():
+        items = list(
+            decoder_search(
+                hooks, lambda p: tokens, span_mlp, span2, start=start, thresholds=Thresholds(0.5, 0.5),
+                max_prefixes=64, max_length=3, stats=stats, byte_budget=budget,
+            )
+        )
+    assert 0 < stats.max_table_bytes <= budget // 2
+    assert any(isinstance(w, Warn) and w.code == "budget_exhausted" for w in items)
+    assert all(s.num_prefixes <= 64 for s in items if isinstance(s, Step))
