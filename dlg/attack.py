@@ -110,6 +110,8 @@ class DlgConfig:
         device: ``"cpu"`` or ``"cuda"``.
         cpu_threads: torch threads while attacking on the CPU (restored afterwards);
             ``None`` leaves the process setting alone.
+        image_shape: ``(C, H, W)`` of the model's input: part of the model the server
+            defines, not of the client's data (the dummy images take this shape).
         time_budget_s: wall-clock budget of the attack in seconds; when it is reached
             the attack stops and reports the best reconstruction so far (stop reason
             ``"time_budget"``). ``None``: no limit (the CLI's default; the app passes one).
@@ -137,6 +139,7 @@ class DlgConfig:
     device: str = "cpu"
     cpu_threads: int | None = 1
     time_budget_s: float | None = None
+    image_shape: tuple[int, int, int] = (3, 32, 32)
 
     def __post_init__(self) -> None:
         if self.time_budget_s is not None and not (
@@ -470,9 +473,6 @@ def iter_dlg(
     update: SharedUpdate,
     *,
     config: DlgConfig = DlgConfig(),
-    image_shape: tuple[int, int, int] = (3, 32, 32),
-    num_classes: int | None = None,
-    model_name: str = "model",
 ) -> Iterator[DlgEvent]:
     """Reconstruct the client's images; see :func:`_iter_dlg`.
 
@@ -488,12 +488,15 @@ def iter_dlg(
         warm_up_optimizers()
     threads = config.cpu_threads if torch.device(config.device).type == "cpu" else None
     yield from on_threads(
-        _iter_dlg(
-            model, update, config=config, image_shape=image_shape,
-            num_classes=num_classes, model_name=model_name,
-        ),
+        _iter_dlg(model, update, config=config),
         threads,
     )
+
+
+def model_label(model: nn.Module) -> str:
+    """The name events carry: the registry name :func:`dlg.models.build_model` sets, or
+    the class name (what the server knows of the model it sent)."""
+    return str(getattr(model, "registry_name", None) or type(model).__name__.lower())
 
 
 def _now() -> float:
@@ -526,19 +529,13 @@ def _iter_dlg(
     update: SharedUpdate,
     *,
     config: DlgConfig = DlgConfig(),
-    image_shape: tuple[int, int, int] = (3, 32, 32),
-    num_classes: int | None = None,
-    model_name: str = "model",
 ) -> Iterator[DlgEvent]:
     """Reconstruct the client's images from its shared gradient, as an event stream.
 
     Args:
         model: the global model the server sent (the attacker's copy; not modified).
         update: the shared update (a FedSGD gradient keyed by parameter name).
-        config: the attack settings.
-        image_shape: ``(C, H, W)`` of the model's input.
-        num_classes: classes of the head; read from the head when ``None``.
-        model_name: a name for the events.
+        config: the attack settings (``config.image_shape``: the model's input shape).
 
     Yields:
         One :class:`DlgStarted`, a :class:`LabelsInferred` for ``idlg``/``ig``, one
@@ -553,10 +550,10 @@ def _iter_dlg(
         InvalidConfigError: the batch is larger than :data:`MAX_BATCH`.
     """
     t0 = _now()
-    setup = _setup(model, update, config, num_classes, t0)
+    setup = _setup(model, update, config, t0)
     yield DlgStarted(
         method=config.method,
-        model=model_name,
+        model=model_label(model),
         batch_size=setup.batch_size,
         iterations=config.iterations,
         restarts=config.restarts,
@@ -564,7 +561,7 @@ def _iter_dlg(
     labels: torch.Tensor | None = None
     if config.method in ("idlg", "ig"):
         labels, counts = infer_labels(
-            setup.model, setup.target, batch_size=setup.batch_size, image_shape=image_shape, seed=config.seed
+            setup.model, setup.target, batch_size=setup.batch_size, image_shape=config.image_shape, seed=config.seed
         )
         yield LabelsInferred(labels=labels.clone(), counts=counts.clone())
         labels = labels.to(setup.device)
@@ -576,7 +573,7 @@ def _iter_dlg(
         if restart > 0 and _now() >= setup.deadline:
             timed_out = True  # no time left for another restart
             break
-        init = _initial_images(config, setup.batch_size, image_shape, gen)
+        init = _initial_images(config, setup.batch_size, config.image_shape, gen)
         run = yield from _restart(setup, config, labels, init, gen, restart, previews)
         if best is None or run.best_loss < best.best_loss:
             best = run
@@ -604,7 +601,7 @@ def _iter_dlg(
 
 
 def _setup(
-    model: nn.Module, update: SharedUpdate, config: DlgConfig, num_classes: int | None, t0: float
+    model: nn.Module, update: SharedUpdate, config: DlgConfig, t0: float
 ) -> _Setup:
     """Check the update, copy the model to the attack's device and set the scales."""
     batch_size = int(update.batch_size)
@@ -626,9 +623,8 @@ def _setup(
             "another model?"
         )
     target = {n: update[n].detach().to(device=device, dtype=dtype) for n in names}  # the shared gradient
-    if num_classes is None:
-        weight_name, _ = head_parameter_names(model)
-        num_classes = int(named[weight_name].shape[0])
+    weight_name, _ = head_parameter_names(model)
+    num_classes = int(named[weight_name].shape[0])  # the head the server sent
     dist_kind = f"{config.distance}_layer" if config.per_layer else config.distance
     # The L2 tolerance is relative to the shared gradient's squared norm, so one value
     # fits every model and batch size; the cosine distance is scale-free already.
@@ -823,16 +819,10 @@ def run_dlg(
     update: SharedUpdate,
     *,
     config: DlgConfig = DlgConfig(),
-    image_shape: tuple[int, int, int] = (3, 32, 32),
-    num_classes: int | None = None,
-    model_name: str = "model",
 ) -> DlgResult:
     """Run :func:`iter_dlg` to the end and return its result."""
     result: DlgResult | None = None
-    for event in iter_dlg(
-        model, update, config=config, image_shape=image_shape, num_classes=num_classes,
-        model_name=model_name,
-    ):
+    for event in iter_dlg(model, update, config=config):
         if isinstance(event, DlgFinished):
             result = event.result
     assert result is not None

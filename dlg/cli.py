@@ -300,7 +300,7 @@ def run_images(args: argparse.Namespace) -> int:
         model, fedclient.ImageBatch(images.to(args.device), labels.to(args.device)), defense=defense, seed=args.seed
     )
     client_seconds = time.perf_counter() - t0
-    result = run_dlg(model, update, config=config, model_name=args.model)  # no ground truth
+    result = run_dlg(model, update, config=config)  # no ground truth
     scores = evaluate_images(images, result.images, labels, result.labels)
     report: dict[str, object] = {
         "method": args.method,
@@ -480,7 +480,7 @@ def run_sweep_images(args: argparse.Namespace) -> int:
     def attack(defense: object | None) -> dict[str, object]:
         update = fedclient.compute_update(model, batch, defense=defense, seed=args.seed)
         cost = utility_cost(model, batch, update)
-        result = run_dlg(model, update, config=config, model_name=args.model)  # no ground truth
+        result = run_dlg(model, update, config=config)  # no ground truth
         scores = evaluate_images(images, result.images, labels, result.labels)
         return {
             "psnr": scores.psnr,

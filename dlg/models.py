@@ -167,5 +167,6 @@ def build_model(name: str = "lenet", *, num_classes: int = NUM_CLASSES, seed: in
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MODELS[key].build(num_classes)
+    model.registry_name = key  # what the attack's events call it (dlg.attack.model_label)
     log.debug("built %s (%d parameters)", key, sum(p.numel() for p in model.parameters()))
     return model.eval()

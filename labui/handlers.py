@@ -157,16 +157,15 @@ def text_baseline_events(bundle, update, iterations: int,  # noqa: ANN001
     return iter_dlg_text(bundle, update, config=config)
 
 
-def dlg_events(model, update, *, method: str, iterations: int, name: str,  # noqa: ANN001
+def dlg_events(model, update, *, method: str, iterations: int,  # noqa: ANN001
                time_budget_s: float | None = None) -> Iterator[object]:
     """The DLG image attack's event stream."""
     from dlg.attack import DlgConfig, iter_dlg
 
     # A frame every iteration, throttled in time by the engine: smooth previews and GIFs.
     config = DlgConfig(method=method, iterations=iterations, preview_every=1, preview_seconds=0.15,
-                       time_budget_s=time_budget_s)
-    return iter_dlg(model, update, config=config, image_shape=IMAGE_SHAPE, num_classes=NUM_CLASSES,
-                    model_name=name)
+                       time_budget_s=time_budget_s, image_shape=IMAGE_SHAPE)
+    return iter_dlg(model, update, config=config)
 
 
 @functools.cache
@@ -591,8 +590,7 @@ def run_image_attack(source: str, upload: object, sketch: object, batch_files: o
         batch = ImageBatch(images=images.to(DEVICE), labels=labels.to(DEVICE))
         update = compute_update(net, batch, defense=defense, seed=0)
         yield UpdateReady(_utility(net, batch, update) if defense is not None else None)
-        yield from dlg_events(net, update, method=method, iterations=n_iter, name=model,
-                              time_budget_s=TIME_BUDGET_S)
+        yield from dlg_events(net, update, method=method, iterations=n_iter, time_budget_s=TIME_BUDGET_S)
 
     items = job.run(produce)
     try:
@@ -676,8 +674,7 @@ def run_defense_sweep(target: str, axis: str, sentences_text: str, model: str, h
 
             def attack(defense):  # noqa: ANN001, ANN202
                 update = compute_update(net, batch, defense=defense, seed=0)
-                result = _drain(dlg_events(net, update, method=method, iterations=n_iter, name=vmodel,
-                                           time_budget_s=per_point), job.stop)
+                result = _drain(dlg_events(net, update, method=method, iterations=n_iter, time_budget_s=per_point), job.stop)
                 if result is None:
                     raise _Stopped
                 return {"psnr": matched_psnr(images, result.images), "_shown": _thumbnail(result.images),

@@ -531,6 +531,9 @@ class TextDlgView:
     def _finished(self, e: TextDlgFinished) -> None:
         self.finished = e
         self.texts = tuple(e.result.sentences)
+        if not self.iterations and e.result.losses:  # steps are throttled: a short run may send none
+            self.iterations = list(range(1, len(e.result.losses) + 1))
+            self.losses = [float(v) for v in e.result.losses]
         if self.scorer is not None and self.references:
             self.scores = self.scorer(list(self.references), list(e.result.sentences))
 

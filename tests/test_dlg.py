@@ -138,7 +138,7 @@ def test_event_contract_and_prompt_cancel():
     images = load_images([SAMPLES / "glyph.png", SAMPLES / "house.png"])
     update = _client(model, images, [1, 2])
     config = DlgConfig(method="ig", iterations=6, restarts=1, preview_every=2, preview_seconds=0.0)
-    events = list(iter_dlg(model, update, config=config, model_name="lenet"))
+    events = list(iter_dlg(model, update, config=config))
     assert isinstance(events[0], DlgStarted) and events[0].batch_size == 2
     assert isinstance(events[1], LabelsInferred) and events[1].labels.tolist() == [1, 2]
     assert isinstance(events[-1], DlgFinished)

@@ -1,0 +1,76 @@
+"""The threat model and the layering, enforced (issue 12).
+
+The attacker may only ever receive the model and the shared update: every attack entry
+point takes exactly (model or bundle, shared update, config). The arrows run one way:
+faces (app.py, labui) -> attacks (dager, dlg) -> fedclient. Imports are read from the
+source (module level and inside functions), so a lazy import cannot slip past.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RULES: dict[str, tuple[str, ...]] = {
+    # package -> top-level packages it must never import
+    "fedclient": ("gradio", "labui", "dager", "dlg", "app"),
+    "dager": ("gradio", "labui", "dlg", "app"),
+    "dlg": ("gradio", "labui", "app"),
+}
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level package names a module imports, anywhere in its body."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(RULES))
+def test_packages_import_only_downwards(package: str) -> None:
+    offenders = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        bad = _imports(path) & set(RULES[package])
+        if bad:
+            offenders.append(f"{path.relative_to(ROOT)} imports {', '.join(sorted(bad))}")
+    assert not offenders, "layering broken:\n" + "\n".join(offenders)
+
+
+def test_the_rules_see_real_imports() -> None:
+    """The checker itself works: app.py imports gradio and the attacks."""
+    found = _imports(ROOT / "app.py")
+    assert {"gradio", "fedclient"} <= found
+
+
+def _entry_points() -> list[object]:
+    from dager.attack import iter_dager
+    from dlg.attack import iter_dlg
+    from dlg.text import iter_dlg_text
+
+    return [iter_dager, iter_dlg, iter_dlg_text]
+
+
+@pytest.mark.parametrize("entry", _entry_points(), ids=lambda f: f.__name__)
+def test_attack_entry_points_take_only_model_update_and_config(entry: object) -> None:
+    """Nothing derived from the private batch can be passed to an attack."""
+    from fedclient.update import SharedUpdate
+
+    params = list(inspect.signature(entry).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    keyword = [p for p in params if p.kind is p.KEYWORD_ONLY]
+    assert [p.name for p in positional][1:] == ["update"], f"{entry.__name__}: {params}"
+    assert positional[0].name in ("bundle", "model")
+    assert [p.name for p in keyword] == ["config"], f"{entry.__name__} takes more than a config: {keyword}"
+    assert not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+    hints = inspect.get_annotations(entry, eval_str=True)
+    assert hints["update"] is SharedUpdate
