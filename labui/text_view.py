@@ -342,6 +342,8 @@ class DagerView:
             if self.prefixes is not None:
                 progress += (f", search at position {self.prefixes.position} with "
                              f"{self.prefixes.num_prefixes} prefix(es)")
+            elif self.progress is not None and self.progress.position is not None:
+                progress += f", searching position {self.progress.position + 1}"
             lines.append(f"**Running:** {progress}…")
         elif self.finished is not None:
             r = self.finished.result

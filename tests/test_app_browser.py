@@ -146,6 +146,7 @@ def test_browser_stop_states_and_run_after_stop(monkeypatch, page_of):
     run.click()
     expect(run).to_be_disabled(timeout=10_000)  # Run stays off until the worker lets go
     expect(status).to_contain_text("⏱", timeout=60_000)  # running, with its countdown
+    expect(status).to_contain_text("searching position 3", timeout=60_000)  # the search is under way
     stop.click()
     expect(status).to_contain_text("Stopping…", timeout=10_000)
     expect(run).to_be_disabled()  # the worker has not let go yet

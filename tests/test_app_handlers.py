@@ -268,7 +268,7 @@ def test_image_attack_on_a_batch_of_files(monkeypatch):
     paths = inputs.sample_images()[:3]
     seen = {}
 
-    def fake_events(model, update, *, method, iterations, name, time_budget_s=None):  # noqa: ANN001
+    def fake_events(model, update, *, method, iterations, time_budget_s=None):  # noqa: ANN001
         seen["batch_size"], seen["method"] = update.batch_size, method
         return _dlg_stream(inputs.load_client_image("batch", None, None, paths))
 
