@@ -8,8 +8,9 @@ NeurIPS 2024 (arXiv 2405.15586).
 # command line can check its arguments, and set the CPU thread policy, before torch loads.
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from fedclient.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "EMBEDDED": "dager.zoo",
@@ -35,16 +36,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from dager.attack import IncompleteUpdateError, iter_dager, required_parameters, run_dager
     from dager.families import FAMILIES, FamilyAdapter, family_for, register_family
 
-
-def __getattr__(name: str) -> object:
-    try:
-        module = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

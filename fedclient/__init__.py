@@ -10,8 +10,9 @@ no UI.
 # command line can check its arguments, and set the CPU thread policy, before torch loads.
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from fedclient.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "DPSGD": "fedclient.defenses",
@@ -66,16 +67,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from fedclient.update import SharedUpdate
     from fedclient.sweep import SweepPoint, dp_grid, iter_sweep, noise_grid, plot_sweep, prune_grid, run_sweep, save_plot, write_csv
 
-
-def __getattr__(name: str) -> object:
-    try:
-        module = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
