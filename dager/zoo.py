@@ -23,6 +23,8 @@ import functools
 import importlib.util
 import logging
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -543,8 +545,41 @@ def _hub_offline(exc: BaseException) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=8)
+MODEL_CACHE_BYTES = 3 * 2**30
+"""Loaded models are kept while their weights total at most this (least recently used
+go first). Each (model, task) pair is its own copy with its own head, so a count bound
+(the old 8 entries) let a server hold several GB of weights it rarely used (issue 14).
+The model in use is always kept, even alone above the bound."""
+
+_CACHE: OrderedDict[tuple[str, str, str], ModelBundle] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
 def _load_cached(name: str, task: str, device: str) -> ModelBundle:
+    """:func:`_load_uncached` behind a least-recently-used cache bounded by bytes."""
+    key = (name, task, device)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    bundle = _load_uncached(name, task, device)
+    with _CACHE_LOCK:
+        bundle = _CACHE.setdefault(key, bundle)  # a concurrent load of the same key wins once
+        _CACHE.move_to_end(key)
+        total = sum(_weight_bytes(b.model) for b in _CACHE.values())
+        while len(_CACHE) > 1 and total > MODEL_CACHE_BYTES:
+            _, old = _CACHE.popitem(last=False)
+            total -= _weight_bytes(old.model)
+            log.info("model cache: evicted %s (%s) to stay under %.1f GB", old.name, old.task,
+                     MODEL_CACHE_BYTES / 2**30)
+    return bundle
+
+
+def _load_uncached(name: str, task: str, device: str) -> ModelBundle:
     if task not in TEXT_TASKS:
         raise UnsupportedTaskError(f"Unknown task {task!r}; choose one of {', '.join(TEXT_TASKS)}.")
     if name in EMBEDDED:

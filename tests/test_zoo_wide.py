@@ -98,3 +98,29 @@ def test_shape_is_validated():
         LlamaShape(hidden_size=100, num_heads=8)
     with pytest.raises(ValueError, match="two decoder blocks"):
         LlamaShape(num_layers=1)
+
+
+def test_model_cache_is_bounded_by_bytes(monkeypatch, tiny):
+    """Least recently used models leave once the weights pass the byte bound (issue 14)."""
+    from dager import zoo
+
+    tiny_bundle = tiny
+
+    built = []
+
+    def fake(name, task, device):  # noqa: ANN001
+        built.append((name, task))
+        return tiny_bundle("gpt2", task)
+
+    monkeypatch.setattr(zoo, "_load_uncached", fake)
+    monkeypatch.setattr(zoo, "_CACHE", type(zoo._CACHE)())
+    one = zoo._weight_bytes(tiny_bundle("gpt2").model)
+    monkeypatch.setattr(zoo, "MODEL_CACHE_BYTES", int(2.5 * one))  # room for two
+    a = zoo.load_model("a")
+    assert zoo.load_model("a") is a and built == [("a", "classification")]  # cached
+    zoo.load_model("b")
+    zoo.load_model("a")  # a is now the most recently used
+    zoo.load_model("c")  # evicts b, the least recently used
+    assert list(zoo._CACHE) == [("a", "classification", "cpu"), ("c", "classification", "cpu")]
+    zoo.load_model("b")
+    assert built.count(("b", "classification")) == 2  # b was loaded again
