@@ -316,13 +316,13 @@ def _result_json(view: DagerView) -> dict[str, object]:
     return out
 
 
-def stream_dager(view: DagerView, items: Iterator[object], *, clock: Callable[[], float] = time.perf_counter,
-                 job=None) -> Iterator[tuple]:  # noqa: ANN001
-    """Fold worker items into ``view`` and yield component tuples (text outputs + JSON).
+def _fold(view, items: Iterator[object], urgent_types: tuple[type, ...], *,  # noqa: ANN001
+          clock: Callable[[], float], job=None) -> Iterator[None]:  # noqa: ANN001
+    """Fold worker items into ``view``; yield whenever the screen should change.
 
-    Yields at once for the events that change what is on screen (spectrum, filter,
-    prefixes, sentences, warnings, start, finish), otherwise at most every
-    :data:`YIELD_EVERY_S` seconds; a :class:`~labui.jobs.Tick` updates the countdown.
+    At once for ``urgent_types`` and the end of the client's update, otherwise at most
+    every :data:`YIELD_EVERY_S` seconds; a :class:`~labui.jobs.Tick` updates the countdown.
+    Both tabs' streams share it, so Stop is honoured the same way everywhere.
     """
     last = clock()
     for item in items:
@@ -334,13 +334,24 @@ def stream_dager(view: DagerView, items: Iterator[object], *, clock: Callable[[]
             urgent = True
         else:
             view.apply(item)  # raises TypeError on an unknown event
-            urgent = isinstance(item, URGENT_TEXT)
+            urgent = isinstance(item, urgent_types)
         if job is not None:
             job.where = view.where
         now = clock()
         if urgent or now - last >= YIELD_EVERY_S:
             last = now
-            yield (*_emit(view, TEXT_KEYS), _result_json(view))
+            yield
+
+
+def stream_dager(view: DagerView, items: Iterator[object], *, clock: Callable[[], float] = time.perf_counter,
+                 job=None) -> Iterator[tuple]:  # noqa: ANN001
+    """Fold worker items into ``view`` and yield component tuples (text outputs + JSON).
+
+    Yields at once for the events that change what is on screen (spectrum, filter,
+    prefixes, sentences, warnings, start, finish), otherwise throttled (:func:`_fold`).
+    """
+    for _ in _fold(view, items, URGENT_TEXT, clock=clock, job=job):
+        yield (*_emit(view, TEXT_KEYS), _result_json(view))
     yield (*_emit(view, TEXT_KEYS, force=True), _result_json(view))
 
 
@@ -504,24 +515,9 @@ def _emit_plain(view, keys: Sequence[str]) -> tuple:  # noqa: ANN001
 
 def stream_dlg(view: DlgView, items: Iterator[object], *, clock: Callable[[], float] = time.perf_counter,
                job=None) -> Iterator[tuple]:  # noqa: ANN001
-    """Fold DLG worker items into ``view`` and yield the image outputs (throttled)."""
-    last = clock()
-    for item in items:
-        if isinstance(item, Tick):
-            view.tick()
-            urgent = False
-        elif isinstance(item, UpdateReady):
-            view.mark_update_done(item.utility)
-            urgent = True
-        else:
-            view.apply(item)
-            urgent = isinstance(item, URGENT_IMAGE)
-        if job is not None:
-            job.where = view.where
-        now = clock()
-        if urgent or now - last >= YIELD_EVERY_S:
-            last = now
-            yield (*_emit(view, IMAGE_KEYS), gr.skip())
+    """Fold DLG worker items into ``view`` and yield the image outputs (throttled, :func:`_fold`)."""
+    for _ in _fold(view, items, URGENT_IMAGE, clock=clock, job=job):
+        yield (*_emit(view, IMAGE_KEYS), gr.skip())
     yield (*_emit(view, IMAGE_KEYS, force=True), write_gif(view))
 
 
