@@ -1,7 +1,7 @@
 """The simulated federated client, shared by every attack.
 
 It turns a private batch into the update a client would share (FedSGD gradient, or a
-defended variant: :mod:`fedclient.defenses`, with DP-SGD internals in :mod:`fedclient.dp`
+defended variant: the :mod:`fedclient.defenses` package, with DP-SGD internals in :mod:`fedclient.dp`
 and attack-agnostic defense sweeps in :mod:`fedclient.sweep`). It imports no attack and
 no UI.
 """

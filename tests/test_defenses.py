@@ -453,6 +453,34 @@ def test_parse_defense_forms_round_trip(spec, expected):
     assert describe(parsed)
 
 
+def test_each_defense_describes_itself():
+    """describe() is the defense's own line; None and a custom callable get a generic one."""
+    cases = {
+        GaussianNoise(0.5): "standard deviation 0.5",
+        Prune(0.3, scope="global"): "30% smallest-magnitude entries across all shared tensors",
+        RandomMask(0.25): "random 25%",
+        Quantize("fp16"): "fp16",
+        Quantize("int8"): "8-bit integers",
+        DPSGD(clip_norm=2.0, noise_multiplier=0.0): "no formal privacy",
+        FedAvg(local_steps=3, lr=0.1, minibatch_size=2): "3 local SGD step(s) with learning rate 0.1 over minibatches of 2",
+        SecureAggregation(clients=4, others="copies"): "sum over 4 clients (the attacked one and 3 clients holding copies",
+    }
+    for defense, words in cases.items():
+        assert defense.describe() == describe(defense)
+        assert words in describe(defense)
+    both = compose(GaussianNoise(0.5), SecureAggregation(clients=2))
+    assert describe(both) == f"{GaussianNoise(0.5).describe()} Then: {SecureAggregation(clients=2).describe()}"
+    assert describe(None).startswith("No defense")
+
+    class Custom:  # a defense with a name and no describe()
+        name = "shuffle"
+
+        def __call__(self, model, batch, *, parameters, generator):
+            raise AssertionError("not called")
+
+    assert describe(Custom()) == "Custom defense shuffle."
+
+
 def test_parse_defenses_composes_in_role_order():
     d = parse_defenses(["secagg:clients=4", "noise:1e-3", "dp:clip=1,noise=1", "int8"])
     assert isinstance(d, Compose)
