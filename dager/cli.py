@@ -54,16 +54,14 @@ JSON the user asked for; logs carry counts and timings, never text.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 # Torch-free imports only (issue 13): torch, transformers and the metrics load after the
 # arguments have been checked (see _run / run_sweep_command).
@@ -72,8 +70,20 @@ from dager.config import DagerConfig
 from dager.textio import Sentence, canonical_text, check_sentences, distinct_prefixes, read_sentences, split_batches
 from fedclient.errors import LabInputError
 from fedclient.threads import configure_cpu_threads
-from labcli.outputs import check_output_path, lost_sentence, save_json
+from labcli.common import (
+    CliUsageError,
+    LabParser,
+    add_defense_argument,
+    check_defense_specs,
+    check_device,
+    defense_record,
+    write_json,
+)
+from labcli.outputs import check_output_path
 from labcli.runtime import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
     interrupt_exit_code,
     interrupt_word,
     interrupts_as_exceptions,
@@ -87,10 +97,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dager.cli")
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
 FAR_OVER_CAPACITY = 1.5
 """A batch with more than this many times d distinct token prefixes is refused.
 
@@ -103,20 +109,9 @@ it would only spend its search budget, so the CLI asks for a smaller batch inste
 TASKS = ("classification", "next-token")
 
 
-class CliUsageError(LabInputError):
-    """An option or input the CLI cannot use (exit code 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with usage errors as one line (exit 2) instead of usage + error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m dager`` / ``dager``."""
-    p = _Parser(
+    p = LabParser(
         prog="dager",
         description=(
             "DAGER (Petrov et al., NeurIPS 2024): recover a file of sentences, batch by "
@@ -143,14 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rank candidates by distance instead of fixed thresholds (for noisy, defended updates)",
     )
-    p.add_argument(
-        "--defense",
-        action="append",
-        default=[],
-        metavar="SPEC",
-        help="client-side defense, repeatable: noise:1e-3, dp:clip=1.0,noise=1.0, prune:0.3, mask:0.3, "
-        "fp16, int8, fedavg:steps=4,lr=0.01, secagg:clients=4",
-    )
+    add_defense_argument(p)
     p.add_argument("--show-text", action="store_true", help="print each sentence and its recovery in the summary")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, notes or summary table")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress details to stderr")
@@ -226,32 +214,12 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def _check_defense_specs(specs: Sequence[str]) -> None:
-    """Refuse an empty ``--defense ""`` (it would silently mean no defense; issue 14)."""
-    for spec in specs:
-        if not spec.strip().strip(";").strip():
-            raise CliUsageError(
-                '--defense was given an empty spec: drop the option for no defense, or give one such as noise:1e-3.'
-            )
-
-
 def _check_outputs(args: argparse.Namespace) -> None:
     """Options that can be checked before anything heavy is loaded (torch-free)."""
     out: Path = args.output
     check_output_path("--output", out)
     if out.exists() and args.input.exists() and out.resolve() == args.input.resolve():
         raise CliUsageError("--output names the input file: give the result another name, such as result.json.")
-
-
-def _check_device(device: str) -> None:
-    """Refuse ``--device cuda`` without a GPU (imports torch)."""
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise CliUsageError(
-                "--device cuda was given but PyTorch sees no CUDA GPU on this machine: use --device cpu."
-            )
 
 
 def _build_config(args: argparse.Namespace) -> DagerConfig:
@@ -492,19 +460,6 @@ def _report(
     }
 
 
-def _write_json(path: Path, report: dict[str, object]) -> bool:
-    """Write the result JSON (mode 0600); on failure keep it elsewhere and say where.
-
-    Returns:
-        True when it went to ``path``; False when it went to a fallback (one sentence
-        on stderr names it).
-    """
-    saved = save_json(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n", prog="dager")
-    if not saved.ok:
-        print(f"dager: error: {lost_sentence('--output', path, saved)}", file=sys.stderr)
-    return saved.ok
-
-
 def _print_summary(args: argparse.Namespace, report: dict[str, object], outcomes: list[_BatchOutcome]) -> None:
     """The summary table on stdout (sentences only with ``--show-text``)."""
     head = (
@@ -554,24 +509,10 @@ def _print_summary(args: argparse.Namespace, report: dict[str, object], outcomes
                 print(f"  {'':>{len(str(s.line)) + 5}}-> {pred}")
 
 
-def _parse_defenses(specs: Sequence[str]) -> object | None:
-    """One client-side defense from the repeated ``--defense`` specs.
-
-    :func:`fedclient.defenses.parse_defenses` orders them by role (how the update is
-    computed, then transforms in the order given, then secure aggregation).
-
-    Raises:
-        fedclient.errors.InvalidConfigError: a spec cannot be parsed.
-    """
-    from fedclient.defenses import parse_defenses
-
-    return parse_defenses(list(specs)) if specs else None
-
-
 def _run(args: argparse.Namespace) -> int:
     # Cheap, torch-free checks first: a bad option or path is answered at once.
     _check_outputs(args)
-    _check_defense_specs(args.defense)
+    check_defense_specs(args.defense)
     config = _build_config(args)
     file = read_sentences(args.input)
     if file.blank_lines:
@@ -590,10 +531,8 @@ def _run(args: argparse.Namespace) -> int:
         _note(args, f"the last batch holds {len(batches[-1])} sentence(s), fewer than --batch-size; attacked as is.")
 
     # Heavy from here on (torch, transformers).
-    from fedclient.defenses import describe, epsilon_of
-
-    defense = _parse_defenses(args.defense)
-    _check_device(args.device)
+    defense, defense_keys = defense_record(args.defense)
+    check_device(args.device)
     _quiet_hf(args.verbose)
     bundle = dager.load_model(args.model, args.task, device=args.device)
     check_sentences(bundle, [s for b in batches for s in b])
@@ -630,10 +569,8 @@ def _run(args: argparse.Namespace) -> int:
         args, bundle, outcomes, defenses=list(args.defense), interrupted=interrupted,
         num_sentences_in_file=len(file.sentences),
     )
-    report["defense_description"] = describe(defense)
-    eps = epsilon_of(defense)
-    report["epsilon"] = eps if eps is not None and math.isfinite(eps) else None  # JSON has no inf
-    written = _write_json(args.output, report)
+    report.update(defense_keys)  # the specs as given, their description and epsilon
+    written = write_json(args.output, report, prog="dager")
     if not args.quiet:
         _print_summary(args, report, outcomes)
         if written:
@@ -649,7 +586,7 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m dager sweep``."""
     from labcli.sweep import add_sweep_arguments
 
-    p = _Parser(
+    p = LabParser(
         prog="dager sweep",
         description="DAGER under a grid of client-side defenses: one attack per defense level, "
         "scored (ROUGE-1/2, exact match) with the update's utility cost; writes a CSV and a plot.",
@@ -698,11 +635,11 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     file = read_sentences(args.input)
     batches = split_batches(file.sentences, args.batch_size, args.max_batches)
 
-    from dager.metrics import PairScore, evaluate_text  # noqa: F811 - heavy from here on
+    from dager.metrics import evaluate_text  # noqa: F811 - heavy from here on
     from fedclient import compute_update
     from fedclient.defenses import utility_cost
 
-    _check_device(args.device)
+    check_device(args.device)
     points = sweep_points(args)
     _quiet_hf(args.verbose)
     bundle = dager.load_model(args.model, args.task, device=args.device)
@@ -788,8 +725,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_sweep_parser() if sweep else build_parser()
     try:
         args = parser.parse_args(argv[1:] if sweep else argv)
-    except SystemExit as exc:  # --help, or a usage error already printed
+    except SystemExit as exc:  # --help
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    except LabInputError as exc:  # a usage error (LabParser): one line
+        return _fail(str(exc))
     _configure_logging(args.verbose)
     try:
         with interrupts_as_exceptions():

@@ -65,6 +65,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fedclient.client import Defense, batch_loss, compute_update, fedsgd_gradient
     from fedclient.errors import EmptyBatchError, EmptySentenceError, HubUnreachableError, InvalidConfigError, LabInputError, SequenceTooLongError, UnknownModelError, UnsupportedModelError, UnsupportedTaskError
     from fedclient.update import SharedUpdate
-    from fedclient.sweep import SweepPoint, dp_grid, iter_sweep, noise_grid, plot_sweep, prune_grid, run_sweep, save_plot, write_csv
+    from fedclient.sweep import SweepPoint, dp_grid, iter_sweep, noise_grid, prune_grid, run_sweep
+    # plot_sweep, save_plot and write_csv moved to labcli.sweepfiles; fedclient.sweep aliases them.
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -187,7 +186,8 @@ def run_cli_sweep(
     Returns:
         The rows, as written to the CSV.
     """
-    from fedclient.sweep import iter_sweep, plot_sweep, save_plot, write_csv
+    from fedclient.sweep import iter_sweep
+    from labcli.sweepfiles import plot_sweep, save_plot, write_csv
 
     stream = out if out is not None else sys.stdout
     columns = ["label", *metrics, "utility_cosine", "epsilon", "seconds"]

@@ -30,7 +30,8 @@ from fedclient import (
 from fedclient.client import ClientReport
 from fedclient.defenses import SPEC_FORMS, int8_round_trip
 from fedclient.dp import clip_per_example, dp_epsilon, per_example_gradients, per_example_norms, trainable_names
-from fedclient.sweep import SweepPoint, dp_grid, grid, noise_grid, plot_sweep, prune_grid, run_sweep, save_plot, write_csv
+from fedclient.sweep import SweepPoint, dp_grid, grid, noise_grid, prune_grid, run_sweep
+from labcli.sweepfiles import plot_sweep, save_plot, write_csv
 
 SENTENCES = ["Hello private world", "Hi", "Gradients leak data quite a lot"]
 
