@@ -2,8 +2,9 @@
 
 It turns a private batch into the update a client would share (FedSGD gradient, or a
 defended variant: the :mod:`fedclient.defenses` package, with DP-SGD internals in :mod:`fedclient.dp`
-and attack-agnostic defense sweeps in :mod:`fedclient.sweep`). It imports no attack and
-no UI.
+and attack-agnostic defense sweeps in :mod:`fedclient.sweep`). The model families every
+layer shares are declared in :mod:`fedclient.families`, one module each. It imports no
+attack and no UI.
 """
 
 # Exports load lazily (PEP 562): importing the package pulls in no torch, so a
