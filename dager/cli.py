@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING
 # arguments have been checked (see _run / run_sweep_command).
 import dager
 from dager.config import DagerConfig
-from dager.textio import Sentence, canonical_text, check_sentences, distinct_prefixes, read_sentences, split_batches
+from dager.textio import Sentence, check_sentences, distinct_prefixes, read_sentences, split_batches
 from fedclient.errors import LabInputError
 from fedclient.threads import configure_cpu_threads
 from labcli.common import (
@@ -340,7 +340,7 @@ def _attack_batch(
     prefixes: int,
 ) -> _BatchOutcome:
     """Client update, attack and scoring of one batch; a failure is recorded, not raised."""
-    from dager.metrics import evaluate_text
+    from dager.metrics import evaluate_text, normalizer_for
     from fedclient import compute_update
 
     run_dager, required_parameters = _engine()
@@ -385,7 +385,7 @@ def _attack_batch(
             file=sys.stderr,
         )
         return outcome
-    scores = evaluate_text(refs, list(result.sentences), normalize=lambda t: canonical_text(bundle, t))
+    scores = evaluate_text(refs, list(result.sentences), normalize=normalizer_for(bundle))
     outcome.pairs = scores.pairs
     outcome.record = _batch_record(
         outcome, result=result, scores=scores, total_tokens=total_tokens, prefixes=prefixes, error=None
@@ -635,7 +635,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     file = read_sentences(args.input)
     batches = split_batches(file.sentences, args.batch_size, args.max_batches)
 
-    from dager.metrics import evaluate_text  # noqa: F811 - heavy from here on
+    from dager.metrics import evaluate_text, normalizer_for  # heavy from here on
     from fedclient import compute_update
     from fedclient.defenses import utility_cost
 
@@ -674,7 +674,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
                 pairs.extend(evaluate_text(refs, []).pairs)
                 continue
             ranks.append(int(result.rank))  # type: ignore[attr-defined]
-            scores = evaluate_text(refs, list(result.sentences), normalize=lambda t: canonical_text(bundle, t))  # type: ignore[attr-defined]
+            scores = evaluate_text(refs, list(result.sentences), normalize=normalizer_for(bundle))  # type: ignore[attr-defined]
             pairs.extend(scores.pairs)
         any_failed = any_failed or failed > 0
         n = max(1, len(pairs))

@@ -312,7 +312,7 @@ def run_text(args: argparse.Namespace) -> int:
 
     import dager
     import fedclient
-    from dager.metrics import evaluate_text, pooled_scores
+    from dager.metrics import evaluate_text, normalizer_for, pooled_scores
     from dlg.text import TextDlgConfig, run_dlg_text
 
     check_device(args.device)
@@ -336,7 +336,8 @@ def run_text(args: argparse.Namespace) -> int:
             client_seconds = time.perf_counter() - t0
             del batch
             result = run_dlg_text(bundle, update, config=config)
-            scores = evaluate_text(refs, list(result.sentences))
+            # Judged on what the model can represent, as DAGER's CLI does.
+            scores = evaluate_text(refs, list(result.sentences), normalize=normalizer_for(bundle))
             pairs.extend(scores.pairs)
             total_seconds += result.seconds
             total_client += client_seconds
