@@ -56,6 +56,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Torch-free imports only: torch loads after the arguments have been checked.
 from fedclient.errors import LabInputError
@@ -81,6 +82,13 @@ from labcli.runtime import (
     pending_interrupt,
     positive_int,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from dager.metrics import PairScore
+    from dlg.attack import DlgConfig
+    from fedclient.client import Defense
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +193,7 @@ def _check_image_paths(paths: list[Path]) -> None:
             raise CliUsageError(f"Image file {str(path)!r} does not exist: check the path given to --image.")
 
 
-def _image_batch(args: argparse.Namespace) -> tuple[object, object, object, object]:
+def _image_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module, DlgConfig]:
     """``(images, labels, model, config)`` of the image options (shared by run and sweep).
 
     Raises:
@@ -324,7 +332,7 @@ def run_text(args: argparse.Namespace) -> int:
     # length is inferred from the update or guessed (TextDlgConfig.seq_len=None).
     config = TextDlgConfig(iterations=args.iterations, seed=args.seed, device=args.device)
     records: list[dict[str, object]] = []
-    pairs = []
+    pairs: list[PairScore] = []
     total_seconds = total_client = 0.0
     interrupted = False
     try:
@@ -419,7 +427,7 @@ def run_sweep_images(args: argparse.Namespace) -> int:
     images, labels, model, config = _image_batch(args)
     batch = fedclient.ImageBatch(images.to(args.device), labels.to(args.device))
 
-    def attack(defense: object | None) -> dict[str, object]:
+    def attack(defense: Defense | None) -> dict[str, object]:
         update = fedclient.compute_update(model, batch, defense=defense, seed=args.seed)
         cost = utility_cost(model, batch, update)
         result = run_dlg(model, update, config=config)  # no ground truth

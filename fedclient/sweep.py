@@ -68,7 +68,7 @@ class SweepPoint:
 
 def iter_sweep(
     points: Sequence[SweepPoint],
-    attack: Callable[..., Mapping[str, float]],
+    attack: Callable[..., Mapping[str, object]],
     *,
     time_budget_s: float | None = None,
 ) -> Iterator[dict[str, object]]:
@@ -122,7 +122,7 @@ def iter_sweep(
 
 def run_sweep(
     points: Sequence[SweepPoint],
-    attack: Callable[..., Mapping[str, float]],
+    attack: Callable[..., Mapping[str, object]],
     *,
     time_budget_s: float | None = None,
 ) -> list[dict[str, object]]:

@@ -12,10 +12,13 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from fedclient.errors import LabInputError
 from labcli.outputs import lost_sentence, save_json
+
+if TYPE_CHECKING:
+    from fedclient.client import Defense
 
 
 class CliUsageError(LabInputError):
@@ -54,7 +57,7 @@ def check_defense_specs(specs: Sequence[str]) -> None:
             )
 
 
-def defense_record(specs: Sequence[str]) -> tuple[object | None, dict[str, object]]:
+def defense_record(specs: Sequence[str]) -> tuple[Defense | None, dict[str, object]]:
     """The defense of the ``--defense`` specs and its JSON keys (imports torch).
 
     :func:`fedclient.defenses.parse_defenses` orders the specs by role (how the update is

@@ -111,7 +111,8 @@ class SecureAggregation:
 def random_batch_like(model: torch.nn.Module, batch: Batch, generator: torch.Generator) -> Batch:
     """A batch shaped like ``batch`` with random content (another client's data, simulated)."""
     if isinstance(batch, TextBatch):
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        get_embeddings = getattr(model, "get_input_embeddings", None)  # transformers models have it
+        emb = get_embeddings() if callable(get_embeddings) else None
         vocab = int(emb.num_embeddings) if emb is not None else int(batch.input_ids.max()) + 1
         ids = torch.randint(0, vocab, batch.input_ids.shape, generator=generator).to(batch.input_ids.device)
         real = batch.attention_mask.bool()

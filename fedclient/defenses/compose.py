@@ -62,7 +62,7 @@ class Compose:
             "Secure aggregation must be given once, last (it sums every client's defended update).",
         )
         _check(
-            "aggregate" not in roles or len(flat) == 1 or flat[-1].client_defense is None,  # type: ignore[union-attr]
+            not isinstance(flat[-1], SecureAggregation) or len(flat) == 1 or flat[-1].client_defense is None,
             "Give the client defenses either in the Compose or as client_defense, not both.",
         )
 
