@@ -59,7 +59,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 # Torch-free imports only: torch loads after the arguments have been checked.
-from fedclient.errors import LabInputError
 from fedclient.threads import configure_cpu_threads
 from labcli.common import (  # DEFENSE_HELP and CliUsageError stay importable from here
     DEFENSE_HELP,  # noqa: F401
@@ -69,17 +68,14 @@ from labcli.common import (  # DEFENSE_HELP and CliUsageError stay importable fr
     check_defense_specs,
     check_device,
     defense_record,
+    run_guarded,
     write_json,
 )
 from labcli.outputs import check_distinct, check_output_path, lost_sentence, save_results
 from labcli.runtime import (
     EXIT_FAILED,
-    EXIT_USAGE,
     class_label,
-    interrupt_exit_code,
     interrupt_word,
-    interrupts_as_exceptions,
-    pending_interrupt,
     positive_int,
 )
 
@@ -462,37 +458,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     text_mode = bool(argv) and argv[0] == "text"
     sweep_mode = bool(argv) and argv[0] == "sweep"
-    debug = "--debug" in argv
-    try:
-        with interrupts_as_exceptions():
-            if sweep_mode:
-                args = build_sweep_parser().parse_args(argv[1:])
-                if not args.image:
-                    raise CliUsageError("No image was given: add --image FILE (repeat it for a batch of up to 8).")
-                _configure_logging(args.verbose)
-                return run_sweep_images(args)
-            if text_mode:
-                args = build_text_parser().parse_args(argv[1:])
-                _configure_logging(args.verbose)
-                return run_text(args)
-            args = build_image_parser().parse_args(argv)
+
+    def work() -> int:
+        if sweep_mode:
+            args = build_sweep_parser().parse_args(argv[1:])
             if not args.image:
                 raise CliUsageError("No image was given: add --image FILE (repeat it for a batch of up to 8).")
             _configure_logging(args.verbose)
-            return run_images(args)
-    except LabInputError as exc:
-        print(f"dlg: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM, e.g. while torch or the model loads
-        print(f"dlg: {interrupt_word(exc)}.", file=sys.stderr)
-        return interrupt_exit_code(exc)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
-        interrupted = pending_interrupt()
-        if interrupted is not None:  # a library turned the interrupt into another error
-            print(f"dlg: {interrupt_word(interrupted)}.", file=sys.stderr)
-            return interrupt_exit_code(interrupted)
-        if debug:
-            raise
-        first = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        print(f"dlg: internal error ({first}); rerun with --debug for the traceback.", file=sys.stderr)
-        return EXIT_FAILED
+            return run_sweep_images(args)
+        if text_mode:
+            args = build_text_parser().parse_args(argv[1:])
+            _configure_logging(args.verbose)
+            return run_text(args)
+        args = build_image_parser().parse_args(argv)
+        if not args.image:
+            raise CliUsageError("No image was given: add --image FILE (repeat it for a batch of up to 8).")
+        _configure_logging(args.verbose)
+        return run_images(args)
+
+    return run_guarded("dlg", work, debug="--debug" in argv)

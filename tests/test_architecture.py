@@ -94,7 +94,7 @@ def test_moved_names_still_import_from_their_old_paths() -> None:
     for name in ("write_csv", "plot_sweep", "save_plot"):
         assert getattr(fedclient.sweep, name) is getattr(labcli.sweepfiles, name)
         assert getattr(fedclient, name) is getattr(labcli.sweepfiles, name)
-    for name in fedclient.sweepcli.__all__:
+    for name in labcli.sweep.__all__:
         assert getattr(fedclient.sweepcli, name) is getattr(labcli.sweep, name)
 
 
