@@ -56,6 +56,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 # Torch-free imports only: torch loads after the arguments have been checked.
@@ -82,8 +83,10 @@ from labcli.runtime import (
 if TYPE_CHECKING:
     import torch
 
-    from dager.metrics import PairScore
+    from dager.metrics import PairScore, TextScores
+    from dager.textio import Sentence
     from dlg.attack import DlgConfig
+    from dlg.events import TextDlgResult
     from fedclient.client import Defense
 
 log = logging.getLogger(__name__)
@@ -295,6 +298,29 @@ def run_images(args: argparse.Namespace) -> int:
     return 0 if ok else EXIT_FAILED
 
 
+def _text_record(
+    index: int, chunk: Sequence[Sentence], result: TextDlgResult, scores: TextScores, client_seconds: float
+) -> dict[str, object]:
+    """One entry of ``batches`` in the text baseline's JSON (DAGER's CLI's keys, plus the loss and seq_len)."""
+    return {
+        "index": index,
+        "lines": [s.line for s in chunk],
+        "references": [s.text for s in chunk],
+        "predictions": [p.prediction for p in scores.pairs],
+        "exact": [p.exact for p in scores.pairs],
+        "seconds": result.seconds,
+        "client_seconds": client_seconds,
+        "rouge1": scores.rouge1,
+        "rouge2": scores.rouge2,
+        "rougeL": scores.rougeL,
+        "exact_match": scores.exact_match,
+        "token_accuracy": scores.token_accuracy,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "seq_len": getattr(result, "seq_len", None),
+        "seq_len_source": getattr(result, "seq_len_source", None),
+    }
+
+
 def run_text(args: argparse.Namespace) -> int:
     """``python -m dlg text``: the text baseline, batch by batch.
 
@@ -345,25 +371,7 @@ def run_text(args: argparse.Namespace) -> int:
             pairs.extend(scores.pairs)
             total_seconds += result.seconds
             total_client += client_seconds
-            records.append(
-                {
-                    "index": index,
-                    "lines": [s.line for s in chunk],
-                    "references": refs,
-                    "predictions": [p.prediction for p in scores.pairs],
-                    "exact": [p.exact for p in scores.pairs],
-                    "seconds": result.seconds,
-                    "client_seconds": client_seconds,
-                    "rouge1": scores.rouge1,
-                    "rouge2": scores.rouge2,
-                    "rougeL": scores.rougeL,
-                    "exact_match": scores.exact_match,
-                    "token_accuracy": scores.token_accuracy,
-                    "final_loss": result.losses[-1] if result.losses else None,
-                    "seq_len": getattr(result, "seq_len", None),
-                    "seq_len_source": getattr(result, "seq_len_source", None),
-                }
-            )
+            records.append(_text_record(index, chunk, result, scores, client_seconds))
             log.info("batch %d: ROUGE-1 %.3f in %.1f s", index, scores.rouge1, result.seconds)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: keep the finished batches
         interrupted = True

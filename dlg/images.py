@@ -69,7 +69,7 @@ def _label(source: object, index: int) -> str:
 def _open(source: str | os.PathLike | bytes, name: str) -> Image.Image:
     """Open, check the header size, then fully decode one encoded image."""
     if isinstance(source, (bytes, bytearray)):
-        stream: object = io.BytesIO(source)
+        stream: io.BytesIO | Path = io.BytesIO(source)
     else:
         path = Path(source)
         if not path.is_file():
