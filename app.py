@@ -33,6 +33,7 @@ from dlg.images import MAX_IMAGES as MAX_BATCH_IMAGES  # noqa: E402
 from labui import handlers as h  # noqa: E402
 from labui import inputs  # noqa: E402
 from labui.components import UndecodedImage  # noqa: E402
+from labui.text_view import DagerView  # noqa: E402
 from labui.inputs import ASSETS, MAX_ITERATIONS, MAX_SENTENCES, NUM_CLASSES, ON_GPU, SWEEPS  # noqa: E402
 
 log = logging.getLogger("gradient_leakage_lab.app")
@@ -61,13 +62,46 @@ LANES = {
 }
 
 
+FIRST_TOKEN_JS = """<script>
+/* The first-token figure a visitor sees is measured here, in their browser: from the
+   click on Run DAGER to the first recovered token in the token grid's DOM. Tokens
+   already on screen from an earlier run are marked stale at the click. */
+(() => {
+  let watching = null;
+  document.addEventListener("click", (event) => {
+    const run = event.target.closest && event.target.closest("#gll-run-text");
+    const grid = document.getElementById("gll-grid");
+    const out = document.querySelector("#gll-first-token .gll-first-token");
+    if (!run || run.disabled || !grid || !out) return;
+    const t0 = event.timeStamp;
+    grid.querySelectorAll(".gll-tok").forEach((el) => el.setAttribute("data-gll-stale", ""));
+    out.textContent = "";
+    delete out.dataset.seconds;
+    if (watching) watching.disconnect();
+    watching = new MutationObserver(() => {
+      if (!grid.querySelector(".gll-tok:not([data-gll-stale])")) return;
+      watching.disconnect();
+      watching = null;
+      const seconds = (performance.now() - t0) / 1000;
+      out.dataset.seconds = seconds.toFixed(3);
+      out.textContent = "First recovered tokens on screen " + seconds.toFixed(2) +
+        " s after you pressed Run (measured in this browser).";
+    });
+    watching.observe(grid, {subtree: true, childList: true});
+  }, true);
+})();
+</script>"""
+"""Measures the first-token time where it is seen (the server cannot know when the page drew)."""
+
+
 def launch_options() -> dict[str, object]:
-    """Keyword arguments for ``Blocks.launch`` (Gradio 6 takes theme and CSS there)."""
+    """Keyword arguments for ``Blocks.launch`` (Gradio 6 takes theme, CSS and head there)."""
     return {
         "theme": THEME,
         "css_paths": [ASSETS / "app.css"],
         "max_file_size": "10mb",
         "footer_links": ["api", "settings"],
+        "head": FIRST_TOKEN_JS,
     }
 
 
@@ -160,13 +194,17 @@ def build_app() -> gr.Blocks:
                             stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="gll-stop-text")
                 text_status = gr.Markdown(elem_id="gll-text-status")
                 with gr.Row():
-                    spectrum = gr.Plot(label="Gradient spectrum", elem_id="gll-spectrum")
-                    distances = gr.Plot(label="Layer-1 token filter", elem_id="gll-distances")
+                    # Waiting figures from the start: the browser loads plotly.js with the
+                    # page, not when the first run's spectrum arrives.
+                    blank = DagerView().render(["spectrum", "distances"])
+                    spectrum = gr.Plot(blank["spectrum"], label="Gradient spectrum", elem_id="gll-spectrum")
+                    distances = gr.Plot(blank["distances"], label="Layer-1 token filter", elem_id="gll-distances")
                 with gr.Row():
                     with gr.Column(scale=3):
                         grid = gr.HTML(label="Token grid", elem_id="gll-grid")
                     with gr.Column(scale=2):
                         recovered = gr.HTML(label="Recovered sentences", elem_id="gll-recovered")
+                        gr.HTML('<p class="gll-note gll-first-token"></p>', elem_id="gll-first-token")
                         metrics = gr.Markdown(elem_id="gll-metrics")
                 with gr.Accordion("Race the DLG text baseline on the same update", open=False):
                     gr.Markdown("DLG optimises continuous embeddings until their gradient matches; "
@@ -291,6 +329,9 @@ def main() -> None:
     from dlg.attack import warm_up_optimizers
 
     threading.Thread(target=warm_up_optimizers, name="warm-up", daemon=True).start()
+    # The default text model, DAGER's first linear-algebra calls and plotly's first
+    # figures are paid here too, so the first visitor's Run is as fast as the next one's.
+    threading.Thread(target=h.prewarm, args=(DEFAULT_TEXT_MODEL,), name="prewarm", daemon=True).start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _shutdown)
     demo = build_app()

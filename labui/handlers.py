@@ -291,11 +291,18 @@ def release_memory() -> None:
 # -- text tab ---------------------------------------------------------------------------
 
 
-def _emit(view, keys: Sequence[str], force: bool = False) -> tuple:  # noqa: ANN001
-    """Component values in ``keys`` order; unchanged ones are skipped (not re-sent)."""
-    values = view.render()
-    dirty = view.take_dirty()
-    return tuple(values[k] if (force or k in dirty) else gr.skip() for k in keys)
+def _emit(view, keys: Sequence[str], force: bool = False, hold: frozenset[str] = frozenset()) -> tuple:  # noqa: ANN001
+    """Component values in ``keys`` order; unchanged ones are skipped (not re-sent).
+
+    Keys in ``hold`` that changed are not built or sent now; they stay dirty for a later
+    call (``force`` sends everything).
+    """
+    dirty = set(keys) if force else view.dirty & set(keys)
+    send = dirty if force else dirty - hold
+    values = view.render(send)
+    view.take_dirty()
+    view.dirty |= dirty - send
+    return tuple(values[k] if k in send else gr.skip() for k in keys)
 
 
 def _result_json(view: DagerView) -> dict[str, object]:
@@ -322,25 +329,41 @@ def _fold(view, items: Iterator[object], urgent_types: tuple[type, ...], *,  # n
 
     At once for ``urgent_types`` and the end of the client's update, otherwise at most
     every :data:`YIELD_EVERY_S` seconds; a :class:`~labui.jobs.Tick` updates the countdown.
-    Both tabs' streams share it, so Stop is honoured the same way everywhere.
+    When the worker has sent more items than were shown (``job.backlog()``), they are
+    folded first and shown together: one render per burst, so the page never falls
+    behind the attack. Both tabs' streams share it, so Stop is honoured the same way.
     """
     last = clock()
+    pending = False
     for item in items:
         if isinstance(item, Tick):
             view.tick()
-            urgent = False
         elif isinstance(item, UpdateReady):
             view.mark_update_done(item.utility)
-            urgent = True
+            pending = True
         else:
             view.apply(item)  # raises TypeError on an unknown event
-            urgent = isinstance(item, urgent_types)
+            pending = pending or isinstance(item, urgent_types)
         if job is not None:
             job.where = view.where
         now = clock()
-        if urgent or now - last >= YIELD_EVERY_S:
+        behind = job is not None and job.backlog() > 0
+        if (pending and not behind) or now - last >= YIELD_EVERY_S:
             last = now
+            pending = False
             yield
+
+
+PLOT_KEYS = frozenset({"spectrum", "distances"})
+PLOT_EVERY_S = 1.0
+"""The text tab's plots are re-sent at most this often while a run streams: each one
+is a plotly figure the browser lays out again, and a burst of them held the first
+tokens back by seconds."""
+PLOT_HOLD_S = 1.5
+"""Before the first tokens are on screen, a changed plot waits at most this long: the
+spectrum and the filter arrive a moment before the first tokens, and drawing them then
+(a plotly layout in the browser, on the same CPU a Space or a laptop shares) delayed
+the tokens; after the first tokens, plots follow at :data:`PLOT_EVERY_S`."""
 
 
 def stream_dager(view: DagerView, items: Iterator[object], *, clock: Callable[[], float] = time.perf_counter,
@@ -349,9 +372,25 @@ def stream_dager(view: DagerView, items: Iterator[object], *, clock: Callable[[]
 
     Yields at once for the events that change what is on screen (spectrum, filter,
     prefixes, sentences, warnings, start, finish), otherwise throttled (:func:`_fold`).
+    The first recovered tokens go first: plots wait for them (at most
+    :data:`PLOT_HOLD_S`) and then follow at most every :data:`PLOT_EVERY_S`; the JSON
+    result rides with the plots.
     """
+    slow_at = -float("inf")
+    plots_waiting: float | None = None
+    tokens_shown = False
     for _ in _fold(view, items, URGENT_TEXT, clock=clock, job=job):
-        yield (*_emit(view, TEXT_KEYS), _result_json(view))
+        now = clock()
+        if plots_waiting is None and view.dirty & PLOT_KEYS:
+            plots_waiting = now
+        first_tokens = not tokens_shown and "grid" in view.dirty and view.first_tokens_s is not None
+        held_for_tokens = not tokens_shown and (plots_waiting is None or now - plots_waiting < PLOT_HOLD_S)
+        due = not first_tokens and not held_for_tokens and now - slow_at >= PLOT_EVERY_S
+        if due:
+            slow_at, plots_waiting = now, None
+        tokens_shown = tokens_shown or first_tokens
+        out = _emit(view, TEXT_KEYS, hold=frozenset() if due else PLOT_KEYS)
+        yield (*out, _result_json(view) if due else gr.skip())
     yield (*_emit(view, TEXT_KEYS, force=True), _result_json(view))
 
 
@@ -370,7 +409,11 @@ def run_text_attack(sentences_text: str, model: str, hub_id: str | None, task: s
     defense = settings.build()  # a bad setting is reported before anything runs
     name = model_name(model, hub_id)
     job = JOBS.start(session_of(request), "text")
-    yield (f"**Preparing:** loading {name} (only the first run of a model takes long)…", *_skips(len(TEXT_KEYS)))
+    # The first frame clears the previous run's results at once (the plots show
+    # their "waiting" state), so nothing stale is mistaken for this run's tokens.
+    blank = DagerView().render()
+    yield (f"**Preparing:** loading {name} (only the first run of a model takes long)…",
+           *(blank[k] for k in TEXT_KEYS[1:]), gr.skip())
 
     def produce() -> Iterator[object]:
         bundle = load_bundle(name, task)
@@ -406,11 +449,41 @@ def run_text_attack(sentences_text: str, model: str, hub_id: str | None, task: s
             budget_s=TIME_BUDGET_S,
             t0=t0,
         )
-        yield (*_emit(view, TEXT_KEYS, force=True), _result_json(view))
+        view.dirty -= PLOT_KEYS  # their waiting state is on screen since the first frame
+        yield (*_emit(view, TEXT_KEYS), _result_json(view))
         yield from stream_dager(view, items, job=job)
     finally:
         items.close()
         release_memory()
+
+
+WARM_UP_SENTENCES = ("The server warms up before the first visitor arrives.", "Nothing typed is used here.")
+
+
+def prewarm(model: str) -> None:
+    """Pay a first run's one-off costs before any visitor does (run at start-up in a thread).
+
+    Loads ``model`` (the zoo caches it), computes one update and runs DAGER on two fixed
+    sentences (tokenizer, autograd and linear-algebra first calls), and renders the
+    text view once (plotly's validators, figure serialisation). Failures are logged,
+    never raised: a cold first run is slower, not broken.
+    """
+    t0 = time.perf_counter()
+    try:
+        bundle = load_bundle(model, "classification")
+        batch = bundle.encode(list(WARM_UP_SENTENCES), seed=0)
+        update = compute_update(bundle.model, batch, parameters=dager_parameters(bundle), seed=0)
+        view = DagerView(token_text=functools.partial(_token_text, bundle), references=WARM_UP_SENTENCES,
+                         scorer=text_scorer(bundle), normalize=functools.partial(normalize, bundle))
+        for event in dager_events(bundle, update, time_budget_s=TIME_BUDGET_S):
+            view.apply(event)
+        for fig in view.render(["spectrum", "distances"]).values():
+            fig.to_json()
+    except Exception:  # noqa: BLE001 - a warm-up must never take the app down
+        log.exception("prewarm of %s failed", model)
+        return
+    log.info("prewarm of %s done in %.1f s", model, time.perf_counter() - t0)
+    release_memory()
 
 
 def _token_text(bundle, token_id: int) -> str:  # noqa: ANN001

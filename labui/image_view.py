@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -188,29 +188,40 @@ class DlgView:
         d, self.dirty = self.dirty, set()
         return d
 
-    def render(self) -> dict[str, object]:
-        """All outputs (numpy images, plotly figures, Markdown)."""
-        loss = plots.curve_figure(self.iterations, self.losses, title="Gradient distance (matching loss)",
-                                  ytitle="distance", log=True, empty="waiting for the first iteration…")
-        psnr = plots.curve_figure(self.psnr_iterations, self.psnrs, title="PSNR against the original",
-                                  ytitle="PSNR (dB)", log=False, colour=plots.ACCEPT,
-                                  empty="PSNR appears with the first preview", hline=30.0,
-                                  hline_text="30 dB: visually identical")
-        preview = None if self.preview is None else to_grid(self.preview)
-        comparison = None
-        if self.finished is not None:
-            rec = to_grid(self.finished.result.images)
-            comparison = rec
-            if self.originals is not None and self.originals.shape == self.finished.result.images.shape:
-                ori = to_grid(self.originals)
-                if self.originals.shape[0] == 1:  # side by side: original | reconstruction
-                    gap = np.full((ori.shape[0], 8, 3), 255, np.uint8)
-                    comparison = np.concatenate([ori, gap, rec], axis=1)
-                else:  # a batch: originals above, reconstructions below
-                    gap = np.full((8, ori.shape[1], 3), 255, np.uint8)
-                    comparison = np.concatenate([ori, gap, rec], axis=0)
-        return {"status": self.status_markdown(), "preview": preview, "loss": loss, "psnr": psnr,
-                "comparison": comparison}
+    def render(self, keys: Iterable[str] | None = None) -> dict[str, object]:
+        """The outputs in ``keys`` (all when None: numpy images, plotly figures, Markdown);
+        only those are built."""
+        wanted = set(IMAGE_KEYS) if keys is None else set(keys)
+        out: dict[str, object] = {}
+        if "status" in wanted:
+            out["status"] = self.status_markdown()
+        if "preview" in wanted:
+            out["preview"] = None if self.preview is None else to_grid(self.preview)
+        if "loss" in wanted:
+            out["loss"] = plots.curve_figure(self.iterations, self.losses, title="Gradient distance (matching loss)",
+                                             ytitle="distance", log=True, empty="waiting for the first iteration…")
+        if "psnr" in wanted:
+            out["psnr"] = plots.curve_figure(self.psnr_iterations, self.psnrs, title="PSNR against the original",
+                                             ytitle="PSNR (dB)", log=False, colour=plots.ACCEPT,
+                                             empty="PSNR appears with the first preview", hline=30.0,
+                                             hline_text="30 dB: visually identical")
+        if "comparison" in wanted:
+            out["comparison"] = self.comparison()
+        return out
+
+    def comparison(self) -> np.ndarray | None:
+        """Originals beside (one image) or above (a batch) the final reconstructions."""
+        if self.finished is None:
+            return None
+        rec = to_grid(self.finished.result.images)
+        if self.originals is None or self.originals.shape != self.finished.result.images.shape:
+            return rec
+        ori = to_grid(self.originals)
+        if self.originals.shape[0] == 1:  # side by side: original | reconstruction
+            gap = np.full((ori.shape[0], 8, 3), 255, np.uint8)
+            return np.concatenate([ori, gap, rec], axis=1)
+        gap = np.full((8, ori.shape[1], 3), 255, np.uint8)  # a batch: originals above, reconstructions below
+        return np.concatenate([ori, gap, rec], axis=0)
 
     def status_markdown(self) -> str:
         s = self.started

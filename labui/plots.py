@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import plotly.graph_objects as go
@@ -22,7 +23,10 @@ _LAYOUT = dict(
 )
 
 
+@functools.cache
 def _empty(title: str, message: str) -> go.Figure:
+    """A titled empty figure with a message (cached: built once per process, never mutated;
+    the first ``go.Figure`` of a process pays for plotly's validators)."""
     fig = go.Figure()
     fig.update_layout(**_LAYOUT, title=dict(text=title, font=dict(size=14)))
     fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from dager.events import (
@@ -232,23 +232,34 @@ class DagerView:
     def predictions(self) -> list[str]:
         return [s.text for s in self.recovered]
 
-    def render(self) -> dict[str, object]:
-        """All outputs; :attr:`dirty` lists the ones that changed (then it is cleared)."""
-        if "spectrum" in self.dirty or "spectrum" not in self._figs:
-            self._figs["spectrum"] = plots.spectrum_figure(
-                self.spectra, self.started.hidden_size if self.started else None
-            )
-        if "distances" in self.dirty or "distances" not in self._figs:
-            ordered = sorted(self.filters.values(), key=lambda f: -1 if f.position is None else f.position)
-            self._figs["distances"] = plots.distances_figure(ordered, self.token_text)
-        out = {
-            "status": self.status_markdown(),
-            "spectrum": self._figs["spectrum"],
-            "distances": self._figs["distances"],
-            "grid": self.grid_html(),
-            "sentences": self.sentences_html(),
-            "metrics": self.metrics_markdown(),
-        }
+    def render(self, keys: Iterable[str] | None = None) -> dict[str, object]:
+        """The outputs in ``keys`` (all when None); only those are built.
+
+        :attr:`dirty` lists the ones that changed (:meth:`take_dirty` clears it). The
+        plots are built only when asked for, so a stream that holds them back (to show
+        the first tokens sooner) does not pay for them either.
+        """
+        wanted = set(TEXT_KEYS) if keys is None else set(keys)
+        out: dict[str, object] = {}
+        if "status" in wanted:
+            out["status"] = self.status_markdown()
+        if "spectrum" in wanted:
+            if "spectrum" in self.dirty or "spectrum" not in self._figs:
+                self._figs["spectrum"] = plots.spectrum_figure(
+                    self.spectra, self.started.hidden_size if self.started else None
+                )
+            out["spectrum"] = self._figs["spectrum"]
+        if "distances" in wanted:
+            if "distances" in self.dirty or "distances" not in self._figs:
+                ordered = sorted(self.filters.values(), key=lambda f: -1 if f.position is None else f.position)
+                self._figs["distances"] = plots.distances_figure(ordered, self.token_text)
+            out["distances"] = self._figs["distances"]
+        if "grid" in wanted:
+            out["grid"] = self.grid_html()
+        if "sentences" in wanted:
+            out["sentences"] = self.sentences_html()
+        if "metrics" in wanted:
+            out["metrics"] = self.metrics_markdown()
         return out
 
     def take_dirty(self) -> set[str]:

@@ -180,8 +180,13 @@ def test_stream_throttles_and_skips_unchanged_plots(tiny):
     urgent = sum(isinstance(e, h.URGENT_TEXT) for e in events)
     assert len(outs) == urgent + 1  # only urgent events yield when no time passes, plus the final
     assert all(len(o) == len(TEXT_KEYS) + 1 for o in outs)
-    first = outs[0]  # after AttackStarted: the spectrum changed, the grid did not
-    assert not _skipped(first[1]) and _skipped(first[3])
+    first = outs[0]  # after AttackStarted: the status changed, the grid did not
+    assert not _skipped(first[0]) and _skipped(first[3])
+    # The first tokens travel alone: no plot is built or sent before them (no time
+    # passes, so the plots wait for the tokens), and the plots follow in a later frame.
+    tokens_at = next(i for i, o in enumerate(outs) if not _skipped(o[3]) and "gll-tok" in o[3])
+    assert all(_skipped(o[1]) and _skipped(o[2]) for o in outs[: tokens_at + 1])
+    assert any(not _skipped(o[1]) and not _skipped(o[2]) for o in outs[tokens_at + 1:])
     final = outs[-1]
     assert not any(_skipped(v) for v in final)
     assert final[-1]["recovered"] == [bundle.decode(_ids(bundle, s)) for s in REFS]
