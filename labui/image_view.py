@@ -12,6 +12,7 @@ from scipy.optimize import linear_sum_assignment
 
 from dlg.events import DlgFinished, DlgStarted, DlgStep, LabelsInferred
 from labui import plots
+from labui.countdown import Countdown
 
 IMAGE_KEYS = ("status", "preview", "loss", "psnr", "comparison")
 """The DLG view's outputs, in the order the app wires them."""
@@ -48,7 +49,7 @@ def matched_psnr(reference: torch.Tensor, images: torch.Tensor) -> float:
 
 
 @dataclass
-class DlgView:
+class DlgView(Countdown):
     """Accumulated state of one DLG run, for display.
 
     Attributes:
@@ -78,7 +79,6 @@ class DlgView:
     utility: dict[str, float] | None = None
     frames_shown: int = 0
     dirty: set[str] = field(default_factory=lambda: set(IMAGE_KEYS))
-    _shown_second: int = -1
 
     def __post_init__(self) -> None:
         if not self.t0:
@@ -105,13 +105,6 @@ class DlgView:
         """The client's update is computed (``utility``: its cost, for a defended run)."""
         self.utility = utility
         self.dirty.add("status")
-
-    def tick(self) -> None:
-        """Time passed with no event: the countdown changes once a second."""
-        second = int(self.clock() - self.t0)
-        if second != self._shown_second:
-            self._shown_second = second
-            self.dirty.add("status")
 
     @property
     def where(self) -> str:
@@ -226,7 +219,7 @@ class DlgView:
     def status_markdown(self) -> str:
         s = self.started
         note = [self.note] if self.note else []
-        clock = self._countdown()
+        clock = self.countdown()
         if s is None:
             return "\n\n".join([*note, f"**Running:** computing the client's gradient… {clock}"])
         head = f"**{s.method.upper()}** on **{s.model}** · batch {s.batch_size} · budget {s.iterations} iterations"
@@ -263,8 +256,3 @@ class DlgView:
             if verdict:
                 lines.append(verdict)
         return "\n\n".join([*note, *lines])
-
-    def _countdown(self) -> str:
-        elapsed = self.clock() - self.t0
-        budget = f" of the {self.budget_s:.0f} s budget" if self.budget_s else ""
-        return f"⏱ {elapsed:.0f} s{budget}"

@@ -42,9 +42,9 @@ def browser_app(tiny, monkeypatch):
     import app
 
     bundle = tiny("gpt2")  # the real engine on a tiny seeded GPT-2 keeps the test fast
-    from labui import handlers
+    from labui import engines
 
-    monkeypatch.setattr(handlers, "load_model", lambda name, task="classification", device="cpu": bundle)
+    monkeypatch.setattr(engines, "load_model", lambda name, task="classification", device="cpu": bundle)
     demo = app.build_app()
     port = _free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
@@ -136,9 +136,9 @@ def page_of(browser_app):
 def test_browser_stop_states_and_run_after_stop(monkeypatch, page_of):
     from playwright.sync_api import expect
 
-    from labui import handlers
+    from labui import engines
 
-    monkeypatch.setattr(handlers, "dager_events", _endless_dager)
+    monkeypatch.setattr(engines, "dager_events", _endless_dager)
     page = page_of
     run, stop = page.locator("#gll-run-text"), page.locator("#gll-stop-text")
     status = page.locator("#gll-text-status")

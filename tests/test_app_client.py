@@ -33,11 +33,11 @@ def _free_port() -> int:
 def served(tmp_path_factory):
     import app
     from conftest import tiny_bundle
-    from labui import handlers
+    from labui import engines, handlers
 
     with pytest.MonkeyPatch.context() as mp:
         bundle = tiny_bundle("gpt2")
-        mp.setattr(handlers, "load_model", lambda name, task="classification", device="cpu": bundle)
+        mp.setattr(engines, "load_model", lambda name, task="classification", device="cpu": bundle)
         demo = app.build_app()
         port = _free_port()
         demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,

@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import app  # noqa: E402
+from labui import engines  # noqa: E402
 from labui import handlers as h  # noqa: E402
 from labui import inputs  # noqa: E402
 from fedclient.errors import LabInputError  # noqa: E402
@@ -201,9 +202,9 @@ def test_run_text_attack_end_to_end_with_a_hand_built_stream(tiny, monkeypatch):
         seen["update"] = update
         return _dager_stream(b, typed)
 
-    monkeypatch.setattr(h, "load_model", lambda name, task, device="cpu": bundle)
-    monkeypatch.setattr(h, "dager_parameters", lambda b: ["transformer.h.0.attn.c_attn.weight"])
-    monkeypatch.setattr(h, "dager_events", fake_events)
+    monkeypatch.setattr(engines, "load_model", lambda name, task, device="cpu": bundle)
+    monkeypatch.setattr(engines, "dager_parameters", lambda b: ["transformer.h.0.attn.c_attn.weight"])
+    monkeypatch.setattr(engines, "dager_events", fake_events)
     typed = ["Alice owes Bob ten pounds.", "The meeting is at noon."]
     outs = list(h.run_text_attack("\n".join(typed) + "\n\n", "tiny", "", "classification"))
     final = outs[-1]
@@ -222,7 +223,7 @@ def test_input_limits_become_clear_messages(tiny, monkeypatch):
         inputs.parse_sentences("x" * (inputs.MAX_SENTENCE_CHARS + 1))
     with pytest.raises(LabInputError, match="unreachable"):
         h.model_name("gpt2-small-random", "someone/some-model")
-    monkeypatch.setattr(h, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
+    monkeypatch.setattr(engines, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
     with pytest.raises(LabInputError, match="tokens long"):
         list(h.run_text_attack(" ".join(["a"] * 80), "tiny", "", "classification"))
     with pytest.raises(LabInputError, match="between 1 and"):
@@ -277,7 +278,7 @@ def test_image_attack_on_a_batch_of_files(monkeypatch):
         seen["batch_size"], seen["method"] = update.batch_size, method
         return _dlg_stream(inputs.load_client_image("batch", None, None, paths))
 
-    monkeypatch.setattr(h, "dlg_events", fake_events)
+    monkeypatch.setattr(engines, "dlg_events", fake_events)
     files = [{"path": p} for p in paths]  # the shape Gradio gives a handler for uploaded files
     outs = list(h.run_image_attack("batch", None, None, files, 98, "lenet", "idlg", 50))
     assert seen == {"batch_size": 3, "method": "idlg"}
@@ -347,7 +348,7 @@ def test_defense_panel_settings_build_the_shared_defense():
 
 
 def test_text_baseline_handler_runs_the_real_baseline(tiny, monkeypatch):
-    monkeypatch.setattr(h, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
+    monkeypatch.setattr(engines, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
     outs = list(h.run_text_baseline("the cat sat\na dog ran home", "tiny", "", "classification", 5))
     status, loss, sentences = outs[-1]
     assert "DLG baseline done" in status and "ROUGE-1" in status
@@ -358,7 +359,7 @@ def test_text_baseline_handler_runs_the_real_baseline(tiny, monkeypatch):
 def test_defense_sweep_handler_streams_one_row_per_setting(tiny, monkeypatch):
     from fedclient.sweep import grid
 
-    monkeypatch.setattr(h, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
+    monkeypatch.setattr(engines, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
     outs = list(h.run_defense_sweep("text", "precision", "the cat sat\na dog ran home", "tiny", "",
                                       "classification", False, "upload", None, None, None, 7, "lenet", "idlg", 10))
     points = grid("precision")
