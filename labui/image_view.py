@@ -216,6 +216,27 @@ class DlgView(Countdown):
         gap = np.full((8, ori.shape[1], 3), 255, np.uint8)  # a batch: originals above, reconstructions below
         return np.concatenate([ori, gap, rec], axis=0)
 
+    def stop_phrase(self, reason: str) -> str:
+        """Why DLG stopped, as the end of "stopped because ...".
+
+        Raises:
+            ValueError: a stop reason :class:`dlg.events.DlgResult` does not list.
+        """
+        if reason == "tolerance":
+            return "the gradient distance fell below the tolerance"
+        elif reason == "plateau":
+            return "the gradient distance stopped improving"
+        elif reason == "budget":
+            return "the iteration budget ran out"
+        elif reason == "diverged":
+            return "the optimisation diverged"
+        elif reason == "cancelled":
+            return "it was stopped"
+        elif reason == "time_budget":
+            return f"it reached the {self.budget_s or 0:.0f} s time budget"
+        else:
+            raise ValueError(f"unknown DLG stop reason {reason!r}")
+
     def status_markdown(self) -> str:
         s = self.started
         note = [self.note] if self.note else []
@@ -240,14 +261,7 @@ class DlgView(Countdown):
             lines.append(f"**Running:** iteration {it}{loss}{psnr}… {clock}")
         else:
             r = self.finished.result
-            stop = {
-                "tolerance": "the gradient distance fell below the tolerance",
-                "plateau": "the gradient distance stopped improving",
-                "budget": "the iteration budget ran out",
-                "diverged": "the optimisation diverged",
-                "cancelled": "it was stopped",
-                "time_budget": f"it reached the {self.budget_s or 0:.0f} s time budget",
-            }.get(str(getattr(r.stop_reason, "value", r.stop_reason)), r.stop_reason)
+            stop = self.stop_phrase(str(getattr(r.stop_reason, "value", r.stop_reason)))
             at = f" at iteration {r.converged_iteration}" if r.converged_iteration else ""
             psnr = self.final_psnr
             tail = f"; PSNR **{psnr:.1f} dB**" if psnr is not None else ""

@@ -347,8 +347,10 @@ def input_note(source: str, upload: object, batch_files: object) -> str | None:
         paths = file_paths(batch_files)
     elif source == "upload":
         paths = file_paths(upload) if isinstance(upload, (str, dict)) else []
+    elif source == "sketch":
+        paths = []  # drawn here: no file to say anything about
     else:
-        paths = []
+        raise UnknownChoiceError(f"Unknown image source {source!r}; choose one of {', '.join(IMAGE_SOURCES)}.")
     animated = []
     for i, path in enumerate(paths, 1):
         try:
