@@ -254,8 +254,10 @@ DEFENSE_SETTINGS: tuple[tuple[str, tuple[object, ...]], ...] = (
 (prune 0.99, 10 local steps, 16 clients) and a middle prune, each precision."""
 
 
-def defense_table(client, model: str, image: str, budget_s: float) -> list[tuple[str, str, str, str]]:  # noqa: ANN001
-    """Every defense on both tabs: peak RSS, seconds against the budget, the verdict line."""
+def defense_table(client, model: str, image: str, budget_s: float,  # noqa: ANN001
+                  only: str | None = None) -> list[tuple[str, str, str, str]]:
+    """Every defense on both tabs (``only``: rows whose name contains it): peak RSS,
+    seconds against the budget, the verdict line."""
     import threading
 
     from gradio_client import handle_file
@@ -264,6 +266,8 @@ def defense_table(client, model: str, image: str, budget_s: float) -> list[tuple
     rows = []
     for tab in ("text", "images"):
         for name, settings in DEFENSE_SETTINGS:
+            if only and only not in f"{tab}: {name}":
+                continue
             peak, done = [_rss_mb()], threading.Event()
 
             def sample(peak=peak, done=done) -> None:  # noqa: ANN001
@@ -403,6 +407,7 @@ def main() -> None:
                         help="only: click to first token in Chromium, by stage (8 medium sentences, warm)")
     parser.add_argument("--defenses", action="store_true",
                         help="only: every defense of the panel on both tabs, with RSS and the verdict")
+    parser.add_argument("--only", help="with --defenses: only rows whose name contains this, e.g. 'images:'")
     args = parser.parse_args()
 
     import app
@@ -432,7 +437,7 @@ def main() -> None:
         if args.defenses:
             from labui.inputs import TIME_BUDGET_S
 
-            rows = defense_table(client, args.model, _sample_png(), TIME_BUDGET_S)
+            rows = defense_table(client, args.model, _sample_png(), TIME_BUDGET_S, args.only)
             _print_table(rows, ("tab: defense", "peak RSS", "seconds", "verdict (ok: RSS < 4 GB, within "
                                 f"{TIME_BUDGET_S:.0f} s + 15 s, a verdict)"))
             return

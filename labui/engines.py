@@ -16,7 +16,12 @@ from dager.zoo import load_model
 from fedclient import compute_update
 from labui.inputs import DEVICE, IMAGE_SHAPE, NUM_CLASSES
 
-__all__ = ["compute_update", "dager_events", "dager_parameters", "dlg_events", "load_bundle", "load_model",
+DLG_MAX_BATCH = 8
+"""The largest batch DLG reconstructs (``dlg.attack.MAX_BATCH``; a test keeps them equal):
+a securely aggregated update mixes every client's images, so past this the attack
+cannot start."""
+
+__all__ = ["DLG_MAX_BATCH", "compute_update", "dager_events", "dager_parameters", "dlg_events", "load_bundle", "load_model",
            "text_baseline_events", "utility", "vision_model"]
 
 

@@ -252,8 +252,12 @@ def run_image_attack(source: str, upload: object, sketch: object, batch_files: o
     images = inputs.load_client_image(source, upload, sketch, batch_files)
     note = inputs.input_note(source, upload, batch_files)
     labels = inputs.client_labels(label, images.shape[0])
-    job = session.JOBS.start(session_of(request), "image")
     view = DlgView(originals=images, labels=labels, budget_s=TIME_BUDGET_S, t0=t0, note=note)
+    mixed = images.shape[0] * settings.clients
+    if mixed > engines.DLG_MAX_BATCH:  # the defense wins before the attack starts: say so as a verdict
+        yield (view.aggregation_verdict(settings.clients, mixed, engines.DLG_MAX_BATCH), *skips(len(IMAGE_KEYS)))
+        return
+    job = session.JOBS.start(session_of(request), "image")
     yield (*emit(view, IMAGE_KEYS, force=True), None)
 
     def produce() -> Iterator[object]:

@@ -131,6 +131,13 @@ class DlgView(Countdown):
             head = f"defense failed: {psnr:.1f} dB, at or above {HELD_BELOW_DB:.0f} dB (recognisable)"
         return f"**Verdict:** {head}; {kept}."
 
+    def aggregation_verdict(self, clients: int, mixed: int, limit: int) -> str:
+        """The status when secure aggregation mixes more images than DLG can reconstruct."""
+        note = [self.note] if self.note else []
+        return "\n\n".join([*note, f"**Verdict:** defense held: secure aggregation over {clients} clients "
+                              f"mixes {mixed} images into one update, and DLG reconstructs at most {limit} at "
+                              "once, so the attack could not start. Fewer clients (or images) let it run."])
+
     def _started(self, e: DlgStarted) -> None:
         self.started = e
         self.dirty.add("status")

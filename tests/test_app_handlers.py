@@ -371,3 +371,16 @@ def test_defense_sweep_handler_streams_one_row_per_setting(tiny, monkeypatch):
     assert rouge[0] == 1.0  # the undefended (or fp16) update still leaks everything
     assert {t.name for t in fig.data} == {"rouge1", "exact_match", "utility_cosine"}  # success next to utility
     assert table["headers"][-1] == "recovered" and "the cat sat" in table["data"][0][-1]
+
+
+def test_secure_aggregation_past_dlg_batch_ends_in_a_verdict():
+    """16 clients mix 16 images: DLG cannot start, and the page says the defense held."""
+    from dlg.attack import MAX_BATCH
+
+    assert engines.DLG_MAX_BATCH == MAX_BATCH
+    path = inputs.sample_images()[0]
+    outs = list(h.run_image_attack("upload", path, None, None, 7, "lenet", "idlg", 10, 0.0, False, 1.0, 1.0, 0.0,
+                                   "fp32", 1, 16))
+    assert len(outs) == 1
+    status = outs[0][0]
+    assert "**Verdict:** defense held" in status and "16 clients" in status and f"at most {MAX_BATCH}" in status
