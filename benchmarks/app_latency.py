@@ -127,15 +127,20 @@ STAGE_JS = """() => {
   window.__gll = {};
   const stamp = (name) => { if (!(name in window.__gll)) window.__gll[name] = Date.now(); };
   const watch = (id, name, test) => {
+    /* the previous run's content passes the test too: stamp only after it has been cleared */
     const el = document.getElementById(id);
-    new MutationObserver(() => { if (test(el)) stamp(name); })
-      .observe(el, {subtree: true, childList: true, characterData: true});
+    let cleared = !test(el);
+    new MutationObserver(() => {
+      if (!cleared) { cleared = !test(el); return; }
+      if (test(el)) stamp(name);
+    }).observe(el, {subtree: true, childList: true, characterData: true});
   };
   document.addEventListener("click", (e) => {
     if (e.target.closest && e.target.closest("#gll-run-text"))
       window.__gll.click = performance.timeOrigin + e.timeStamp;
   }, true);
-  watch("gll-text-status", "browser: status shows the rank", (el) => /rank/.test(el.textContent));
+  watch("gll-text-status", "browser: first frame (Preparing)", (el) => /Preparing/.test(el.textContent));
+  watch("gll-text-status", "browser: status shows the rank", (el) => /rank \\d/.test(el.textContent));
   watch("gll-spectrum", "browser: spectrum drawn", (el) => /rank \\d/.test(el.textContent));
   watch("gll-distances", "browser: token filter drawn", (el) => /accepted/.test(el.textContent));
   watch("gll-grid", "browser: first token in the DOM", (el) => !!el.querySelector(".gll-tok:not([data-gll-stale])"));
