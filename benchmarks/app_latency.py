@@ -124,21 +124,28 @@ TOKEN = "#gll-grid .gll-tok:not([data-gll-stale])"
 """A token of this run (the page marks the previous run's tokens stale at the click)."""
 
 STAGE_JS = """() => {
+  (window.__gllObservers || []).forEach((o) => o.disconnect());  /* the previous run's */
+  window.__gllObservers = [];
   window.__gll = {};
   const stamp = (name) => { if (!(name in window.__gll)) window.__gll[name] = Date.now(); };
   const watch = (id, name, test) => {
     /* the previous run's content passes the test too: stamp only after it has been cleared */
     const el = document.getElementById(id);
     let cleared = !test(el);
-    new MutationObserver(() => {
+    const observer = new MutationObserver(() => {
       if (!cleared) { cleared = !test(el); return; }
       if (test(el)) stamp(name);
-    }).observe(el, {subtree: true, childList: true, characterData: true});
+    });
+    observer.observe(el, {subtree: true, childList: true, characterData: true});
+    window.__gllObservers.push(observer);
   };
-  document.addEventListener("click", (e) => {
-    if (e.target.closest && e.target.closest("#gll-run-text"))
-      window.__gll.click = performance.timeOrigin + e.timeStamp;
-  }, true);
+  if (!window.__gllClick) {
+    window.__gllClick = true;
+    document.addEventListener("click", (e) => {
+      if (e.target.closest && e.target.closest("#gll-run-text"))
+        window.__gll.click = performance.timeOrigin + e.timeStamp;
+    }, true);
+  }
   watch("gll-text-status", "browser: first frame (Preparing)", (el) => /Preparing/.test(el.textContent));
   watch("gll-text-status", "browser: status shows the rank", (el) => /rank \\d/.test(el.textContent));
   watch("gll-spectrum", "browser: spectrum drawn", (el) => /rank \\d/.test(el.textContent));
