@@ -21,8 +21,8 @@ DLG_MAX_BATCH = 8
 a securely aggregated update mixes every client's images, so past this the attack
 cannot start."""
 
-__all__ = ["DLG_MAX_BATCH", "compute_update", "dager_events", "dager_parameters", "dlg_events", "load_bundle", "load_model",
-           "text_baseline_events", "utility", "vision_model"]
+__all__ = ["DLG_MAX_BATCH", "compute_update", "dager_events", "dager_parameters", "dlg_events", "load_bundle",
+           "load_model", "text_baseline_events", "utility", "vision_model"]
 
 
 def dager_events(bundle, update, *, noise_tolerant: bool = False,  # noqa: ANN001

@@ -88,7 +88,6 @@ def describe_defense(*settings: object) -> str:
         return f"⚠️ {exc}"
 
 
-
 def run_text_attack(sentences_text: str, model: str, hub_id: str | None, task: str, noise_tolerant: bool = False,
                     sigma: object = 0.0, dp: bool = False, clip: float = 1.0, z: float = 1.0, prune: float = 0.0,
                     precision: str = "fp32", fedavg_steps: int = 1, clients: int = 1,
@@ -111,9 +110,11 @@ def run_text_attack(sentences_text: str, model: str, hub_id: str | None, task: s
         check_lengths(bundle, sentences)
         yield ModelReady(bundle)
         batch = bundle.encode(sentences, seed=0)
-        update = engines.compute_update(bundle.model, batch, parameters=engines.dager_parameters(bundle), defense=defense, seed=0)
+        update = engines.compute_update(bundle.model, batch, parameters=engines.dager_parameters(bundle),
+                                        defense=defense, seed=0)
         yield UpdateReady(engines.utility(bundle.model, batch, update) if defense is not None else None)
-        yield from engines.dager_events(bundle, update, noise_tolerant=noise_tolerant, time_budget_s=TIME_BUDGET_S)
+        yield from engines.dager_events(bundle, update, noise_tolerant=noise_tolerant,
+                                        time_budget_s=TIME_BUDGET_S)
 
     items = job.run(produce)
     try:
@@ -148,7 +149,6 @@ def run_text_attack(sentences_text: str, model: str, hub_id: str | None, task: s
         release_memory()
 
 
-
 WARM_UP_SENTENCES = ("The server warms up before the first visitor arrives.", "Nothing typed is used here.")
 
 
@@ -176,7 +176,6 @@ def prewarm(model: str) -> None:
         return
     log.info("prewarm of %s done in %.1f s", model, time.perf_counter() - t0)
     release_memory()
-
 
 
 def run_text_baseline(sentences_text: str, model: str, hub_id: str | None, task: str,
@@ -235,7 +234,6 @@ def run_text_baseline(sentences_text: str, model: str, hub_id: str | None, task:
     finally:
         items.close()
         release_memory()
-
 
 
 def run_image_attack(source: str, upload: object, sketch: object, batch_files: object, label: float, model: str,

@@ -49,7 +49,6 @@ def face(fn: Callable) -> Callable:
     return wrapper
 
 
-
 def session_of(request: gr.Request | None) -> str:
     """The visitor's session id (``"local"`` when a test calls a handler directly)."""
     return str(getattr(request, "session_hash", None) or "local")
@@ -73,11 +72,9 @@ def release_memory() -> None:
     trim(0)
 
 
-
 def forget_session(request: gr.Request | None = None) -> None:
     """The visitor closed the page: their running jobs stop."""
     JOBS.forget(session_of(request))
-
 
 
 # -- Run / Stop buttons -----------------------------------------------------------------

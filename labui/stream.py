@@ -52,7 +52,6 @@ class UpdateReady:
     utility: dict[str, float] | None
 
 
-
 def emit(view, keys: Sequence[str], force: bool = False, hold: frozenset[str] = frozenset()) -> tuple:  # noqa: ANN001
     """Component values in ``keys`` order; unchanged ones are skipped (not re-sent).
 
@@ -68,6 +67,7 @@ def emit(view, keys: Sequence[str], force: bool = False, hold: frozenset[str] = 
 
 
 def result_json(view: DagerView) -> dict[str, object]:
+    """The text run as JSON (the ``/dager`` endpoint's last output; keys are API)."""
     out: dict[str, object] = {"recovered": view.predictions,
                               "exact_check": [s.exact for s in view.recovered]}
     if view.finished is not None:
@@ -160,11 +160,9 @@ def skips(n: int) -> tuple:
     return tuple(gr.skip() for _ in range(n))
 
 
-
 def emit_plain(view, keys: Sequence[str]) -> tuple:  # noqa: ANN001
     values = view.render()
     return tuple(values[k] for k in keys)
-
 
 
 def stream_dlg(view: DlgView, items: Iterator[object], *, clock: Callable[[], float] = time.perf_counter,

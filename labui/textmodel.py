@@ -86,7 +86,6 @@ def model_note(bundle) -> str:  # noqa: ANN001
             "mechanism as on a trained model.")
 
 
-
 def token_text(bundle, token_id: int) -> str:  # noqa: ANN001
     """A token as text. A byte-level BPE piece that is not valid UTF-8 on its own (part
     of an emoji or accented letter) is shown as its bytes, e.g. ``⟨F0 9F⟩``, instead of

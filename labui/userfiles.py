@@ -64,7 +64,6 @@ def purge_user_files(older_than_s: float = 0.0, folder: Path | None = None) -> i
     return removed
 
 
-
 def thumbnail(images: torch.Tensor) -> str:
     from PIL import Image
 
