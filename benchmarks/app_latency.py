@@ -239,6 +239,9 @@ def first_token_table(url: str, stamps: ServerStamps, repeats: int) -> list[tupl
             click = seen.pop("click") / 1000
             stages = {k: v - click for k, v in stamps.times.items()}
             stages.update({k: v / 1000 - click for k, v in seen.items()})
+            if "server: frame with the first tokens" in stages and "browser: first token in the DOM" in stages:
+                stages["face: server frame to tokens in the DOM"] = (stages["browser: first token in the DOM"]
+                                                                     - stages["server: frame with the first tokens"])
             stages["playwright: click to first token"] = first
             stages["page's own figure: click to first token"] = own
             runs.append(stages)

@@ -57,11 +57,13 @@ def spectrum_figure(
     notes: list[dict[str, object]] = []
     top = 1.0
 
-    def vline(x: float, colour: str, dash: str, text: str, *, top_edge: bool, left_of: bool) -> None:
+    def vline(x: float, colour: str, dash: str, text: str, *, top_edge: bool, left_of: bool,
+              row: int = 0) -> None:
         shapes.append(dict(type="line", x0=x, x1=x, xref="x", y0=0, y1=1, yref="y domain",
                            line=dict(color=colour, dash=dash)))
         notes.append(dict(x=x, xref="x", y=1 if top_edge else 0, yref="y domain", text=text, showarrow=False,
-                          xanchor="right" if left_of else "left", yanchor="top" if top_edge else "bottom"))
+                          xanchor="right" if left_of else "left", yanchor="top" if top_edge else "bottom",
+                          yshift=-18 * row))
 
     for layer, (values, rank) in sorted(spectra.items()):
         vals = [max(float(v), 1e-30) for v in values]
@@ -71,10 +73,12 @@ def spectrum_figure(
             name=f"layer {layer}", line=dict(color=colours.get(layer, "#0891b2"), width=2),
             hovertemplate="σ<sub>%{x}</sub> = %{y:.3g}<extra>layer " + str(layer) + "</extra>",
         ))
-        # Rank labels at the top, the capacity label at the bottom: they never overlap,
-        # however close the rank comes to d.
+        # Rank labels at the top, one row per layer, right of their lines; the capacity
+        # label at the bottom, left of its line: they never overlap, however close the
+        # two ranks are to each other or to d.
         vline(rank + 0.5, CUT if layer == 1 else "#f59e0b", "dash",
-              f"rank {rank}" + ("" if layer == 1 else f" (L{layer})"), top_edge=True, left_of=layer != 1)
+              f"rank {rank}" + ("" if layer == 1 else f" (L{layer})"), top_edge=True, left_of=False,
+              row=max(int(layer) - 1, 0))
     if hidden_size:
         vline(hidden_size, CAPACITY, "dot", f"capacity d={hidden_size}", top_edge=False, left_of=True)
     layout = dict(_LAYOUT, title=dict(text=title, font=dict(size=14)), shapes=shapes, annotations=notes,

@@ -384,3 +384,14 @@ def test_secure_aggregation_past_dlg_batch_ends_in_a_verdict():
     assert len(outs) == 1
     status = outs[0][0]
     assert "**Verdict:** defense held" in status and "16 clients" in status and f"at most {MAX_BATCH}" in status
+
+
+def test_spectrum_labels_sit_on_separate_rows():
+    """Two close ranks and the capacity: each label has its own row or edge, so none overlap."""
+    from labui.plots import spectrum_figure
+
+    values = [10.0 ** -i for i in range(64)]
+    fig = spectrum_figure({1: (values, 30), 2: (values, 33)}, 64)
+    placed = {(a.text, a.yanchor, a.yshift or 0) for a in fig.layout.annotations}
+    assert placed == {("rank 30", "top", 0), ("rank 33 (L2)", "top", -18), ("capacity d=64", "bottom", 0)}
+    assert {a.xanchor for a in fig.layout.annotations if a.text.startswith("rank")} == {"left"}
