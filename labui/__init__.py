@@ -7,6 +7,7 @@ event cannot be silently dropped (the smolagents pattern).
 """
 
 from labui.image_view import DlgView
-from labui.text_view import DagerView, TextDlgView
+from labui.race_view import TextDlgView
+from labui.text_view import DagerView
 
 __all__ = ["DagerView", "DlgView", "TextDlgView"]

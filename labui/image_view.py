@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,6 +12,7 @@ from scipy.optimize import linear_sum_assignment
 
 from dlg.events import DlgFinished, DlgStarted, DlgStep, LabelsInferred
 from labui import plots
+from labui.countdown import Countdown
 
 IMAGE_KEYS = ("status", "preview", "loss", "psnr", "comparison")
 """The DLG view's outputs, in the order the app wires them."""
@@ -48,7 +49,7 @@ def matched_psnr(reference: torch.Tensor, images: torch.Tensor) -> float:
 
 
 @dataclass
-class DlgView:
+class DlgView(Countdown):
     """Accumulated state of one DLG run, for display.
 
     Attributes:
@@ -78,7 +79,6 @@ class DlgView:
     utility: dict[str, float] | None = None
     frames_shown: int = 0
     dirty: set[str] = field(default_factory=lambda: set(IMAGE_KEYS))
-    _shown_second: int = -1
 
     def __post_init__(self) -> None:
         if not self.t0:
@@ -106,13 +106,6 @@ class DlgView:
         self.utility = utility
         self.dirty.add("status")
 
-    def tick(self) -> None:
-        """Time passed with no event: the countdown changes once a second."""
-        second = int(self.clock() - self.t0)
-        if second != self._shown_second:
-            self._shown_second = second
-            self.dirty.add("status")
-
     @property
     def where(self) -> str:
         """Where the run is, for "Stopped at ..."."""
@@ -137,6 +130,13 @@ class DlgView:
         else:
             head = f"defense failed: {psnr:.1f} dB, at or above {HELD_BELOW_DB:.0f} dB (recognisable)"
         return f"**Verdict:** {head}; {kept}."
+
+    def aggregation_verdict(self, clients: int, mixed: int, limit: int) -> str:
+        """The status when secure aggregation mixes more images than DLG can reconstruct."""
+        note = [self.note] if self.note else []
+        return "\n\n".join([*note, f"**Verdict:** defense held: secure aggregation over {clients} clients "
+                              f"mixes {mixed} images into one update, and DLG reconstructs at most {limit} at "
+                              "once, so the attack could not start. Fewer clients (or images) let it run."])
 
     def _started(self, e: DlgStarted) -> None:
         self.started = e
@@ -188,34 +188,66 @@ class DlgView:
         d, self.dirty = self.dirty, set()
         return d
 
-    def render(self) -> dict[str, object]:
-        """All outputs (numpy images, plotly figures, Markdown)."""
-        loss = plots.curve_figure(self.iterations, self.losses, title="Gradient distance (matching loss)",
-                                  ytitle="distance", log=True, empty="waiting for the first iteration…")
-        psnr = plots.curve_figure(self.psnr_iterations, self.psnrs, title="PSNR against the original",
-                                  ytitle="PSNR (dB)", log=False, colour=plots.ACCEPT,
-                                  empty="PSNR appears with the first preview", hline=30.0,
-                                  hline_text="30 dB: visually identical")
-        preview = None if self.preview is None else to_grid(self.preview)
-        comparison = None
-        if self.finished is not None:
-            rec = to_grid(self.finished.result.images)
-            comparison = rec
-            if self.originals is not None and self.originals.shape == self.finished.result.images.shape:
-                ori = to_grid(self.originals)
-                if self.originals.shape[0] == 1:  # side by side: original | reconstruction
-                    gap = np.full((ori.shape[0], 8, 3), 255, np.uint8)
-                    comparison = np.concatenate([ori, gap, rec], axis=1)
-                else:  # a batch: originals above, reconstructions below
-                    gap = np.full((8, ori.shape[1], 3), 255, np.uint8)
-                    comparison = np.concatenate([ori, gap, rec], axis=0)
-        return {"status": self.status_markdown(), "preview": preview, "loss": loss, "psnr": psnr,
-                "comparison": comparison}
+    def render(self, keys: Iterable[str] | None = None) -> dict[str, object]:
+        """The outputs in ``keys`` (all when None: numpy images, plotly figures, Markdown);
+        only those are built."""
+        wanted = set(IMAGE_KEYS) if keys is None else set(keys)
+        out: dict[str, object] = {}
+        if "status" in wanted:
+            out["status"] = self.status_markdown()
+        if "preview" in wanted:
+            out["preview"] = None if self.preview is None else to_grid(self.preview)
+        if "loss" in wanted:
+            out["loss"] = plots.curve_figure(self.iterations, self.losses, title="Gradient distance (matching loss)",
+                                             ytitle="distance", log=True, empty="waiting for the first iteration…")
+        if "psnr" in wanted:
+            out["psnr"] = plots.curve_figure(self.psnr_iterations, self.psnrs, title="PSNR against the original",
+                                             ytitle="PSNR (dB)", log=False, colour=plots.ACCEPT,
+                                             empty="PSNR appears with the first preview", hline=30.0,
+                                             hline_text="30 dB: visually identical")
+        if "comparison" in wanted:
+            out["comparison"] = self.comparison()
+        return out
+
+    def comparison(self) -> np.ndarray | None:
+        """Originals beside (one image) or above (a batch) the final reconstructions."""
+        if self.finished is None:
+            return None
+        rec = to_grid(self.finished.result.images)
+        if self.originals is None or self.originals.shape != self.finished.result.images.shape:
+            return rec
+        ori = to_grid(self.originals)
+        if self.originals.shape[0] == 1:  # side by side: original | reconstruction
+            gap = np.full((ori.shape[0], 8, 3), 255, np.uint8)
+            return np.concatenate([ori, gap, rec], axis=1)
+        gap = np.full((8, ori.shape[1], 3), 255, np.uint8)  # a batch: originals above, reconstructions below
+        return np.concatenate([ori, gap, rec], axis=0)
+
+    def stop_phrase(self, reason: str) -> str:
+        """Why DLG stopped, as the end of "stopped because ...".
+
+        Raises:
+            ValueError: a stop reason :class:`dlg.events.DlgResult` does not list.
+        """
+        if reason == "tolerance":
+            return "the gradient distance fell below the tolerance"
+        elif reason == "plateau":
+            return "the gradient distance stopped improving"
+        elif reason == "budget":
+            return "the iteration budget ran out"
+        elif reason == "diverged":
+            return "the optimisation diverged"
+        elif reason == "cancelled":
+            return "it was stopped"
+        elif reason == "time_budget":
+            return f"it reached the {self.budget_s or 0:.0f} s time budget"
+        else:
+            raise ValueError(f"unknown DLG stop reason {reason!r}")
 
     def status_markdown(self) -> str:
         s = self.started
         note = [self.note] if self.note else []
-        clock = self._countdown()
+        clock = self.countdown()
         if s is None:
             return "\n\n".join([*note, f"**Running:** computing the client's gradient… {clock}"])
         head = f"**{s.method.upper()}** on **{s.model}** · batch {s.batch_size} · budget {s.iterations} iterations"
@@ -236,14 +268,7 @@ class DlgView:
             lines.append(f"**Running:** iteration {it}{loss}{psnr}… {clock}")
         else:
             r = self.finished.result
-            stop = {
-                "tolerance": "the gradient distance fell below the tolerance",
-                "plateau": "the gradient distance stopped improving",
-                "budget": "the iteration budget ran out",
-                "diverged": "the optimisation diverged",
-                "cancelled": "it was stopped",
-                "time_budget": f"it reached the {self.budget_s or 0:.0f} s time budget",
-            }.get(str(getattr(r.stop_reason, "value", r.stop_reason)), r.stop_reason)
+            stop = self.stop_phrase(str(getattr(r.stop_reason, "value", r.stop_reason)))
             at = f" at iteration {r.converged_iteration}" if r.converged_iteration else ""
             psnr = self.final_psnr
             tail = f"; PSNR **{psnr:.1f} dB**" if psnr is not None else ""
@@ -252,8 +277,3 @@ class DlgView:
             if verdict:
                 lines.append(verdict)
         return "\n\n".join([*note, *lines])
-
-    def _countdown(self) -> str:
-        elapsed = self.clock() - self.t0
-        budget = f" of the {self.budget_s:.0f} s budget" if self.budget_s else ""
-        return f"⏱ {elapsed:.0f} s{budget}"

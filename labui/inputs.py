@@ -8,6 +8,7 @@ into ``gr.Error``. Nothing here imports gradio, and nothing typed is logged.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,21 @@ MAX_ITERATIONS = 2000 if ON_GPU else 500
 MAX_IMAGE_SIDE = 4096
 NUM_CLASSES = 100
 IMAGE_SHAPE = (3, 32, 32)
+
+# -- the app's run defaults (one place: the DLG defaults are tuned for a lesson) --------
+TIME_BUDGET_S = float(os.environ.get("GLL_TIME_BUDGET_S", "60"))
+"""Per-run cap in seconds (passed to the engines as ``time_budget_s``): a visitor waits
+at most this long behind another visitor's run of the same kind."""
+SWEEP_BUDGET_S = float(os.environ.get("GLL_SWEEP_BUDGET_S", "180"))
+"""Cap of a whole sweep; each setting gets an equal share."""
+DEFAULT_RACE_ITERATIONS = 10
+"""The DLG text race's default. Each Adam step differentiates a gradient through the
+whole model (seconds per step on gpt2-small-random on the 2-core CPU; 200 steps took
+tens of minutes), so the default is the slider's minimum and the run is capped at
+:data:`TIME_BUDGET_S`; the status shows an estimate from the rate seen."""
+DEFAULT_IMAGE_ITERATIONS = 100
+"""The image tab's iteration slider starts here."""
+
 SWEEPS = {"noise σ": "noise", "prune fraction": "prune", "DP-SGD noise multiplier": "dp", "precision": "precision"}
 """Sweep axes offered in the panel (label -> :func:`fedclient.sweep.grid` name)."""
 
@@ -331,8 +347,10 @@ def input_note(source: str, upload: object, batch_files: object) -> str | None:
         paths = file_paths(batch_files)
     elif source == "upload":
         paths = file_paths(upload) if isinstance(upload, (str, dict)) else []
+    elif source == "sketch":
+        paths = []  # drawn here: no file to say anything about
     else:
-        paths = []
+        raise UnknownChoiceError(f"Unknown image source {source!r}; choose one of {', '.join(IMAGE_SOURCES)}.")
     animated = []
     for i, path in enumerate(paths, 1):
         try:

@@ -63,6 +63,16 @@ class Job:
     thread: threading.Thread | None = None
     user_stopped: bool = False
     """Set when the visitor pressed Stop while this job ran (not when it ended by itself)."""
+    _items: queue.Queue[object] | None = field(default=None, repr=False)
+
+    def backlog(self) -> int:
+        """How many items the worker has sent that the handler has not taken yet.
+
+        The handler folds a backlog into one screen update instead of rendering each
+        item: rendering every event (plots included) made the page fall seconds behind
+        the search.
+        """
+        return 0 if self._items is None else self._items.qsize()
 
     def run(self, produce: Callable[[], Iterator[object]], *, poll_s: float = POLL_S) -> Iterator[object]:
         """Run ``produce()`` in a worker thread; yield its items, or :class:`Tick` when idle.
@@ -76,6 +86,7 @@ class Job:
             when the worker is quiet.
         """
         items: queue.Queue[object] = queue.Queue()
+        self._items = items
 
         def work() -> None:
             error: BaseException | None = None

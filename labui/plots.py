@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import plotly.graph_objects as go
@@ -22,7 +23,10 @@ _LAYOUT = dict(
 )
 
 
+@functools.cache
 def _empty(title: str, message: str) -> go.Figure:
+    """A titled empty figure with a message (cached: built once per process, never mutated;
+    the first ``go.Figure`` of a process pays for plotly's validators)."""
     fig = go.Figure()
     fig.update_layout(**_LAYOUT, title=dict(text=title, font=dict(size=14)))
     fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
@@ -45,29 +49,42 @@ def spectrum_figure(
     title = "Singular values of the shared gradient"
     if not spectra:
         return _empty(title, "waiting for the gradient spectrum…")
-    fig = go.Figure()
+    # Built as one dict (shapes and annotations in the layout) rather than with add_vline:
+    # the same figure for a third of the CPU, and it is rebuilt while the search runs.
     colours = {1: LINE, 2: "#f59e0b"}
+    data: list[dict[str, object]] = []
+    shapes: list[dict[str, object]] = []
+    notes: list[dict[str, object]] = []
     top = 1.0
+
+    def vline(x: float, colour: str, dash: str, text: str, *, top_edge: bool, left_of: bool,
+              row: int = 0) -> None:
+        shapes.append(dict(type="line", x0=x, x1=x, xref="x", y0=0, y1=1, yref="y domain",
+                           line=dict(color=colour, dash=dash)))
+        notes.append(dict(x=x, xref="x", y=1 if top_edge else 0, yref="y domain", text=text, showarrow=False,
+                          xanchor="right" if left_of else "left", yanchor="top" if top_edge else "bottom",
+                          yshift=-18 * row))
+
     for layer, (values, rank) in sorted(spectra.items()):
         vals = [max(float(v), 1e-30) for v in values]
         top = max(top, len(vals))
-        fig.add_trace(go.Scatter(
-            x=list(range(1, len(vals) + 1)), y=vals, mode="lines",
+        data.append(dict(
+            type="scatter", x=list(range(1, len(vals) + 1)), y=vals, mode="lines",
             name=f"layer {layer}", line=dict(color=colours.get(layer, "#0891b2"), width=2),
             hovertemplate="σ<sub>%{x}</sub> = %{y:.3g}<extra>layer " + str(layer) + "</extra>",
         ))
-        fig.add_vline(x=rank + 0.5, line=dict(color=CUT if layer == 1 else "#f59e0b", dash="dash"),
-                      annotation_text=f"rank {rank}" + ("" if layer == 1 else f" (L{layer})"),
-                      # Rank labels at the top, the capacity label at the bottom: they never
-                      # overlap, however close the rank comes to d.
-                      annotation_position="top right" if layer == 1 else "top left")
+        # Rank labels at the top, one row per layer, right of their lines; the capacity
+        # label at the bottom, left of its line: they never overlap, however close the
+        # two ranks are to each other or to d.
+        vline(rank + 0.5, CUT if layer == 1 else "#f59e0b", "dash",
+              f"rank {rank}" + ("" if layer == 1 else f" (L{layer})"), top_edge=True, left_of=False,
+              row=max(int(layer) - 1, 0))
     if hidden_size:
-        fig.add_vline(x=hidden_size, line=dict(color=CAPACITY, dash="dot"),
-                      annotation_text=f"capacity d={hidden_size}", annotation_position="bottom left")
-    fig.update_layout(**_LAYOUT, title=dict(text=title, font=dict(size=14)))
-    fig.update_yaxes(type="log", title="singular value", exponentformat="power")
-    fig.update_xaxes(title="index", range=[0, max(top, hidden_size or 0) * 1.02])
-    return fig
+        vline(hidden_size, CAPACITY, "dot", f"capacity d={hidden_size}", top_edge=False, left_of=True)
+    layout = dict(_LAYOUT, title=dict(text=title, font=dict(size=14)), shapes=shapes, annotations=notes,
+                  yaxis=dict(type="log", title=dict(text="singular value"), exponentformat="power"),
+                  xaxis=dict(title=dict(text="index"), range=[0, max(top, hidden_size or 0) * 1.02]))
+    return go.Figure(dict(data=data, layout=layout))
 
 
 def distances_figure(
@@ -151,22 +168,4 @@ def curve_figure(
     fig.update_yaxes(type="log" if log else "linear", title=ytitle,
                      exponentformat="power" if log else "none")
     fig.update_xaxes(title="iteration")
-    return fig
-
-
-def sweep_figure(rows: Sequence[dict[str, object]], *, x: str, y: str, title: str,
-                 log_x: bool = False) -> go.Figure:
-    """Attack success against defense strength (one line per attack)."""
-    if not rows:
-        return _empty(title, "run a sweep to see how the attack degrades")
-    fig = go.Figure()
-    groups: dict[str, list[dict[str, object]]] = {}
-    for r in rows:
-        groups.setdefault(str(r.get("attack", "")), []).append(r)
-    for name, rs in groups.items():
-        fig.add_trace(go.Scatter(x=[r[x] for r in rs], y=[r[y] for r in rs], mode="lines+markers",
-                                 name=name or y))
-    fig.update_layout(**_LAYOUT, title=dict(text=title, font=dict(size=14)))
-    fig.update_xaxes(title=x, type="log" if log_x else "linear")
-    fig.update_yaxes(title=y)
     return fig

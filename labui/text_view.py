@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from dager.events import (
@@ -24,42 +24,16 @@ from dager.events import (
     TokensFiltered,
     WarningCode,
 )
-from dlg.events import DlgStarted, TextDlgFinished, TextDlgStep
 from labui import plots
+from labui.countdown import Countdown
+from labui.labels import SPAN_FULL, VOCABULARY, WARNINGS
 from labui.textdiff import diff_html, match
 
 TEXT_KEYS = ("status", "spectrum", "distances", "grid", "sentences", "metrics")
 """The DAGER view's outputs, in the order the app wires them."""
 
-VOCABULARY = (
-    "**Reading the labels.** *span check passed*: every prefix of the sentence lies in the "
-    "gradient's span (what the attacker knows, without seeing your text). *matches original*: "
-    "the app compared it with what you typed (evaluation only; green means this and nothing "
-    "else). *as the tokenizer sees it*: the model cannot represent your text exactly (e.g. "
-    "MiniLM lowercases, strips accents and maps emoji to [UNK]), so the comparison uses the "
-    "tokenizer's version."
-)
-"""The one place the text tab's vocabulary is explained (shown under the results)."""
-
-SPAN_FULL = "**The span is full: this defense stopped the exact attack.**"
-
-WARNINGS = {
-    "span_full": SPAN_FULL + " The gradient's rank reached the model width (rank {value:.0f}), so "
-    "every token passes the span check and none can be rejected; the attack stopped at the rank step.",
-    "time_budget": "⏱ The attack reached its time budget ({value:.0f} s) and shows what it found by then.",
-    "over_capacity": "The batch has about as many distinct tokens as the model is wide "
-    "(rank {value:.0f}): exact recovery is no longer guaranteed; this is a best effort.",
-    "budget_exhausted": "The search stopped at its budget ({value:.0f} candidates) before "
-    "finishing; some sentences may be missing or incomplete.",
-    "noisy_spectrum": "The gradient spectrum looks noisy or saturated (a defense?): the "
-    "span checks are unreliable, results are a best effort.",
-    "combinations_capped": "The encoder search hit its cap on combinations ({value:.0f}).",
-    "incomplete": "Some sentences could not be completed exactly ({value:.0f}).",
-    "left_padding": "The update was computed on left-padded batches; positions are shifted.",
-}
-
-
-def _code(code: object) -> str:
+def code_value(code: object) -> str:
+    """A warning code or stop reason as its string value (enums and plain strings alike)."""
     return str(getattr(code, "value", code))
 
 
@@ -70,7 +44,7 @@ def _fmt_token(text: str) -> str:
 
 
 @dataclass
-class DagerView:
+class DagerView(Countdown):
     """Accumulated state of one DAGER run, for display.
 
     Attributes:
@@ -113,7 +87,6 @@ class DagerView:
     dirty: set[str] = field(default_factory=lambda: set(TEXT_KEYS))
     _figs: dict[str, object] = field(default_factory=dict)
     _pairs: object | None = None
-    _shown_second: int = -1
 
     def __post_init__(self) -> None:
         if not self.t0:
@@ -152,13 +125,6 @@ class DagerView:
         self.utility = utility
         self.phase = "the attacker reads the shared gradient…"
         self.dirty |= {"status", "metrics"}
-
-    def tick(self) -> None:
-        """Time passed with no event: the countdown changes once a second."""
-        second = int(self.clock() - self.t0)
-        if second != self._shown_second:
-            self._shown_second = second
-            self.dirty.add("status")
 
     @property
     def where(self) -> str:
@@ -232,23 +198,34 @@ class DagerView:
     def predictions(self) -> list[str]:
         return [s.text for s in self.recovered]
 
-    def render(self) -> dict[str, object]:
-        """All outputs; :attr:`dirty` lists the ones that changed (then it is cleared)."""
-        if "spectrum" in self.dirty or "spectrum" not in self._figs:
-            self._figs["spectrum"] = plots.spectrum_figure(
-                self.spectra, self.started.hidden_size if self.started else None
-            )
-        if "distances" in self.dirty or "distances" not in self._figs:
-            ordered = sorted(self.filters.values(), key=lambda f: -1 if f.position is None else f.position)
-            self._figs["distances"] = plots.distances_figure(ordered, self.token_text)
-        out = {
-            "status": self.status_markdown(),
-            "spectrum": self._figs["spectrum"],
-            "distances": self._figs["distances"],
-            "grid": self.grid_html(),
-            "sentences": self.sentences_html(),
-            "metrics": self.metrics_markdown(),
-        }
+    def render(self, keys: Iterable[str] | None = None) -> dict[str, object]:
+        """The outputs in ``keys`` (all when None); only those are built.
+
+        :attr:`dirty` lists the ones that changed (:meth:`take_dirty` clears it). The
+        plots are built only when asked for, so a stream that holds them back (to show
+        the first tokens sooner) does not pay for them either.
+        """
+        wanted = set(TEXT_KEYS) if keys is None else set(keys)
+        out: dict[str, object] = {}
+        if "status" in wanted:
+            out["status"] = self.status_markdown()
+        if "spectrum" in wanted:
+            if "spectrum" in self.dirty or "spectrum" not in self._figs:
+                self._figs["spectrum"] = plots.spectrum_figure(
+                    self.spectra, self.started.hidden_size if self.started else None
+                )
+            out["spectrum"] = self._figs["spectrum"]
+        if "distances" in wanted:
+            if "distances" in self.dirty or "distances" not in self._figs:
+                ordered = sorted(self.filters.values(), key=lambda f: -1 if f.position is None else f.position)
+                self._figs["distances"] = plots.distances_figure(ordered, self.token_text)
+            out["distances"] = self._figs["distances"]
+        if "grid" in wanted:
+            out["grid"] = self.grid_html()
+        if "sentences" in wanted:
+            out["sentences"] = self.sentences_html()
+        if "metrics" in wanted:
+            out["metrics"] = self.metrics_markdown()
         return out
 
     def take_dirty(self) -> set[str]:
@@ -290,10 +267,10 @@ class DagerView:
     @property
     def span_full(self) -> bool:
         """The span was full: the exact attack could not run."""
-        if any(_code(w.code) == WarningCode.SPAN_FULL.value for w in self.warnings):
+        if any(code_value(w.code) == WarningCode.SPAN_FULL.value for w in self.warnings):
             return True
         reason = None if self.finished is None else getattr(self.finished.result, "stop_reason", None)
-        return _code(reason) == "span_full"
+        return code_value(reason) == "span_full"
 
     def verdict(self) -> str | None:
         """One line on a defended run: did the defense hold, and what did it cost?"""
@@ -357,11 +334,9 @@ class DagerView:
             if v:
                 lines.append(v)
         if self.finished is None:
-            elapsed = self.clock() - self.t0
-            budget = f" of the {self.budget_s:.0f} s budget" if self.budget_s else ""
-            lines.append(f"⏱ {elapsed:.0f} s{budget}")
+            lines.append(self.countdown())
         for w in self.warnings:
-            code = _code(w.code)
+            code = code_value(w.code)
             if code == WarningCode.SPAN_FULL.value:
                 continue  # said once, above
             template = WARNINGS.get(code, "Warning: {code} ({value:g}).")
@@ -437,7 +412,8 @@ class DagerView:
         if self.finished is None:
             first = "–" if self.first_tokens_s is None else f"{self.first_tokens_s:.2f} s"
             upd = "" if self.update_s is None else f"Client update computed after {self.update_s:.2f} s. "
-            return f"{upd}First tokens shown after {first}. Scores appear when the attack finishes."
+            return (f"{upd}First tokens found by the server after {first} (from the start of the run). "
+                    "Scores appear when the attack finishes.")
         r = self.finished.result
         lines = ["| metric | value |", "|---|---|"]
         sc = self.scores
@@ -459,126 +435,10 @@ class DagerView:
         if self.update_s is not None:
             lines.append(f"| client update computed | {self.update_s:.2f} s |")
         if self.first_tokens_s is not None:
-            lines.append(f"| first tokens shown (from Run) | {self.first_tokens_s:.2f} s |")
+            # The server's clock, from when the run started on the server; what the visitor
+            # saw (click to tokens on screen) is measured in the browser, under the table.
+            lines.append(f"| first tokens found (server, from the start of the run) | {self.first_tokens_s:.2f} s |")
         lines.append(f"| attack time | {r.seconds:.2f} s |")
         if self.finished_s is not None:
             lines.append(f"| total (update + attack) | {self.finished_s:.2f} s |")
         return "\n".join(lines) + "\n\n" + VOCABULARY
-
-
-TEXT_DLG_KEYS = ("race_status", "race_loss", "race_sentences")
-
-
-@dataclass
-class TextDlgView:
-    """The DLG text baseline's stream, shown next to DAGER's result."""
-
-    references: Sequence[str] = ()
-    normalize: Callable[[str], str] = lambda s: s.strip()  # noqa: E731
-    scorer: Callable[[Sequence[str], Sequence[str]], object] | None = None
-    clock: Callable[[], float] = time.perf_counter
-    budget_s: float | None = None
-
-    started: DlgStarted | None = None
-    iterations: list[int] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    texts: tuple[str, ...] = ()
-    finished: TextDlgFinished | None = None
-    scores: object | None = None
-    t0: float = 0.0
-    phase: str = "loading the model and computing the client's update…"
-    attack_t0: float | None = None
-
-    def __post_init__(self) -> None:
-        if not self.t0:
-            self.t0 = self.clock()
-        self._handlers = {DlgStarted: self._started, TextDlgStep: self._step, TextDlgFinished: self._finished}
-
-    def apply(self, event: object) -> None:
-        """Fold one event into the view.
-
-        Raises:
-            TypeError: for an event type this view does not know.
-        """
-        handler = self._handlers.get(type(event))
-        if handler is None:
-            raise TypeError(f"TextDlgView cannot display a {type(event).__name__} event")
-        handler(event)
-
-    @staticmethod
-    def urgent(event: object) -> bool:
-        """Start and finish are shown at once; steps are throttled."""
-        return isinstance(event, (DlgStarted, TextDlgFinished))
-
-    def tick(self) -> None:
-        """Time passed with no event (the countdown is rendered on the next yield)."""
-
-    @property
-    def where(self) -> str:
-        if self.finished is not None:
-            return "the end"
-        if self.started is None:
-            return "the client's update"
-        return f"iteration {self.iterations[-1] if self.iterations else 0} of {self.started.iterations}"
-
-    def _started(self, e: DlgStarted) -> None:
-        self.started = e
-        self.attack_t0 = self.clock()
-
-    def _step(self, e: TextDlgStep) -> None:
-        self.iterations.append(int(e.iteration))
-        self.losses.append(float(e.loss))
-        self.texts = tuple(e.texts)
-
-    def _finished(self, e: TextDlgFinished) -> None:
-        self.finished = e
-        self.texts = tuple(e.result.sentences)
-        if not self.iterations and e.result.losses:  # steps are throttled: a short run may send none
-            self.iterations = list(range(1, len(e.result.losses) + 1))
-            self.losses = [float(v) for v in e.result.losses]
-        if self.scorer is not None and self.references:
-            self.scores = self.scorer(list(self.references), list(e.result.sentences))
-
-    def estimate_s(self) -> float | None:
-        """Seconds left at the rate seen so far (capped by the budget), or None before a step."""
-        if self.started is None or not self.iterations or self.attack_t0 is None:
-            return None
-        spent = self.clock() - self.attack_t0
-        done = self.iterations[-1]
-        left = spent / max(done, 1) * max(self.started.iterations - done, 0)
-        if self.budget_s:
-            left = min(left, max(self.budget_s - (self.clock() - self.t0), 0.0))
-        return left
-
-    def render(self) -> dict[str, object]:
-        elapsed = self.clock() - self.t0
-        budget = f" of the {self.budget_s:.0f} s budget" if self.budget_s else ""
-        if self.finished is not None:
-            r = self.finished.result
-            status = f"**DLG baseline done** in {r.seconds:.1f} s."
-            reason = getattr(r, "stop_reason", None)
-            if _code(reason) == "time_budget":
-                status += f" It reached the {self.budget_s or 0:.0f} s time budget and shows its best guess."
-            sc = self.scores
-            if sc is not None:
-                status += (f" ROUGE-1 {100 * float(sc.rouge1):.1f}, ROUGE-2 {100 * float(sc.rouge2):.1f}, "
-                           f"exact match {100 * float(sc.exact_match):.0f} %.")
-        elif self.started is not None:
-            last = self.iterations[-1] if self.iterations else 0
-            left = self.estimate_s()
-            eta = "" if left is None else f", about {left:.0f} s left"
-            status = (f"**DLG baseline running:** iteration {last} of {self.started.iterations}{eta}… "
-                      f"⏱ {elapsed:.0f} s{budget}")
-        else:
-            status = f"**DLG baseline:** {self.phase} ⏱ {elapsed:.0f} s{budget}"
-        refs = [self.normalize(r) for r in self.references]
-        preds = [t.strip() for t in self.texts]
-        items = []
-        for pred, ref_i in zip(preds, match(preds, refs)):
-            body = html.escape(pred) if ref_i is None else diff_html(refs[ref_i], pred)
-            items.append(f'<li class="gll-sent"><span class="gll-text">{body}</span></li>')
-        sentences = (f'<ol class="gll-sents">{"".join(items)}</ol>' if items
-                     else '<div class="gll-empty">The baseline\'s guesses appear here.</div>')
-        loss = plots.curve_figure(self.iterations, self.losses, title="DLG baseline: gradient distance",
-                                  ytitle="gradient distance", log=True, empty="waiting for the first step…")
-        return {"race_status": status, "race_loss": loss, "race_sentences": sentences}

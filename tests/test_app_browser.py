@@ -42,9 +42,9 @@ def browser_app(tiny, monkeypatch):
     import app
 
     bundle = tiny("gpt2")  # the real engine on a tiny seeded GPT-2 keeps the test fast
-    from labui import handlers
+    from labui import engines
 
-    monkeypatch.setattr(handlers, "load_model", lambda name, task="classification", device="cpu": bundle)
+    monkeypatch.setattr(engines, "load_model", lambda name, task="classification", device="cpu": bundle)
     demo = app.build_app()
     port = _free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
@@ -136,9 +136,9 @@ def page_of(browser_app):
 def test_browser_stop_states_and_run_after_stop(monkeypatch, page_of):
     from playwright.sync_api import expect
 
-    from labui import handlers
+    from labui import engines
 
-    monkeypatch.setattr(handlers, "dager_events", _endless_dager)
+    monkeypatch.setattr(engines, "dager_events", _endless_dager)
     page = page_of
     run, stop = page.locator("#gll-run-text"), page.locator("#gll-stop-text")
     status = page.locator("#gll-text-status")
@@ -175,3 +175,98 @@ def test_browser_fake_png_gets_a_sentence(page_of, tmp_path):
     page.locator("#gll-upload input[type=file]").set_input_files(str(fake))
     page.locator("#gll-run-image").click()
     expect(page.get_by_text("is not an image PIL can read").first).to_be_visible(timeout=60_000)
+
+
+GATE = __import__("threading").Event()
+
+
+def _gated_dager(b, update, **options):
+    """DAGER's event order on the typed sentences, held after the first prefixes until
+    the test sets :data:`GATE`: the run cannot end before the test has looked."""
+    import torch
+
+    from dager.events import (
+        AttackFinished,
+        AttackStarted,
+        DagerResult,
+        PrefixesExtended,
+        SearchProgress,
+        SentenceRecovered,
+        SpectrumComputed,
+        TokensFiltered,
+    )
+
+    rows = [tuple(b.tokenize(s)) for s in SENTENCES]
+    rank = sum(len(r) for r in rows)
+    yield AttackStarted("tiny", "classification", len(rows), b.hidden_size, rank, False, ())
+    yield SpectrumComputed(1, torch.logspace(0, -12, b.hidden_size, dtype=torch.float64), rank, 1e-6)
+    first = sorted({r[0] for r in rows})
+    yield TokensFiltered(0, torch.tensor(first), torch.full((len(first),), 1e-7), 1e-4,
+                         torch.tensor([1e-7] * len(first)), torch.tensor(first))
+    yield PrefixesExtended(0, tuple(r[:1] for r in rows), len(rows), 10)
+    while not GATE.wait(0.05):
+        yield SearchProgress(position=1, checked=0, seconds=0.0)
+    GATE.clear()
+    for i, r in enumerate(rows):
+        yield SentenceRecovered(i, r, b.decode(r), True, 1e-7)
+    texts = tuple(b.decode(r) for r in rows)
+    yield AttackFinished(DagerResult(texts, tuple(rows), (True,) * len(rows), rank, b.hidden_size, False, False, 0.1))
+
+
+def test_browser_first_tokens_appear_before_the_run_ends(monkeypatch, page_of):
+    """The grid shows the first recovered tokens while the run is still going, and the
+    page states the click-to-first-token time it measured itself."""
+    from playwright.sync_api import expect
+
+    from labui import engines
+
+    monkeypatch.setattr(engines, "dager_events", _gated_dager)
+    page = page_of
+    page.locator("#gll-sentences textarea").fill("\n".join(SENTENCES))
+    page.locator("#gll-run-text").click()
+    try:
+        expect(page.locator("#gll-grid .gll-tok").first).to_be_visible(timeout=60_000)
+        expect(page.locator("#gll-text-status")).to_contain_text("Running")  # the run is held open
+        expect(page.locator("#gll-text-status")).not_to_contain_text("Done")
+        shown = page.locator("#gll-first-token")
+        expect(shown).to_contain_text("First recovered tokens on screen", timeout=10_000)
+        seconds = float(page.locator("#gll-first-token .gll-first-token").get_attribute("data-seconds"))
+        assert seconds > 0
+    finally:
+        GATE.set()
+    expect(page.locator("#gll-text-status")).to_contain_text("Done", timeout=60_000)
+    expect(page.locator("#gll-recovered")).to_contain_text(SENTENCES[0])
+
+
+def test_browser_sketch_strokes_draw_without_choosing_the_brush(monkeypatch, page_of):
+    """Strokes on the sketchpad count from the first one: no tool has to be picked."""
+    from playwright.sync_api import expect
+
+    from labui import engines
+
+    seen = {}
+
+    def quick_dlg(model, update, *, method, iterations, time_budget_s=None):  # noqa: ANN001
+        seen["batch_size"] = update.batch_size
+        return iter(())  # the view's final frame still renders; the stroke is what is tested
+
+    monkeypatch.setattr(engines, "dlg_events", quick_dlg)
+    page = page_of
+    page.get_by_role("tab", name="Images (DLG)").click()
+    page.get_by_role("tab", name="Draw").click()
+    canvas = page.locator("#gll-sketch canvas").first
+    expect(canvas).to_be_visible(timeout=30_000)
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] / 2 - 40, box["y"] + box["height"] / 2 - 40  # on the 256x256 page
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for k in range(1, 21):  # a diagonal stroke
+        page.mouse.move(x + 4 * k, y + 4 * k)
+    page.mouse.up()
+    page.locator("#gll-run-image").click()
+    for _ in range(600):  # until the attack is called with the drawn image (or 60 s)
+        if seen or page.get_by_text("sketchpad is empty").count():
+            break
+        page.wait_for_timeout(100)
+    expect(page.get_by_text("sketchpad is empty")).to_have_count(0)
+    assert seen.get("batch_size") == 1  # the drawn image reached the client's update

@@ -33,11 +33,11 @@ def _free_port() -> int:
 def served(tmp_path_factory):
     import app
     from conftest import tiny_bundle
-    from labui import handlers
+    from labui import engines
 
     with pytest.MonkeyPatch.context() as mp:
         bundle = tiny_bundle("gpt2")
-        mp.setattr(handlers, "load_model", lambda name, task="classification", device="cpu": bundle)
+        mp.setattr(engines, "load_model", lambda name, task="classification", device="cpu": bundle)
         demo = app.build_app()
         port = _free_port()
         demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
@@ -47,7 +47,7 @@ def served(tmp_path_factory):
         client = Client(f"http://127.0.0.1:{port}/", analytics_enabled=False, verbose=False,
                         download_files=str(tmp_path_factory.mktemp("downloads")))
         try:
-            yield handlers, client, mp
+            yield engines, client, mp  # engines: where a test swaps an attack
         finally:
             demo.close()
 
@@ -120,9 +120,9 @@ def test_cancelling_a_job_stops_the_attack(served, private_png):
     from gradio_client import handle_file
     from gradio_client.utils import Status
 
-    app, client, mp = served
+    engines, client, mp = served
     closed = threading.Event()
-    real = app.dlg_events
+    real = engines.dlg_events
 
     def recording(*args, **kwargs):
         try:
@@ -130,7 +130,7 @@ def test_cancelling_a_job_stops_the_attack(served, private_png):
         finally:
             closed.set()
 
-    mp.setattr(app, "dlg_events", recording)
+    mp.setattr(engines, "dlg_events", recording)
     job = client.submit("upload", handle_file(private_png), None, None, 3, "lenet", "ig", 500, *DEFENSES_OFF,
                         api_name="/dlg")
     deadline = time.monotonic() + 60

@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import app  # noqa: E402
+from labui import engines  # noqa: E402
 from labui import handlers as h  # noqa: E402
 from labui import inputs  # noqa: E402
 from fedclient.errors import LabInputError  # noqa: E402
@@ -180,8 +181,13 @@ def test_stream_throttles_and_skips_unchanged_plots(tiny):
     urgent = sum(isinstance(e, h.URGENT_TEXT) for e in events)
     assert len(outs) == urgent + 1  # only urgent events yield when no time passes, plus the final
     assert all(len(o) == len(TEXT_KEYS) + 1 for o in outs)
-    first = outs[0]  # after AttackStarted: the spectrum changed, the grid did not
-    assert not _skipped(first[1]) and _skipped(first[3])
+    first = outs[0]  # after AttackStarted: the status changed, the grid did not
+    assert not _skipped(first[0]) and _skipped(first[3])
+    # The first tokens travel alone: no plot is built or sent before them (no time
+    # passes, so the plots wait for the tokens), and the plots follow in a later frame.
+    tokens_at = next(i for i, o in enumerate(outs) if not _skipped(o[3]) and "gll-tok" in o[3])
+    assert all(_skipped(o[1]) and _skipped(o[2]) for o in outs[: tokens_at + 1])
+    assert any(not _skipped(o[1]) and not _skipped(o[2]) for o in outs[tokens_at + 1:])
     final = outs[-1]
     assert not any(_skipped(v) for v in final)
     assert final[-1]["recovered"] == [bundle.decode(_ids(bundle, s)) for s in REFS]
@@ -196,9 +202,9 @@ def test_run_text_attack_end_to_end_with_a_hand_built_stream(tiny, monkeypatch):
         seen["update"] = update
         return _dager_stream(b, typed)
 
-    monkeypatch.setattr(h, "load_model", lambda name, task, device="cpu": bundle)
-    monkeypatch.setattr(h, "dager_parameters", lambda b: ["transformer.h.0.attn.c_attn.weight"])
-    monkeypatch.setattr(h, "dager_events", fake_events)
+    monkeypatch.setattr(engines, "load_model", lambda name, task, device="cpu": bundle)
+    monkeypatch.setattr(engines, "dager_parameters", lambda b: ["transformer.h.0.attn.c_attn.weight"])
+    monkeypatch.setattr(engines, "dager_events", fake_events)
     typed = ["Alice owes Bob ten pounds.", "The meeting is at noon."]
     outs = list(h.run_text_attack("\n".join(typed) + "\n\n", "tiny", "", "classification"))
     final = outs[-1]
@@ -217,7 +223,7 @@ def test_input_limits_become_clear_messages(tiny, monkeypatch):
         inputs.parse_sentences("x" * (inputs.MAX_SENTENCE_CHARS + 1))
     with pytest.raises(LabInputError, match="unreachable"):
         h.model_name("gpt2-small-random", "someone/some-model")
-    monkeypatch.setattr(h, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
+    monkeypatch.setattr(engines, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
     with pytest.raises(LabInputError, match="tokens long"):
         list(h.run_text_attack(" ".join(["a"] * 80), "tiny", "", "classification"))
     with pytest.raises(LabInputError, match="between 1 and"):
@@ -272,7 +278,7 @@ def test_image_attack_on_a_batch_of_files(monkeypatch):
         seen["batch_size"], seen["method"] = update.batch_size, method
         return _dlg_stream(inputs.load_client_image("batch", None, None, paths))
 
-    monkeypatch.setattr(h, "dlg_events", fake_events)
+    monkeypatch.setattr(engines, "dlg_events", fake_events)
     files = [{"path": p} for p in paths]  # the shape Gradio gives a handler for uploaded files
     outs = list(h.run_image_attack("batch", None, None, files, 98, "lenet", "idlg", 50))
     assert seen == {"batch_size": 3, "method": "idlg"}
@@ -342,7 +348,7 @@ def test_defense_panel_settings_build_the_shared_defense():
 
 
 def test_text_baseline_handler_runs_the_real_baseline(tiny, monkeypatch):
-    monkeypatch.setattr(h, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
+    monkeypatch.setattr(engines, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
     outs = list(h.run_text_baseline("the cat sat\na dog ran home", "tiny", "", "classification", 5))
     status, loss, sentences = outs[-1]
     assert "DLG baseline done" in status and "ROUGE-1" in status
@@ -353,7 +359,7 @@ def test_text_baseline_handler_runs_the_real_baseline(tiny, monkeypatch):
 def test_defense_sweep_handler_streams_one_row_per_setting(tiny, monkeypatch):
     from fedclient.sweep import grid
 
-    monkeypatch.setattr(h, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
+    monkeypatch.setattr(engines, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
     outs = list(h.run_defense_sweep("text", "precision", "the cat sat\na dog ran home", "tiny", "",
                                       "classification", False, "upload", None, None, None, 7, "lenet", "idlg", 10))
     points = grid("precision")
@@ -365,3 +371,27 @@ def test_defense_sweep_handler_streams_one_row_per_setting(tiny, monkeypatch):
     assert rouge[0] == 1.0  # the undefended (or fp16) update still leaks everything
     assert {t.name for t in fig.data} == {"rouge1", "exact_match", "utility_cosine"}  # success next to utility
     assert table["headers"][-1] == "recovered" and "the cat sat" in table["data"][0][-1]
+
+
+def test_secure_aggregation_past_dlg_batch_ends_in_a_verdict():
+    """16 clients mix 16 images: DLG cannot start, and the page says the defense held."""
+    from dlg.attack import MAX_BATCH
+
+    assert engines.DLG_MAX_BATCH == MAX_BATCH
+    path = inputs.sample_images()[0]
+    outs = list(h.run_image_attack("upload", path, None, None, 7, "lenet", "idlg", 10, 0.0, False, 1.0, 1.0, 0.0,
+                                   "fp32", 1, 16))
+    assert len(outs) == 1
+    status = outs[0][0]
+    assert "**Verdict:** defense held" in status and "16 clients" in status and f"at most {MAX_BATCH}" in status
+
+
+def test_spectrum_labels_sit_on_separate_rows():
+    """Two close ranks and the capacity: each label has its own row or edge, so none overlap."""
+    from labui.plots import spectrum_figure
+
+    values = [10.0 ** -i for i in range(64)]
+    fig = spectrum_figure({1: (values, 30), 2: (values, 33)}, 64)
+    placed = {(a.text, a.yanchor, a.yshift or 0) for a in fig.layout.annotations}
+    assert placed == {("rank 30", "top", 0), ("rank 33 (L2)", "top", -18), ("capacity d=64", "bottom", 0)}
+    assert {a.xanchor for a in fig.layout.annotations if a.text.startswith("rank")} == {"left"}

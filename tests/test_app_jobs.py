@@ -15,6 +15,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import pytest  # noqa: E402
 
 from dager.events import SearchProgress  # noqa: E402
+from labui import engines, session  # noqa: E402
 from labui import handlers as h  # noqa: E402
 from labui.jobs import Job, JobRegistry, Tick  # noqa: E402
 
@@ -98,11 +99,11 @@ def endless_dager(tiny, monkeypatch):
         finally:
             closed.set()
 
-    monkeypatch.setattr(h, "load_model", lambda name, task="classification", device="cpu": bundle)
-    monkeypatch.setattr(h, "dager_parameters", lambda b: ["transformer.h.0.attn.c_attn.weight"])
-    monkeypatch.setattr(h, "compute_update", slow_update)
-    monkeypatch.setattr(h, "dager_events", events)
-    monkeypatch.setattr(h, "JOBS", JobRegistry())
+    monkeypatch.setattr(engines, "load_model", lambda name, task="classification", device="cpu": bundle)
+    monkeypatch.setattr(engines, "dager_parameters", lambda b: ["transformer.h.0.attn.c_attn.weight"])
+    monkeypatch.setattr(engines, "compute_update", slow_update)
+    monkeypatch.setattr(engines, "dager_events", events)
+    monkeypatch.setattr(session, "JOBS", JobRegistry())
     return update_gate, closed
 
 
@@ -119,7 +120,7 @@ def test_stop_says_stopping_then_where_it_stopped_and_run_comes_back(endless_dag
     assert any("computing the client's update" in str(s) for s in statuses), statuses
     update_gate.set()
     for out in outs:  # the search runs: heartbeats keep coming
-        if "search" in str(h.JOBS.get("local", "text").where):
+        if "search" in str(session.JOBS.get("local", "text").where):
             break
     assert h.stopping_for("text")(None) == "**Stopping…**"
     message, run_button, stop_button = h.stopped_for("text")(None)
@@ -131,11 +132,11 @@ def test_stop_says_stopping_then_where_it_stopped_and_run_comes_back(endless_dag
     # A Run after the Stop starts (a fresh job), and the stopped one is not reported again.
     again = h.run_text_attack("the cat sat", "tiny", "", "classification")
     assert "Preparing" in next(again)[0]
-    assert not h.JOBS.get("local", "text").user_stopped
+    assert not session.JOBS.get("local", "text").user_stopped
     again.close()
 
 
 def test_stop_before_the_run_started():
-    h.JOBS.forget("never-ran")
+    session.JOBS.forget("never-ran")
     message, run_button, _ = h.stopped_for("image")(None)
     assert "before the run started" in message and run_button.interactive is True

@@ -1,0 +1,87 @@
+"""The app's access to the attack engines and models (one place, so tests can swap them).
+
+Handlers call these through the module (``engines.dager_events(...)``), so a test
+monkeypatches :mod:`labui.engines` once and every handler, the sweep included, sees
+the stand-in. Nothing here formats anything for the page.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+
+import torch
+
+from dager.zoo import load_model
+from fedclient import compute_update
+from labui.inputs import DEVICE, IMAGE_SHAPE, NUM_CLASSES
+
+DLG_MAX_BATCH = 8
+"""The largest batch DLG reconstructs (``dlg.attack.MAX_BATCH``; a test keeps them equal):
+a securely aggregated update mixes every client's images, so past this the attack
+cannot start."""
+
+__all__ = ["DLG_MAX_BATCH", "compute_update", "dager_events", "dager_parameters", "dlg_events", "load_bundle",
+           "load_model", "text_baseline_events", "utility", "vision_model"]
+
+
+def dager_events(bundle, update, *, noise_tolerant: bool = False,  # noqa: ANN001
+                 time_budget_s: float | None = None) -> Iterator[object]:
+    """The DAGER event stream for a shared update (monkeypatched in handler tests)."""
+    from dager.attack import iter_dager
+    from dager.config import DagerConfig
+
+    config = DagerConfig(device=DEVICE, noise_tolerant=bool(noise_tolerant), time_budget_s=time_budget_s)
+    return iter_dager(bundle, update, config=config)
+
+
+def dager_parameters(bundle) -> list[str]:  # noqa: ANN001
+    """The parameter names DAGER reads (the client shares only those: faster)."""
+    from dager.attack import required_parameters
+
+    return list(required_parameters(bundle))
+
+
+def text_baseline_events(bundle, update, iterations: int,  # noqa: ANN001
+                         time_budget_s: float | None = None) -> Iterator[object]:
+    """The DLG text baseline's event stream on the same update.
+
+    The baseline works out the sequence length itself (``seq_len=None``): the app no
+    longer tells it the private batch's padded length.
+    """
+    from dlg.text import TextDlgConfig, iter_dlg_text
+
+    config = TextDlgConfig(iterations=iterations, seq_len=None, device=DEVICE, time_budget_s=time_budget_s)
+    return iter_dlg_text(bundle, update, config=config)
+
+
+def dlg_events(model, update, *, method: str, iterations: int,  # noqa: ANN001
+               time_budget_s: float | None = None) -> Iterator[object]:
+    """The DLG image attack's event stream."""
+    from dlg.attack import DlgConfig, iter_dlg
+
+    # A frame every iteration, throttled in time by the engine: smooth previews and GIFs.
+    config = DlgConfig(method=method, iterations=iterations, preview_every=1, preview_seconds=0.15,
+                       time_budget_s=time_budget_s, image_shape=IMAGE_SHAPE)
+    return iter_dlg(model, update, config=config)
+
+
+@functools.cache
+def vision_model(name: str) -> torch.nn.Module:
+    """The image model, built once per name (seeded, shared read-only by all users)."""
+    from dlg.models import build_model
+
+    return build_model(name, num_classes=NUM_CLASSES, seed=0).to(DEVICE)
+
+
+def load_bundle(name: str, task: str):  # noqa: ANN201
+    """The text model (cached by :func:`dager.zoo.load_model`)."""
+    return load_model(name, task, device=DEVICE)
+
+
+def utility(model: torch.nn.Module, batch: object, update: object) -> dict[str, float]:
+    """How much of its direction a defended update kept (:func:`fedclient.defenses.utility_cost`)."""
+    from fedclient.defenses import utility_cost
+
+    return utility_cost(model, batch, update)
+
