@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from dlg.events import DlgFinished, DlgStarted, DlgStep, LabelsInferred
+from dlg.images import to_grid
+from dlg.metrics import matched_psnr
 from labui import plots
 from labui.countdown import Countdown
 
@@ -19,33 +20,6 @@ IMAGE_KEYS = ("status", "preview", "loss", "psnr", "comparison")
 
 HELD_BELOW_DB = 20.0
 """A reconstruction below this PSNR is no longer recognisable on the lab's 32x32 images."""
-
-
-def to_grid(images: torch.Tensor, *, scale: int = 4, pad: int = 2) -> np.ndarray:
-    """``(B, C, H, W)`` in [0, 1] -> one ``(H', W', 3)`` uint8 row, upscaled (nearest)."""
-    x = images.detach().float().clamp(0, 1).cpu()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)  # (B, 3, sH, sW)
-    b, _, h, w = x.shape
-    out = torch.ones(3, h, b * w + (b - 1) * pad)
-    for i in range(b):
-        out[:, :, i * (w + pad): i * (w + pad) + w] = x[i]
-    return (out.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
-def matched_psnr(reference: torch.Tensor, images: torch.Tensor) -> float:
-    """Mean PSNR (dB, peak 1) under the best one-to-one matching of images.
-
-    The order of a reconstructed batch is arbitrary, so each reconstruction is paired
-    with the original it is closest to (Hungarian matching on MSE).
-    """
-    ref = reference.detach().float().cpu().flatten(1)  # (B, D)
-    rec = images.detach().float().cpu().clamp(0, 1).flatten(1)  # (B, D)
-    mse = ((ref[:, None, :] - rec[None, :, :]) ** 2).mean(dim=2).numpy()  # (B, B)
-    rows, cols = linear_sum_assignment(mse)
-    psnr = [10 * np.log10(1.0 / max(float(mse[r, c]), 1e-10)) for r, c in zip(rows, cols)]
-    return float(np.mean(psnr))
 
 
 @dataclass

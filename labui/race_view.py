@@ -11,7 +11,8 @@ from dlg.events import DlgStarted, TextDlgFinished, TextDlgStep
 from labui import plots
 from labui.countdown import Countdown
 from labui.text_view import code_value
-from labui.textdiff import diff_html, match
+from dager.metrics import match_sentences
+from labui.textdiff import diff_html
 
 TEXT_DLG_KEYS = ("race_status", "race_loss", "race_sentences")
 
@@ -117,7 +118,7 @@ class TextDlgView(Countdown):
         refs = [self.normalize(r) for r in self.references]
         preds = [t.strip() for t in self.texts]
         items = []
-        for pred, ref_i in zip(preds, match(preds, refs)):
+        for pred, ref_i in zip(preds, match_sentences(preds, refs)):
             body = html.escape(pred) if ref_i is None else diff_html(refs[ref_i], pred)
             items.append(f'<li class="gll-sent"><span class="gll-text">{body}</span></li>')
         sentences = (f'<ol class="gll-sents">{"".join(items)}</ol>' if items

@@ -27,7 +27,8 @@ from dager.events import (
 from labui import plots
 from labui.countdown import Countdown
 from labui.labels import SPAN_FULL, VOCABULARY, WARNINGS
-from labui.textdiff import diff_html, match
+from dager.metrics import match_sentences
+from labui.textdiff import diff_html
 
 TEXT_KEYS = ("status", "spectrum", "distances", "grid", "sentences", "metrics")
 """The DAGER view's outputs, in the order the app wires them."""
@@ -252,7 +253,7 @@ class DagerView(Countdown):
                         out[pair.prediction_index] = ("match" if pair.exact else "differs", pair.reference_index)
             else:
                 refs = [self.normalize(r) for r in self.references]
-                for i, (pred, ref_i) in enumerate(zip(preds, match([p.strip() for p in preds], refs))):
+                for i, (pred, ref_i) in enumerate(zip(preds, match_sentences([p.strip() for p in preds], refs))):
                     if ref_i is not None:
                         same = " ".join(self.normalize(pred).split()) == refs[ref_i]
                         out[i] = ("match" if same else "differs", ref_i)

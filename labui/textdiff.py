@@ -1,37 +1,15 @@
 """Matching and word diffs between recovered sentences and the originals.
 
 The app is the demo's evaluator (it knows what the user typed); the attack never sees
-these. The final scores come from :mod:`dager.metrics`; this only lays out the display.
+these. The final scores and the pairing (:func:`dager.metrics.match_sentences`) come from
+:mod:`dager.metrics`; this only lays out the display.
 """
 
 from __future__ import annotations
 
 import difflib
 import html
-from collections.abc import Sequence
 
-import numpy as np
-from scipy.optimize import linear_sum_assignment
-
-
-def similarity(a: str, b: str) -> float:
-    """Word-level similarity in [0, 1] (difflib ratio)."""
-    return difflib.SequenceMatcher(a=a.split(), b=b.split(), autojunk=False).ratio()
-
-
-def match(predictions: Sequence[str], references: Sequence[str]) -> list[int | None]:
-    """For each prediction, the index of its reference under a best one-to-one matching.
-
-    Predictions left over (more predictions than references) map to None.
-    """
-    if not predictions or not references:
-        return [None] * len(predictions)
-    sim = np.array([[similarity(p, r) for r in references] for p in predictions])  # (P, R)
-    rows, cols = linear_sum_assignment(-sim)
-    out: list[int | None] = [None] * len(predictions)
-    for r, c in zip(rows, cols):
-        out[int(r)] = int(c)
-    return out
 
 
 def diff_html(reference: str, prediction: str) -> str:

@@ -47,14 +47,20 @@ def task_choices(model: str, task: str) -> object:
 
 def text_scorer(bundle) -> Callable[[Sequence[str], Sequence[str]], object]:  # noqa: ANN001
     """ROUGE / exact match, judged on what the tokenizer can represent."""
-    from dager.metrics import evaluate_text
+    from dager.metrics import evaluate_text, normalizer_for
 
-    return functools.partial(evaluate_text, normalize=functools.partial(normalize, bundle))
+    return functools.partial(evaluate_text, normalize=normalizer_for(bundle))
 
 
 def normalize(bundle, text: str) -> str:  # noqa: ANN001
-    """``text`` as the tokenizer sees it (e.g. lowercased, accents stripped for BERT)."""
-    return " ".join(bundle.decode(bundle.tokenize(text.strip())).split())
+    """``text`` as the tokenizer sees it (e.g. lowercased, accents stripped for BERT).
+
+    The scores' normalisation (:func:`dager.textio.canonical_text`), so what a view
+    shows as "as the tokenizer sees it" is what the scores compared.
+    """
+    from dager.textio import canonical_text
+
+    return canonical_text(bundle, text.strip())
 
 
 def check_lengths(bundle, sentences: Sequence[str]) -> None:  # noqa: ANN001
