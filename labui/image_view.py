@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from dlg.events import DlgFinished, DlgStarted, DlgStep, LabelsInferred
+from dlg.events import DlgFinished, DlgProgress, DlgStarted, DlgStep, LabelsInferred
 from labui import plots
 
 IMAGE_KEYS = ("status", "preview", "loss", "psnr", "comparison")
@@ -87,6 +87,7 @@ class DlgView:
             DlgStarted: self._started,
             LabelsInferred: self._labels,
             DlgStep: self._step,
+            DlgProgress: lambda e: None,  # a heartbeat inside a long iteration: nothing to redraw
             DlgFinished: self._finished,
         }
 
