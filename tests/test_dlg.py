@@ -422,3 +422,14 @@ def test_gradient_matching_with_the_apps_settings_recovers_an_image():
     # Measured 33.4 dB, stopping on the plateau after about 31 iterations (seed 0).
     assert _psnr(result.images, images) >= 28.0
     assert result.stop_reason == "plateau" and len(result.losses) < 60
+
+
+def test_settings_modules_import_without_torch():
+    # A face can check settings (and the CLI its arguments) before torch loads.
+    import subprocess
+    import sys
+
+    code = "import sys, dlg.config, dlg.presets; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"
