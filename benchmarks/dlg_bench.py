@@ -9,9 +9,15 @@ Targets (issue 4): B=1 PSNR >= 30 dB on every sample image within 300 iterations
 under 8 s with early stopping; B=4 mean PSNR >= 20 dB with iDLG labels or gradient
 matching.
 
+``--lesson`` measures the app's lesson-sized defaults instead (issue 13: on a quiet
+2-core CPU one image <= 15 s, gradient matching <= 30 s, a batch of 4 <= 60 s, the
+DLG text race <= 60 s), with the engine's wall and CPU seconds, the PSNR reached and
+the longest gap between two events (target <= 0.3 s, so Stop stays prompt).
+
 Usage::
 
     python benchmarks/dlg_bench.py [--quick] [--markdown] [--device cpu|cuda]
+    OMP_NUM_THREADS=1 python benchmarks/dlg_bench.py --lesson [--markdown]
 """
 
 from __future__ import annotations
@@ -37,6 +43,10 @@ from dlg.metrics import evaluate_images  # noqa: E402
 from dlg.models import NUM_CLASSES, build_model  # noqa: E402
 
 IMAGES = sorted((ROOT / "assets" / "images").glob("*.png"))
+LESSON_ITERATIONS = 100
+"""The app's iteration slider default (labui.handlers.DEFAULT_IMAGE_ITERATIONS)."""
+LESSON_BUDGET_S = 60.0
+"""The app's per-run time cap (labui.handlers.TIME_BUDGET_S)."""
 FALLBACK_SENTENCES = [
     "The patient was discharged on Monday.",
     "My password is written on a sticky note.",
@@ -71,6 +81,71 @@ def image_row(method: str, b: int, *, iterations: int, device: str, seed: int = 
         "iters": len(result.losses),
         "seconds": result.seconds,
     }
+
+
+def _drain_timed(events) -> tuple[object, float, float, float]:  # noqa: ANN001
+    """(last event, wall s, CPU s of this process, longest gap between events after the first)."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    last_t, gap, first, event = t0, 0.0, True, None
+    for event in events:
+        now = time.perf_counter()
+        if not first:
+            gap = max(gap, now - last_t)
+        first, last_t = False, now
+    return event, time.perf_counter() - t0, time.process_time() - c0, gap
+
+
+def lesson_image_row(case: str, method: str, b: int, target_s: float, *, device: str) -> dict[str, object]:
+    """One image case with the app's settings (:func:`dlg.presets.lesson_config`)."""
+    from dlg.attack import iter_dlg
+    from dlg.presets import lesson_config
+
+    model = build_model("lenet", seed=0).to(device)  # the app's model (labui.handlers.vision_model)
+    images = load_images(_batch(b))
+    labels = (7 + torch.arange(b)) % NUM_CLASSES  # the app's labels: class 7, then 8, ...
+    update = fedclient.compute_update(model, fedclient.ImageBatch(images.to(device), labels.to(device)))
+    config = lesson_config(method=method, batch_size=b, iterations=LESSON_ITERATIONS,
+                           time_budget_s=LESSON_BUDGET_S, image_shape=tuple(images.shape[1:]))
+    event, wall, cpu, gap = _drain_timed(iter_dlg(model, update, config=config))
+    result = event.result  # type: ignore[union-attr]
+    scores = evaluate_images(images, result.images, labels, result.labels)
+    return {"case": case, "psnr": scores.psnr, "stop": result.stop_reason, "iters": len(result.losses),
+            "wall_s": wall, "cpu_s": cpu, "max_gap_s": gap, "target_s": target_s,
+            "met": "ok" if wall <= target_s and gap <= 0.3 else "MISSED"}
+
+
+def lesson_text_row(target_s: float, *, device: str) -> dict[str, object]:
+    """The DLG text race as the app runs it (its default steps, the app's sample sentences)."""
+    import dager
+    from dlg.text import TextDlgConfig, iter_dlg_text
+    from dlg.optimize import warm_up_optimizers
+    from labui.handlers import DEFAULT_RACE_ITERATIONS, TIME_BUDGET_S
+    from labui.inputs import parse_sentences, sentence_sets
+
+    sentences = parse_sentences(next(iter(sentence_sets().values())))
+    bundle = dager.load_model("gpt2-small-random", "classification", device=device)
+    update = fedclient.compute_update(bundle.model, bundle.encode(sentences, seed=0))
+    warm_up_optimizers()  # the app does this at start-up
+    config = TextDlgConfig(iterations=DEFAULT_RACE_ITERATIONS, device=device, time_budget_s=TIME_BUDGET_S)
+    event, wall, cpu, gap = _drain_timed(iter_dlg_text(bundle, update, config=config))
+    result = event.result  # type: ignore[union-attr]
+    return {"case": f"DLG text race, B={len(sentences)}, {DEFAULT_RACE_ITERATIONS} steps",
+            "psnr": None, "stop": result.stop_reason, "iters": len(result.losses), "wall_s": wall,
+            "cpu_s": cpu, "max_gap_s": gap, "target_s": target_s, "met": "ok" if wall <= target_s else "MISSED"}
+
+
+def lesson_tables(markdown: bool, device: str) -> None:
+    print("## The app's lesson-sized defaults (LeNet, sample images, engine only)\n")
+    rows = [
+        lesson_image_row("one image, iDLG (the app's default)", "idlg", 1, 15.0, device=device),
+        lesson_image_row("one image, gradient matching", "ig", 1, 30.0, device=device),
+        lesson_image_row("batch of 4, iDLG", "idlg", 4, 60.0, device=device),
+        lesson_image_row("batch of 8, iDLG (event gaps)", "idlg", 8, 60.0, device=device),
+        lesson_text_row(60.0, device=device),
+    ]
+    print_table(rows, markdown)
+    print("wall_s/cpu_s: the engine's run (the app adds its update, rendering and GIF); "
+          "max_gap_s: the longest wait between two events (target <= 0.3 s).")
 
 
 def text_row(*, iterations: int, device: str, batch_size: int, limit: int) -> dict[str, object]:
@@ -139,10 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true", help="print Markdown tables")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--no-text", action="store_true", help="skip the DLG-text line")
+    p.add_argument("--lesson", action="store_true", help="only the app's lesson-sized defaults")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.device == "cpu":
         torch.set_num_threads(1)  # tiny models: one thread is fastest, see dlg/cli.py
+    if args.lesson:
+        lesson_tables(args.markdown, args.device)
+        return 0
     iterations = 300
     sizes = (1, 4) if args.quick else (1, 2, 4, 8)
 

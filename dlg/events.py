@@ -1,8 +1,9 @@
 """Typed events of the DLG attack streams (images and the text baseline).
 
 ``iter_dlg`` / ``iter_dlg_text`` yield exactly one start event, then throttled step
-events, then exactly one finish event. Events carry numbers and detached CPU tensors,
-never PIL images, formatted text for display or UI objects.
+events (for images also heartbeats inside long iterations), then exactly one finish
+event. Events carry numbers and detached CPU tensors, never PIL images, formatted text
+for display or UI objects.
 """
 
 from __future__ import annotations
@@ -61,6 +62,25 @@ class DlgStep:
     restart: int
     loss: float
     preview: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DlgProgress:
+    """A heartbeat inside a long iteration (one L-BFGS step is up to ~25 evaluations).
+
+    Sent when an iteration has run for ``dlg.attack.HEARTBEAT_SECONDS`` without an
+    event, so that a face can show progress and stop the run promptly. Nothing on
+    screen needs to change.
+
+    Attributes:
+        iteration: 1-based iteration under way (within the current restart).
+        restart: 0-based restart index.
+        evaluations: function evaluations of the optimizer within this iteration so far.
+    """
+
+    iteration: int
+    restart: int
+    evaluations: int
 
 
 @dataclass(frozen=True)
@@ -148,5 +168,5 @@ class TextDlgFinished:
     result: TextDlgResult
 
 
-DlgEvent = DlgStarted | LabelsInferred | DlgStep | DlgFinished
+DlgEvent = DlgStarted | LabelsInferred | DlgStep | DlgProgress | DlgFinished
 TextDlgEvent = DlgStarted | TextDlgStep | TextDlgFinished

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dlg.attack import gradient_distance, warm_up_optimizers
+from dlg.objective import gradient_distance
+from dlg.optimize import warm_up_optimizers
 from dlg.events import DlgStarted, TextDlgEvent, TextDlgFinished, TextDlgResult, TextDlgStep
 from fedclient.errors import InvalidConfigError, LabInputError
 from fedclient.update import SharedUpdate
@@ -99,6 +100,18 @@ class TextDlgConfig:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InvalidConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}.")
 
+
+LABEL_LR = 0.1
+"""Adam step size of the dummy label logits."""
+
+MIN_EMBEDDING_SCALE = 1e-4
+"""Floor of the embedding matrix's std when it scales the embeddings' step."""
+
+LR_MILESTONES = (3 / 8, 5 / 8, 7 / 8)
+"""Fractions of the iterations at which the step sizes decay."""
+
+LR_DECAY = 0.3
+"""Factor of each step-size decay."""
 
 POSITION_EMBEDDING_SUFFIXES = ("wpe.weight", "position_embeddings.weight")
 """Names (suffixes) of absolute position-embedding tables: GPT-2's ``wpe``, BERT's
@@ -228,6 +241,68 @@ def iter_dlg_text(
     """
     warm_up_optimizers()  # torch's one-off optimizer start-up, outside the clock
     t0 = time.perf_counter()
+    setup = _text_setup(bundle, update, config)
+    yield DlgStarted(method="dlg-text", model=str(getattr(bundle, "name", "model")),
+                     batch_size=setup.batch_size, iterations=config.iterations, restarts=1)
+    dummies = _Dummies(setup, config)
+
+    def texts(ids: torch.Tensor) -> tuple[str, ...]:
+        return tuple(bundle.decode(row.tolist()).strip() for row in ids)  # type: ignore[attr-defined]
+
+    losses: list[float] = []
+    best_loss, best_embeds = math.inf, dummies.embeds.detach().clone()
+    deadline = math.inf if config.time_budget_s is None else t0 + config.time_budget_s
+    stop_reason = "budget"
+    last_event = time.perf_counter()
+    for it in range(1, config.iterations + 1):
+        if time.perf_counter() >= deadline:
+            stop_reason = "time_budget"  # finish with the best guess so far
+            break
+        snapshot = dummies.embeds.detach().clone()
+        value = dummies.step(setup, config)
+        if not math.isfinite(value):
+            log.debug("text DLG diverged at iteration %d", it)
+            stop_reason = "diverged"
+            break
+        if value < best_loss:
+            best_loss, best_embeds = value, snapshot  # the loss is that of the iterate before the step
+        losses.append(value)
+        now = time.perf_counter()
+        due = (it % config.preview_every == 0 or it == config.iterations) and now - last_event >= config.preview_seconds
+        if due or now - last_event >= HEARTBEAT_SECONDS:
+            last_event = now
+            ids = dummies.decode(dummies.embeds)
+            yield TextDlgStep(iteration=it, loss=value, token_ids=ids, texts=texts(ids))
+
+    ids = dummies.decode(best_embeds)
+    result = TextDlgResult(
+        sentences=texts(ids),
+        token_ids=tuple(tuple(int(t) for t in row) for row in ids),
+        losses=tuple(losses),
+        seconds=time.perf_counter() - t0,
+        seq_len=setup.seq_len,
+        seq_len_source=setup.seq_len_source,
+        stop_reason=stop_reason,
+    )
+    yield TextDlgFinished(result=result)
+
+
+@dataclass(frozen=True)
+class _TextSetup:
+    """What the attack reads off the model and the update (internal)."""
+
+    model: torch.nn.Module
+    params: dict[str, torch.Tensor]
+    target: dict[str, torch.Tensor]
+    task: str
+    batch_size: int
+    seq_len: int
+    seq_len_source: str
+    label_shape: tuple[int, ...]
+
+
+def _text_setup(bundle: object, update: SharedUpdate, config: TextDlgConfig) -> _TextSetup:
+    """Check the model and the update; choose the sequence length and the label shape."""
     model: torch.nn.Module = bundle.model  # type: ignore[attr-defined]
     device = torch.device(config.device)
     if next(model.parameters()).device != device:
@@ -244,99 +319,67 @@ def iter_dlg_text(
             "The shared update holds no parameter of this model besides the input embeddings; "
             "the text baseline needs the other layers' gradients."
         )
-    params = {n: named[n] for n in names}
-    target = {n: update[n].detach().to(device) for n in names}
     batch_size = int(update.batch_size)
     seq_len, seq_len_source = resolve_seq_len(model, update, config)
     log.debug("text DLG: seq_len %d (%s)", seq_len, seq_len_source)
     task = update.task
-    vocab, width = emb_matrix.shape
     if task == "classification":
         label_shape: tuple[int, ...] = (batch_size, int(model.config.num_labels))
     elif task == "next-token":
-        label_shape = (batch_size, seq_len - 1, int(vocab))
+        label_shape = (batch_size, seq_len - 1, int(emb_matrix.shape[0]))
         if seq_len < 2:
             raise InvalidConfigError("seq_len must be at least 2 for next-token prediction.")
     else:
         raise LabInputError(f"The text baseline does not support the task {task!r}.")
+    return _TextSetup(model=model, params={n: named[n] for n in names},
+                      target={n: update[n].detach().to(device) for n in names}, task=task,
+                      batch_size=batch_size, seq_len=seq_len, seq_len_source=seq_len_source,
+                      label_shape=label_shape)
 
-    yield DlgStarted(
-        method="dlg-text",
-        model=str(getattr(bundle, "name", "model")),
-        batch_size=batch_size,
-        iterations=config.iterations,
-        restarts=1,
-    )
 
-    gen = torch.Generator().manual_seed(config.seed)
-    with torch.no_grad():
-        scale = float(emb_matrix.std())
-        unit_vocab = torch.nn.functional.normalize(emb_matrix.detach().float(), dim=-1)  # (V, d)
-    embeds = (torch.randn((batch_size, seq_len, width), generator=gen) * scale).to(device)
-    embeds.requires_grad_(True)  # (B, T, d) dummy input embeddings
-    label_logits = torch.randn(label_shape, generator=gen).to(device).requires_grad_(True)
-    # The embedding step is relative to the embedding scale (GPT-2's init std is 0.02,
-    # MiniLM's trained one about 0.05), so one lr fits every model.
-    opt = torch.optim.Adam(
-        [
-            {"params": [embeds], "lr": config.lr * max(scale, 1e-4)},
-            {"params": [label_logits], "lr": 0.1},
-        ]
-    )
-    sched = torch.optim.lr_scheduler.MultiStepLR(
-        opt, milestones=[int(config.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)], gamma=0.3
-    )
+class _Dummies:
+    """The dummy embeddings and label logits, their optimizer, and the decoding (internal)."""
 
-    def decode(x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, setup: _TextSetup, config: TextDlgConfig) -> None:
+        device = torch.device(config.device)
+        emb_matrix = setup.model.get_input_embeddings().weight  # (V, d)
+        gen = torch.Generator().manual_seed(config.seed)
         with torch.no_grad():
-            sims = torch.nn.functional.normalize(x.detach().float(), dim=-1) @ unit_vocab.T  # (B, T, V)
-            return sims.argmax(dim=-1).cpu()  # (B, T)
+            scale = float(emb_matrix.std())
+            self.unit_vocab = torch.nn.functional.normalize(emb_matrix.detach().float(), dim=-1)  # (V, d)
+        shape = (setup.batch_size, setup.seq_len, int(emb_matrix.shape[1]))
+        self.embeds = (torch.randn(shape, generator=gen) * scale).to(device)
+        self.embeds.requires_grad_(True)  # (B, T, d) dummy input embeddings
+        self.label_logits = torch.randn(setup.label_shape, generator=gen).to(device).requires_grad_(True)
+        # The embedding step is relative to the embedding scale (GPT-2's init std is 0.02,
+        # MiniLM's trained one about 0.05), so one lr fits every model.
+        self.opt = torch.optim.Adam([
+            {"params": [self.embeds], "lr": config.lr * max(scale, MIN_EMBEDDING_SCALE)},
+            {"params": [self.label_logits], "lr": LABEL_LR},
+        ])
+        milestones = [int(config.iterations * f) for f in LR_MILESTONES]
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=milestones, gamma=LR_DECAY)
 
-    def texts(ids: torch.Tensor) -> tuple[str, ...]:
-        return tuple(bundle.decode(row.tolist()).strip() for row in ids)  # type: ignore[attr-defined]
-
-    losses: list[float] = []
-    best_loss, best_embeds = math.inf, embeds.detach().clone()
-    deadline = math.inf if config.time_budget_s is None else t0 + config.time_budget_s
-    stop_reason = "budget"
-    last_event = time.perf_counter()
-    for it in range(1, config.iterations + 1):
-        if time.perf_counter() >= deadline:
-            stop_reason = "time_budget"  # finish with the best guess so far
-            break
-        opt.zero_grad()
-        loss_d = _dummy_loss(model, task, embeds, label_logits)
-        grads = torch.autograd.grad(loss_d, list(params.values()), create_graph=True)
-        loss = gradient_distance(dict(zip(names, grads)), target, config.distance)
-        loss.backward()
+    def step(self, setup: _TextSetup, config: TextDlgConfig) -> float:
+        """One Adam step on the gradient distance; the loss before the step (no step if not finite)."""
+        loss_d = _dummy_loss(setup.model, setup.task, self.embeds, self.label_logits)
+        grads = torch.autograd.grad(loss_d, list(setup.params.values()), create_graph=True)
+        loss = gradient_distance(dict(zip(setup.params, grads)), setup.target, config.distance)
+        # The gradient of the dummies only: backward() would also fill the shared
+        # model's .grad with weight gradients nobody reads (the app caches that model:
+        # +336 MB held after a race on gpt2-small-random) and pay to compute them.
+        self.embeds.grad, self.label_logits.grad = torch.autograd.grad(loss, [self.embeds, self.label_logits])
         value = float(loss.detach())
-        if not math.isfinite(value):
-            log.debug("text DLG diverged at iteration %d", it)
-            stop_reason = "diverged"
-            break
-        if value < best_loss:
-            best_loss, best_embeds = value, embeds.detach().clone()
-        opt.step()
-        sched.step()
-        losses.append(value)
-        now = time.perf_counter()
-        due = (it % config.preview_every == 0 or it == config.iterations) and now - last_event >= config.preview_seconds
-        if due or now - last_event >= HEARTBEAT_SECONDS:
-            last_event = now
-            ids = decode(embeds)
-            yield TextDlgStep(iteration=it, loss=value, token_ids=ids, texts=texts(ids))
+        if math.isfinite(value):
+            self.opt.step()
+            self.sched.step()
+        return value
 
-    ids = decode(best_embeds)
-    result = TextDlgResult(
-        sentences=texts(ids),
-        token_ids=tuple(tuple(int(t) for t in row) for row in ids),
-        losses=tuple(losses),
-        seconds=time.perf_counter() - t0,
-        seq_len=seq_len,
-        seq_len_source=seq_len_source,
-        stop_reason=stop_reason,
-    )
-    yield TextDlgFinished(result=result)
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` the vocabulary tokens nearest (cosine) to ``(B, T, d)`` embeddings."""
+        with torch.no_grad():
+            sims = torch.nn.functional.normalize(x.detach().float(), dim=-1) @ self.unit_vocab.T  # (B, T, V)
+            return sims.argmax(dim=-1).cpu()
 
 
 def run_dlg_text(

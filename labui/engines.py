@@ -57,12 +57,13 @@ def text_baseline_events(bundle, update, iterations: int,  # noqa: ANN001
 
 def dlg_events(model, update, *, method: str, iterations: int,  # noqa: ANN001
                time_budget_s: float | None = None) -> Iterator[object]:
-    """The DLG image attack's event stream."""
-    from dlg.attack import DlgConfig, iter_dlg
+    """The DLG image attack's event stream, with the lesson-sized settings (:mod:`dlg.presets`)."""
+    from dlg.attack import iter_dlg
+    from dlg.presets import lesson_config
 
     # A frame every iteration, throttled in time by the engine: smooth previews and GIFs.
-    config = DlgConfig(method=method, iterations=iterations, preview_every=1, preview_seconds=0.15,
-                       time_budget_s=time_budget_s, image_shape=IMAGE_SHAPE)
+    config = lesson_config(method=method, batch_size=int(update.batch_size), iterations=iterations,
+                           time_budget_s=time_budget_s, image_shape=IMAGE_SHAPE)
     return iter_dlg(model, update, config=config)
 
 

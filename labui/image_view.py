@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dlg.events import DlgFinished, DlgStarted, DlgStep, LabelsInferred
+from dlg.events import DlgFinished, DlgProgress, DlgStarted, DlgStep, LabelsInferred
 from dlg.images import to_grid
 from dlg.metrics import matched_psnr
 from labui import plots
@@ -61,6 +61,7 @@ class DlgView(Countdown):
             DlgStarted: self._started,
             LabelsInferred: self._labels,
             DlgStep: self._step,
+            DlgProgress: lambda e: None,  # a heartbeat inside a long iteration: nothing to redraw
             DlgFinished: self._finished,
         }
 

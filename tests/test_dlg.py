@@ -353,3 +353,83 @@ def test_attack_runs_single_threaded_on_cpu_and_restores_the_setting():
     assert torch.get_num_threads() == 1
     stream.close()
     assert torch.get_num_threads() == before
+
+
+# --- heartbeats, the shared model, the app's settings ----------------------------------
+
+
+def test_heartbeats_come_between_evaluations_and_change_nothing(monkeypatch):
+    import dlg.attack
+    from dlg.events import DlgProgress
+
+    model = build_model("lenet")
+    images = load_images([SAMPLES / "glyph.png", SAMPLES / "house.png"])
+    update = _client(model, images, [1, 2])
+    config = DlgConfig(method="idlg", iterations=3, restarts=1)
+    quiet = run_dlg(model, update, config=config)
+    monkeypatch.setattr(dlg.attack, "HEARTBEAT_SECONDS", 0.0)  # a heartbeat after every evaluation
+    events = list(iter_dlg(model, update, config=config))
+    beats = [e for e in events if isinstance(e, DlgProgress)]
+    steps = [e for e in events if isinstance(e, DlgStep)]
+    assert [s.iteration for s in steps] == [1, 2, 3]
+    # Each L-BFGS step evaluates many times; every evaluation got its heartbeat, and the
+    # counts restart with each iteration.
+    assert len(beats) > 3 * len(steps)
+    assert {b.iteration for b in beats} == {1, 2, 3} and all(b.evaluations >= 1 for b in beats)
+    first = [b.evaluations for b in beats if b.iteration == 1]
+    assert first == list(range(1, len(first) + 1))
+    # The iterates are the same with or without heartbeats.
+    assert torch.equal(events[-1].result.images, quiet.images)
+    assert events[-1].result.losses == quiet.losses
+
+
+@pytest.mark.parametrize("method", ["dlg", "ig"])
+def test_the_attack_leaves_the_shared_models_gradients_alone(method):
+    # The app caches one model for every visitor: an attack must not write its .grad.
+    model = build_model("lenet")
+    images = load_images([SAMPLES / "smiley.png"])
+    update = _client(model, images, [3])
+    model.zero_grad(set_to_none=True)
+    run_dlg(model, update, config=DlgConfig(method=method, iterations=2, restarts=1))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_lesson_config_restarts_only_where_a_plateau_can_be_a_stall():
+    from dlg.presets import LESSON_PATIENCE, has_floor, lesson_config
+
+    def config(method, b):
+        return lesson_config(method=method, batch_size=b, iterations=100, time_budget_s=60.0,
+                             image_shape=(3, 32, 32))
+
+    # Plain matching (B = 1) can reach zero: a plateau there is a stall, worth a restart.
+    assert config("idlg", 1).restarts == DlgConfig().restarts == config("dlg", 1).restarts
+    # With a prior the plateau is the prior's floor: one restart.
+    assert config("ig", 1).restarts == 1 and config("idlg", 4).restarts == 1
+    assert config("idlg", 4).patience == LESSON_PATIENCE and config("ig", 1).time_budget_s == 60.0
+    assert has_floor("dlg", 2) and not has_floor("dlg", 1)
+    with pytest.raises(ValueError):
+        has_floor("zzz", 1)
+
+
+def test_gradient_matching_with_the_apps_settings_recovers_an_image():
+    from dlg.presets import lesson_config
+
+    model = build_model("lenet")
+    images = load_images([SAMPLES / "smiley.png"])
+    update = _client(model, images, [7])
+    config = lesson_config(method="ig", batch_size=1, iterations=100, time_budget_s=None, image_shape=(3, 32, 32))
+    result = run_dlg(model, update, config=config)
+    # Measured 33.4 dB, stopping on the plateau after about 31 iterations (seed 0).
+    assert _psnr(result.images, images) >= 28.0
+    assert result.stop_reason == "plateau" and len(result.losses) < 60
+
+
+def test_settings_modules_import_without_torch():
+    # A face can check settings (and the CLI its arguments) before torch loads.
+    import subprocess
+    import sys
+
+    code = "import sys, dlg.config, dlg.presets; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"

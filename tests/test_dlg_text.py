@@ -83,3 +83,14 @@ def test_text_cli_bad_input(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+def test_text_baseline_leaves_the_shared_models_gradients_alone(tiny):
+    # The app caches the model for every visitor: the race must not fill its .grad
+    # (it held 336 MB of weight gradients on gpt2-small-random after a race).
+    bundle = tiny("gpt2")
+    batch = bundle.encode(["the cat sat on the mat"], labels=[0])
+    update = fedclient.compute_update(bundle.model, batch)
+    bundle.model.zero_grad(set_to_none=True)
+    run_dlg_text(bundle, update, config=TextDlgConfig(iterations=2, seq_len=batch.input_ids.shape[1]))
+    assert all(p.grad is None for p in bundle.model.parameters())
