@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fedclient.errors import UnsupportedModelError
+from fedclient.families import family_for
 from dager.span import Span, exact_relative_distance, relative_distance
 
 HOOKS: dict[str, type[FamilyHooks]] = {}
@@ -47,7 +48,7 @@ def hooks_for(model: nn.Module) -> FamilyHooks:
     Raises:
         UnsupportedModelError: no hooks serve this family.
     """
-    model_type = model.config.model_type
+    model_type = family_for(model.config.model_type).model_type  # the declared families decide
     try:
         cls = HOOKS[model_type]
     except KeyError:

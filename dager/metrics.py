@@ -13,12 +13,15 @@ sentences recovered exactly and a positional token accuracy.
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from rouge_score import rouge_scorer
 from scipy.optimize import linear_sum_assignment
+
+from dager.textio import canonical_text
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -109,6 +112,16 @@ def _identity(text: str) -> str:
     return text
 
 
+def normalizer_for(bundle: object) -> Callable[[str], str]:
+    """The text normalisation of every score and view: the text as the model sees it.
+
+    Tokenised and decoded by the bundle, whitespace collapsed
+    (:func:`dager.textio.canonical_text`), so an uncased model's lowercase output can
+    equal a capitalised reference. Both CLIs and the app pass it as ``normalize``.
+    """
+    return functools.partial(canonical_text, bundle)
+
+
 def _tokens(text: str) -> list[str]:
     """Whitespace tokens: the unit of :func:`token_diff` and token accuracy."""
     return text.split()
@@ -127,6 +140,52 @@ def _score_pair(scorer: rouge_scorer.RougeScorer, reference: str, prediction: st
         r1, r2, rl = (float(s[t].fmeasure) for t in ROUGE_TYPES)
     correct = sum(1 for r, p in zip(ref_tokens, pred_tokens) if r == p)
     return _Scored(exact, r1, r2, rl, correct, len(ref_tokens))
+
+
+def _assign(
+    scorer: rouge_scorer.RougeScorer, refs: Sequence[str], preds: Sequence[str]
+) -> tuple[dict[int, int], dict[tuple[int, int], _Scored]]:
+    """The one pairing of predictions with references (normalised texts), and every pair's scores.
+
+    The Hungarian algorithm maximises the total ROUGE-1 F1; ties go to exact matches,
+    then ROUGE-L (see :func:`evaluate_text`).
+
+    Returns:
+        ``({reference index: prediction index}, {(i, j): scores of the pair})``.
+    """
+    n, m = len(refs), len(preds)
+    scored: dict[tuple[int, int], _Scored] = {}
+    if not (n and m):
+        return {}, scored
+    weight = np.zeros((n, m), dtype=np.float64)  # (refs, preds)
+    for i, ref in enumerate(refs):
+        for j, pred in enumerate(preds):
+            s = _score_pair(scorer, ref, pred)
+            scored[(i, j)] = s
+            weight[i, j] = s.rouge1 + _TIE_BREAK * (float(s.exact) + s.rougeL)
+    rows, cols = linear_sum_assignment(weight, maximize=True)
+    return {int(i): int(j) for i, j in zip(rows, cols)}, scored
+
+
+def match_sentences(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    *,
+    normalize: Callable[[str], str] | None = None,
+) -> list[int | None]:
+    """For each prediction, the index of its reference under the scorer's pairing.
+
+    The same one-to-one matching as :func:`evaluate_text` (so a view that shows a diff
+    against this reference shows the pair the scores used); predictions left over map
+    to ``None``.
+    """
+    norm = normalize or _identity
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False)
+    assignment, _ = _assign(scorer, [norm(r) for r in references], [norm(p) for p in predictions])
+    out: list[int | None] = [None] * len(predictions)
+    for i, j in assignment.items():
+        out[j] = i
+    return out
 
 
 def evaluate_text(
@@ -172,19 +231,8 @@ def evaluate_text(
     refs = [norm(r) for r in references]
     preds = [norm(p) for p in predictions]
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False)
-
-    n, m = len(refs), len(preds)
-    scored: dict[tuple[int, int], _Scored] = {}
-    assignment: dict[int, int] = {}
-    if n and m:
-        weight = np.zeros((n, m), dtype=np.float64)  # (refs, preds)
-        for i, ref in enumerate(refs):
-            for j, pred in enumerate(preds):
-                s = _score_pair(scorer, ref, pred)
-                scored[(i, j)] = s
-                weight[i, j] = s.rouge1 + _TIE_BREAK * (float(s.exact) + s.rougeL)
-        rows, cols = linear_sum_assignment(weight, maximize=True)
-        assignment = {int(i): int(j) for i, j in zip(rows, cols)}
+    m = len(preds)
+    assignment, scored = _assign(scorer, refs, preds)
 
     pairs: list[PairScore] = []
     for i, ref in enumerate(refs):

@@ -52,18 +52,26 @@ attacker's guess (``seq_len_source`` in each batch record).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING
 
 # Torch-free imports only: torch loads after the arguments have been checked.
 from fedclient.errors import LabInputError
 from fedclient.threads import configure_cpu_threads
-from labcli.outputs import check_distinct, check_output_path, lost_sentence, save_json, save_results
+from labcli.common import (  # DEFENSE_HELP and CliUsageError stay importable from here
+    DEFENSE_HELP,  # noqa: F401
+    CliUsageError,
+    LabParser,
+    add_defense_argument,
+    check_defense_specs,
+    check_device,
+    defense_record,
+    write_json,
+)
+from labcli.outputs import check_distinct, check_output_path, lost_sentence, save_results
 from labcli.runtime import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -75,6 +83,13 @@ from labcli.runtime import (
     positive_int,
 )
 
+if TYPE_CHECKING:
+    import torch
+
+    from dager.metrics import PairScore
+    from dlg.attack import DlgConfig
+    from fedclient.client import Defense
+
 log = logging.getLogger(__name__)
 
 IMAGE_METHODS = ("dlg", "idlg", "ig")
@@ -82,52 +97,6 @@ IMAGE_METHODS = ("dlg", "idlg", "ig")
 
 IMAGE_MODELS = ("lenet", "resnet")
 """The names of :data:`dlg.models.MODELS`, known without importing torch (a test keeps them in step)."""
-
-
-class CliUsageError(LabInputError):
-    """A command-line argument is invalid."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise CliUsageError(f"{message} (see --help)")
-
-
-DEFENSE_HELP = (
-    "client-side defense, repeatable: noise:1e-3 (sigma), noise:var=1e-4 (variance, DLG's convention), "
-    "dp:clip=1.0,noise=1.0, prune:0.3, mask:0.3, fp16, int8, fedavg:steps=4,lr=0.01, secagg:clients=4"
-)
-
-
-def _add_defense(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--defense", action="append", default=[], metavar="SPEC", help=DEFENSE_HELP)
-
-
-def _defense_record(specs: list[str]) -> tuple[object | None, dict[str, object]]:
-    """The defense of the ``--defense`` specs and its JSON keys (as DAGER's CLI writes them).
-
-    Raises:
-        fedclient.errors.InvalidConfigError: a spec cannot be parsed.
-    """
-    from fedclient.defenses import describe, epsilon_of, parse_defenses
-
-    _check_defense_specs(specs)
-    defense = parse_defenses(specs) if specs else None
-    eps = epsilon_of(defense)
-    return defense, {
-        "defense": list(specs),
-        "defense_description": describe(defense),
-        "epsilon": eps if eps is not None and math.isfinite(eps) else None,  # JSON has no inf
-    }
-
-
-def _check_defense_specs(specs: list[str]) -> None:
-    """Refuse an empty ``--defense ""`` (it would silently mean no defense; issue 14)."""
-    for spec in specs:
-        if not spec.strip().strip(";").strip():
-            raise CliUsageError(
-                "--defense was given an empty spec: drop the option for no defense, or give one such as noise:1e-3."
-            )
 
 
 def _add_image_options(p: argparse.ArgumentParser) -> None:
@@ -144,9 +113,9 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_image_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="dlg", description="Reconstruct images from a shared gradient (DLG, iDLG, gradient matching).")
+    p = LabParser(prog="dlg", description="Reconstruct images from a shared gradient (DLG, iDLG, gradient matching).")
     _add_image_options(p)
-    _add_defense(p)
+    add_defense_argument(p)
     p.add_argument("--output", required=True, type=Path, help="where to write the result JSON")
     p.add_argument("--gif", type=Path, default=None, help="also write the reconstruction over iterations as a GIF")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr")
@@ -155,7 +124,7 @@ def build_image_parser() -> argparse.ArgumentParser:
 
 
 def build_text_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="dlg text", description="DLG on text (baseline for DAGER): optimise input embeddings.")
+    p = LabParser(prog="dlg text", description="DLG on text (baseline for DAGER): optimise input embeddings.")
     p.add_argument("--model", required=True, help="embedded model name (e.g. gpt2-small-random), hub id or folder")
     p.add_argument("--input", required=True, type=Path, help="UTF-8 text file, one sentence per line")
     p.add_argument("--batch-size", required=True, type=positive_int, help="sentences per client batch")
@@ -164,7 +133,7 @@ def build_text_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=positive_int, default=100, help="optimiser steps per batch")
     p.add_argument("--seed", type=int, default=0, help="seed of labels, the dummy data and the defenses")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch device")
-    _add_defense(p)
+    add_defense_argument(p)
     p.add_argument("--output", required=True, type=Path, help="where to write the result JSON")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
@@ -175,7 +144,7 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m dlg sweep`` (images)."""
     from labcli.sweep import add_sweep_arguments
 
-    p = _Parser(
+    p = LabParser(
         prog="dlg sweep",
         description="DLG under a grid of client-side defenses: one attack per defense level, scored "
         "(PSNR, SSIM, label accuracy) with the update's utility cost; writes a CSV and a plot.",
@@ -217,18 +186,6 @@ def _check_output(path: Path) -> None:
     check_output_path("--output", path)
 
 
-def _write_json(path: Path, report: dict[str, object]) -> bool:
-    """Write the result JSON (mode 0600); on failure keep it elsewhere and say where.
-
-    Returns:
-        True when it went to ``path``.
-    """
-    saved = save_json(path, json.dumps(report, indent=2) + "\n", prog="dlg")
-    if not saved.ok:
-        print(f"dlg: error: {lost_sentence('--output', path, saved)}", file=sys.stderr)
-    return saved.ok
-
-
 def _check_image_paths(paths: list[Path]) -> None:
     """Missing image files, found before torch loads (the loader checks the rest)."""
     for path in paths:
@@ -236,15 +193,7 @@ def _check_image_paths(paths: list[Path]) -> None:
             raise CliUsageError(f"Image file {str(path)!r} does not exist: check the path given to --image.")
 
 
-def _check_device(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise CliUsageError("--device cuda was given but no CUDA GPU is available: use --device cpu.")
-
-
-def _image_batch(args: argparse.Namespace) -> tuple[object, object, object, object]:
+def _image_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module, DlgConfig]:
     """``(images, labels, model, config)`` of the image options (shared by run and sweep).
 
     Raises:
@@ -283,7 +232,7 @@ def run_images(args: argparse.Namespace) -> int:
     if args.gif is not None:
         check_output_path("--gif", args.gif, example="out.gif")
         check_distinct({"--output": args.output, "--gif": args.gif})
-    _check_defense_specs(args.defense)
+    check_defense_specs(args.defense)
     _check_image_paths(args.image)
     _configure(args.verbose, args.device)  # torch from here on
 
@@ -291,8 +240,8 @@ def run_images(args: argparse.Namespace) -> int:
     from dlg.attack import run_dlg
     from dlg.metrics import evaluate_images
 
-    _check_device(args.device)
-    defense, defense_keys = _defense_record(args.defense)
+    check_device(args.device)
+    defense, defense_keys = defense_record(args.defense)
     images, labels, model, config = _image_batch(args)
     batch_size = images.shape[0]
     t0 = time.perf_counter()
@@ -334,7 +283,7 @@ def run_images(args: argparse.Namespace) -> int:
         "device": args.device,
         **defense_keys,
     }
-    ok = _write_json(args.output, report)
+    ok = write_json(args.output, report, prog="dlg")
     if args.gif is not None:
         from dlg.gif import save_gif
 
@@ -362,7 +311,7 @@ def run_text(args: argparse.Namespace) -> int:
 
     # Cheap, torch-free checks first.
     _check_output(args.output)
-    _check_defense_specs(args.defense)
+    check_defense_specs(args.defense)
     if args.input.exists() and args.output.exists() and args.input.resolve() == args.output.resolve():
         raise CliUsageError("--output names the input file: give the result another name, such as result.json.")
     sentences = read_sentences(args.input).sentences
@@ -371,11 +320,11 @@ def run_text(args: argparse.Namespace) -> int:
 
     import dager
     import fedclient
-    from dager.metrics import evaluate_text, pooled_scores
+    from dager.metrics import evaluate_text, normalizer_for, pooled_scores
     from dlg.text import TextDlgConfig, run_dlg_text
 
-    _check_device(args.device)
-    defense, defense_keys = _defense_record(args.defense)
+    check_device(args.device)
+    defense, defense_keys = defense_record(args.defense)
     bundle = dager.load_model(args.model, args.task, device=args.device)
     # The same rule as DAGER's CLI: text the tokenizer cannot represent is refused by line.
     check_sentences(bundle, [s for b in batches for s in b])
@@ -383,7 +332,7 @@ def run_text(args: argparse.Namespace) -> int:
     # length is inferred from the update or guessed (TextDlgConfig.seq_len=None).
     config = TextDlgConfig(iterations=args.iterations, seed=args.seed, device=args.device)
     records: list[dict[str, object]] = []
-    pairs = []
+    pairs: list[PairScore] = []
     total_seconds = total_client = 0.0
     interrupted = False
     try:
@@ -395,7 +344,8 @@ def run_text(args: argparse.Namespace) -> int:
             client_seconds = time.perf_counter() - t0
             del batch
             result = run_dlg_text(bundle, update, config=config)
-            scores = evaluate_text(refs, list(result.sentences))
+            # Judged on what the model can represent, as DAGER's CLI does.
+            scores = evaluate_text(refs, list(result.sentences), normalize=normalizer_for(bundle))
             pairs.extend(scores.pairs)
             total_seconds += result.seconds
             total_client += client_seconds
@@ -444,7 +394,7 @@ def run_text(args: argparse.Namespace) -> int:
         "device": args.device,
         **defense_keys,
     }
-    ok = _write_json(args.output, report)
+    ok = write_json(args.output, report, prog="dlg")
     print(
         f"DLG-text on {args.model} ({args.task}), batch size {args.batch_size}: ROUGE-1 {report['rouge1']:.3f}, "
         f"ROUGE-2 {report['rouge2']:.3f}, exact {report['exact_match']:.0%} in {total_seconds:.1f} s"
@@ -472,12 +422,12 @@ def run_sweep_images(args: argparse.Namespace) -> int:
     from dlg.metrics import evaluate_images
     from fedclient.defenses import utility_cost
 
-    _check_device(args.device)
+    check_device(args.device)
     points = sweep_points(args)
     images, labels, model, config = _image_batch(args)
     batch = fedclient.ImageBatch(images.to(args.device), labels.to(args.device))
 
-    def attack(defense: object | None) -> dict[str, object]:
+    def attack(defense: Defense | None) -> dict[str, object]:
         update = fedclient.compute_update(model, batch, defense=defense, seed=args.seed)
         cost = utility_cost(model, batch, update)
         result = run_dlg(model, update, config=config)  # no ground truth

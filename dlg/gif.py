@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dlg.images import tile_images
+
 log = logging.getLogger(__name__)
 
 
@@ -19,16 +21,7 @@ def frame_to_array(images: torch.Tensor, *, scale: int = 4, pad: int = 2) -> np.
     Returns:
         ``(scale*H + 2 pad, B (scale*W + pad) + pad, 3)`` uint8 pixels on white.
     """
-    x = images.detach().float().clamp(0, 1).cpu()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    b, _, h, w = x.shape
-    tiles = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)  # (B, 3, sH, sW)
-    canvas = torch.ones(3, scale * h + 2 * pad, b * (scale * w + pad) + pad)
-    for i in range(b):
-        left = pad + i * (scale * w + pad)
-        canvas[:, pad : pad + scale * h, left : left + scale * w] = tiles[i]
-    return (canvas.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+    return tile_images(images, scale=scale, pad=pad, margin=pad)
 
 
 def save_gif(

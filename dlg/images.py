@@ -214,3 +214,36 @@ def load_images(sources: Sequence[ImageSource], *, size: int = 32) -> torch.Tens
             f"{len(items) - MAX_IMAGES}."
         )
     return torch.stack([load_image(s, size=size, index=i) for i, s in enumerate(items)])
+
+
+def tile_images(images: torch.Tensor, *, scale: int = 4, pad: int = 2, margin: int = 0) -> np.ndarray:
+    """Tile a ``(B, C, H, W)`` batch in ``[0, 1]`` side by side on white, upscaled (nearest).
+
+    The one tiling of the lab: the app's previews (:func:`to_grid`) and the GIF frames
+    (:func:`dlg.gif.frame_to_array`, with a margin) both use it.
+
+    Args:
+        images: the batch; one channel is shown as grey.
+        scale: nearest-neighbour upscaling factor.
+        pad: white columns between images.
+        margin: white border around the row.
+
+    Returns:
+        ``(scale*H + 2 margin, B scale*W + (B-1) pad + 2 margin, 3)`` uint8 pixels.
+    """
+    x = images.detach().float().clamp(0, 1).cpu()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)  # (B, 3, sH, sW)
+    b, _, h, w = x.shape
+    canvas = torch.ones(3, h + 2 * margin, b * w + (b - 1) * pad + 2 * margin)
+    for i in range(b):
+        left = margin + i * (w + pad)
+        canvas[:, margin : margin + h, left : left + w] = x[i]
+    return (canvas.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+
+
+def to_grid(images: torch.Tensor, *, scale: int = 4, pad: int = 2) -> np.ndarray:
+    """``(B, C, H, W)`` in [0, 1] -> one ``(H', W', 3)`` uint8 row, upscaled (nearest), no border."""
+    return tile_images(images, scale=scale, pad=pad)
+

@@ -93,6 +93,19 @@ def match_images(reference: torch.Tensor, reconstruction: torch.Tensor) -> list[
     return matched
 
 
+def matched_psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> float:
+    """Mean PSNR (dB, peak 1) under the best one-to-one matching (:func:`match_images`).
+
+    The order of a reconstructed batch is arbitrary, so each reconstruction is paired
+    with the original it is closest to; reconstructions are clamped to ``[0, 1]``. The
+    same number as :func:`evaluate_images`' ``psnr``, without SSIM or labels, for views
+    that refresh it at every step.
+    """
+    rec = reconstruction.detach().clamp(0, 1)
+    matched = match_images(reference, rec)
+    return float(np.mean([psnr_from_mse(mse(reference[i], rec[j])) for i, j in enumerate(matched)]))
+
+
 def label_accuracy(ref_labels: torch.Tensor, rec_labels: torch.Tensor) -> float:
     """Fraction of reference labels recovered, as multisets (order-free)."""
     ref = [int(v) for v in ref_labels.flatten()]
@@ -132,7 +145,7 @@ def evaluate_images(
             f"reference {tuple(reference.shape)} and reconstruction {tuple(reconstruction.shape)} differ"
         )
     rec = reconstruction.detach().clamp(0, 1)
-    matched = match_images(reference, rec)
+    matched = match_images(reference, rec)  # the one pairing, shared with matched_psnr
     scores = []
     for i, j in enumerate(matched):
         m = mse(reference[i], rec[j])

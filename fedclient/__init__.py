@@ -1,9 +1,10 @@
 """The simulated federated client, shared by every attack.
 
 It turns a private batch into the update a client would share (FedSGD gradient, or a
-defended variant: :mod:`fedclient.defenses`, with DP-SGD internals in :mod:`fedclient.dp`
-and attack-agnostic defense sweeps in :mod:`fedclient.sweep`). It imports no attack and
-no UI.
+defended variant: the :mod:`fedclient.defenses` package, with DP-SGD internals in :mod:`fedclient.dp`
+and attack-agnostic defense sweeps in :mod:`fedclient.sweep`). The model families every
+layer shares are declared in :mod:`fedclient.families`, one module each. It imports no
+attack and no UI.
 """
 
 # Exports load lazily (PEP 562): importing the package pulls in no torch, so a
@@ -65,6 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fedclient.client import Defense, batch_loss, compute_update, fedsgd_gradient
     from fedclient.errors import EmptyBatchError, EmptySentenceError, HubUnreachableError, InvalidConfigError, LabInputError, SequenceTooLongError, UnknownModelError, UnsupportedModelError, UnsupportedTaskError
     from fedclient.update import SharedUpdate
-    from fedclient.sweep import SweepPoint, dp_grid, iter_sweep, noise_grid, plot_sweep, prune_grid, run_sweep, save_plot, write_csv
+    from fedclient.sweep import SweepPoint, dp_grid, iter_sweep, noise_grid, prune_grid, run_sweep
+    # plot_sweep, save_plot and write_csv moved to labcli.sweepfiles; fedclient.sweep aliases them.
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -42,7 +42,10 @@ class Defense(Protocol):
     or change how it is computed (DP-SGD, FedAvg); both fit this one call.
     """
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The defense's canonical spec (e.g. ``noise:sigma=0.001``)."""
+        ...
 
     def __call__(
         self,

@@ -8,7 +8,7 @@ grad sampler) and falls back to a loop over examples when a model cannot be vmap
 
 Hugging Face text models read their 2D attention mask in Python control flow
 (``transformers.masking_utils`` checks ``mask.all()`` to skip mask creation), which
-``vmap`` cannot trace. For families whose mask we know (:data:`MASK_KINDS`, keyed by
+``vmap`` cannot trace. For families whose mask we know (declared in :mod:`fedclient.families`, keyed by
 ``config.model_type``), the vmapped per-example call therefore passes the equivalent
 ready-made 4D additive mask, which transformers forwards as is. Other models are tried
 with their 2D mask and fall back to the loop if that fails. Both paths compute the same
@@ -32,20 +32,23 @@ from torch.func import functional_call, grad, vmap
 from fedclient.batch import Batch, ImageBatch, TextBatch
 from fedclient.client import batch_loss
 from fedclient.errors import InvalidConfigError
+from fedclient.families import FAMILIES
 
 log = logging.getLogger(__name__)
 
-MASK_KINDS: dict[str, str] = {
-    "gpt2": "causal",
-    "llama": "causal",
-    "bert": "bidirectional",
-}
-"""``config.model_type`` -> the attention pattern its 4D mask encodes.
+# The attention pattern of each family's 4D mask comes from its declaration
+# (fedclient.families: FamilyAdapter.mask_kind). Only families whose 4D mask is exactly
+# "padding (and causality)" may be declared; a family with sliding windows or custom
+# position logic must not be added without a test that compares the vmapped gradients
+# with the per-example loop.
 
-Only families whose 4D mask is exactly "padding (and causality)" belong here; a family
-with sliding windows or custom position logic must not be added without a test that
-compares the vmapped gradients with the per-example loop.
-"""
+
+def __getattr__(name: str) -> object:
+    # MASK_KINDS, the old table, now derived from the family declarations.
+    if name == "MASK_KINDS":
+        return {t: f.mask_kind for t, f in FAMILIES.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 PER_EXAMPLE_METHODS = ("auto", "vmap", "loop")
 """``auto``: vmap, falling back to the loop if the model cannot be vmapped."""
@@ -151,9 +154,9 @@ def _float_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
 
 
 def mask_kind_for(model: torch.nn.Module) -> str | None:
-    """The 4D mask kind for a model's family, or None when unknown (see :data:`MASK_KINDS`)."""
-    config = getattr(model, "config", None)
-    return MASK_KINDS.get(getattr(config, "model_type", None) or "")
+    """The 4D mask kind for a model's family, or None when no family is declared for it."""
+    family = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None) or "")
+    return None if family is None else family.mask_kind
 
 
 def trainable_names(model: torch.nn.Module) -> list[str]:

@@ -12,8 +12,9 @@ and a sweep is a list of :class:`SweepPoint` (label, strength, defense), usually
 standard grid::
 
     rows = run_sweep(noise_grid(), attack)          # or iter_sweep(...) to stream rows
-    write_csv(rows, "noise.csv")
-    save_plot(plot_sweep(rows, y=["rouge1"], title="DAGER under noise"), "noise.html")
+
+(the faces write them: :mod:`labcli.sweepfiles` has ``write_csv``, ``plot_sweep`` and
+``save_plot``).
 
 Each row is a flat dict: ``label``, ``axis``, ``strength``, ``defense`` (the spec, or
 ``"none"``), ``epsilon`` (DP grids only), ``time_budget_s`` (with a per-point budget),
@@ -23,18 +24,16 @@ every point's cost: the runner passes it to the attack, which puts it in its con
 
 from __future__ import annotations
 
-import csv
-import importlib.util
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from fedclient.client import Defense
 from fedclient.defenses import DPSGD, GaussianNoise, Prune, Quantize, RandomMask, compose, epsilon_of
 from fedclient.errors import InvalidConfigError
+from fedclient.lazy import lazy_exports
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ class SweepPoint:
 
 def iter_sweep(
     points: Sequence[SweepPoint],
-    attack: Callable[..., Mapping[str, float]],
+    attack: Callable[..., Mapping[str, object]],
     *,
     time_budget_s: float | None = None,
 ) -> Iterator[dict[str, object]]:
@@ -123,7 +122,7 @@ def iter_sweep(
 
 def run_sweep(
     points: Sequence[SweepPoint],
-    attack: Callable[..., Mapping[str, float]],
+    attack: Callable[..., Mapping[str, object]],
     *,
     time_budget_s: float | None = None,
 ) -> list[dict[str, object]]:
@@ -236,112 +235,12 @@ def grid(name: str, **kwargs: object) -> list[SweepPoint]:
     return make(**kwargs)
 
 
-# --------------------------------------------------------------------- CSV / plots
+# The CSV and plot writers moved to labcli.sweepfiles (issue 12: fedclient holds no
+# plotting or file formats). Their old names here still resolve, lazily, so old imports
+# keep working without fedclient importing a face.
+_MOVED = {"plot_sweep": "labcli.sweepfiles", "save_plot": "labcli.sweepfiles", "write_csv": "labcli.sweepfiles"}
 
-
-def write_csv(rows: Sequence[Mapping[str, object]], path: str | Path) -> Path:
-    """Write rows to CSV (columns: every key, in order of first appearance)."""
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(dict(row))
-    return out
-
-
-def plot_sweep(
-    rows: Sequence[Mapping[str, object]],
-    *,
-    x: str = "strength",
-    y: Sequence[str] = (),
-    title: str | None = None,
-    x_scale: str = "category",
-    y_title: str | None = None,
-):  # noqa: ANN201 - plotly.graph_objects.Figure
-    """A line plot of metrics ``y`` against ``x``, one trace per metric.
-
-    Args:
-        rows: sweep rows.
-        x: the x column (``"strength"``, ``"epsilon"``, ...).
-        y: metric columns (default: every numeric column except the bookkeeping ones).
-        title: the plot title.
-        x_scale: ``"category"`` (default: one evenly spaced tick per point, labelled with
-            the point's label, which keeps 0 and 1e-4 .. 1e-1 readable on one axis),
-            ``"linear"`` or ``"log"`` (points with x <= 0 or non-finite are dropped).
-        y_title: the y axis title.
-
-    Raises:
-        InvalidConfigError: for an unknown scale or a metric missing from every row.
-    """
-    import plotly.graph_objects as go
-
-    if x_scale not in ("category", "linear", "log"):
-        raise InvalidConfigError(f"Unknown x scale {x_scale!r}: use category, linear or log.")
-    bookkeeping = {"label", "axis", "strength", "defense", "epsilon", "seconds", "time_budget_s", x}
-    metrics = list(y) or [
-        k for k in dict.fromkeys(k for r in rows for k in r)
-        if k not in bookkeeping and all(isinstance(r.get(k), (int, float)) for r in rows if k in r)
-    ]
-    for m in metrics:
-        if not any(m in r for r in rows):
-            raise InvalidConfigError(f"No sweep row has the metric {m!r}: choose from {sorted({k for r in rows for k in r})}.")
-    fig = go.Figure()
-    for m in metrics:
-        xs: list[object] = []
-        ys: list[object] = []
-        for r in rows:
-            if m not in r:
-                continue
-            xv = r.get(x)
-            if x_scale == "category":
-                xs.append(str(r.get("label", xv)))
-            else:
-                if not isinstance(xv, (int, float)) or not math.isfinite(xv) or (x_scale == "log" and xv <= 0):
-                    continue
-                xs.append(xv)
-            ys.append(r[m])
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=m))
-    axis_name = next((str(r["axis"]) for r in rows if "axis" in r), x) if x == "strength" else x
-    fig.update_layout(
-        title=title,
-        xaxis_title=axis_name,
-        yaxis_title=y_title or (metrics[0] if len(metrics) == 1 else "metric"),
-        template="plotly_white",
-    )
-    fig.update_xaxes(type=x_scale)
-    return fig
-
-
-def save_plot(fig, path: str | Path) -> list[Path]:  # noqa: ANN001 - plotly Figure
-    """Write the figure as HTML (always) and PNG (only if ``kaleido`` is installed).
-
-    ``path`` may end in ``.html``, ``.png`` or nothing; both files share its stem.
-
-    Returns:
-        The files written.
-    """
-    base = Path(path)
-    if base.suffix.lower() in (".html", ".png"):
-        base = base.with_suffix("")
-    base.parent.mkdir(parents=True, exist_ok=True)
-    html = base.with_suffix(".html")
-    fig.write_html(str(html), include_plotlyjs=True)
-    written = [html]
-    if importlib.util.find_spec("kaleido") is not None:
-        png = base.with_suffix(".png")
-        try:
-            fig.write_image(str(png))
-            written.append(png)
-        except (ValueError, RuntimeError) as exc:  # kaleido present but no browser/engine
-            log.warning("could not write %s: %s", png, exc)
-    else:
-        log.info("kaleido is not installed: wrote %s only", html)
-    return written
+__getattr__, __dir__ = lazy_exports(__name__, _MOVED)
 
 
 __all__ = [
@@ -355,10 +254,7 @@ __all__ = [
     "iter_sweep",
     "mask_grid",
     "noise_grid",
-    "plot_sweep",
     "precision_grid",
     "prune_grid",
     "run_sweep",
-    "save_plot",
-    "write_csv",
 ]

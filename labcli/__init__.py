@@ -6,9 +6,13 @@ loads. It is a top-level package rather than part of :mod:`fedclient` because ar
 parsing, output files and signal handling belong to the faces, not to the simulated
 client (issue 12).
 
+* :mod:`labcli.common`: what both CLIs share: the usage error and parser, the
+  ``--defense`` option and its JSON keys, the CUDA check, writing the result JSON.
 * :mod:`labcli.outputs`: check output paths before any work, write results privately
   (mode 0600) and keep them when the chosen path fails at the end.
 * :mod:`labcli.runtime`: argument types, SIGTERM as an interrupt, exit codes.
 * :mod:`labcli.sweep`: the defense-sweep options and table of both CLIs (formerly
-  ``fedclient.sweepcli``, which still re-exports it).
+  ``fedclient.sweepcli``, which still resolves its names).
+* :mod:`labcli.sweepfiles`: sweep rows to a CSV and a plotly plot (formerly in
+  :mod:`fedclient.sweep`, which still resolves the names).
 """

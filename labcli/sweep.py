@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -165,7 +164,7 @@ def format_row(row: Mapping[str, object], columns: Sequence[str], widths: Sequen
 
 def run_cli_sweep(
     points: Sequence[SweepPoint],
-    attack: Callable[[Defense | None], Mapping[str, float]],
+    attack: Callable[[Defense | None], Mapping[str, object]],
     *,
     metrics: Sequence[str],
     csv_path: Path,
@@ -187,7 +186,8 @@ def run_cli_sweep(
     Returns:
         The rows, as written to the CSV.
     """
-    from fedclient.sweep import iter_sweep, plot_sweep, save_plot, write_csv
+    from fedclient.sweep import iter_sweep
+    from labcli.sweepfiles import plot_sweep, save_plot, write_csv
 
     stream = out if out is not None else sys.stdout
     columns = ["label", *metrics, "utility_cosine", "epsilon", "seconds"]
@@ -209,7 +209,7 @@ def run_cli_sweep(
                 print(f"error: {sentence}", file=sys.stderr)
         raise
     written, lost = _write_outputs(rows, csv_path, plot_path, metrics, title, write_csv, plot_sweep, save_plot)
-    total = sum(float(r["seconds"]) for r in rows)  # type: ignore[arg-type]
+    total = sum(float(str(r["seconds"])) for r in rows)  # iter_sweep times every row
     print(f"{len(rows)} point(s) in {total:.1f} s; wrote {', '.join(str(p) for p in written)}", file=stream)
     if lost:
         raise OutputsNotWritten(" ".join(lost))

@@ -18,9 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RULES: dict[str, tuple[str, ...]] = {
     # package -> top-level packages it must never import
-    "fedclient": ("gradio", "labui", "dager", "dlg", "app"),
+    # fedclient is the simulated client: no attack, no face, no argument parsing or plotting
+    "fedclient": ("gradio", "labui", "dager", "dlg", "app", "labcli", "argparse", "plotly"),
     "dager": ("gradio", "labui", "dlg", "app"),
     "dlg": ("gradio", "labui", "app"),
+    # labcli holds the torch-free pieces of both command lines; it knows no attack
+    "labcli": ("gradio", "labui", "dager", "dlg", "app"),
 }
 
 
@@ -50,6 +53,35 @@ def test_the_rules_see_real_imports() -> None:
     """The checker itself works: app.py imports gradio and the attacks."""
     found = _imports(ROOT / "app.py")
     assert {"gradio", "fedclient"} <= found
+
+
+def test_cli_pieces_load_no_heavy_library() -> None:
+    """labcli and fedclient's package answer a bad argument before torch or plotly loads (issue 13)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, labcli.common, labcli.outputs, labcli.runtime, labcli.sweep, labcli.sweepfiles, "
+        "fedclient, fedclient.errors, fedclient.threads, fedclient.sweepcli;"
+        "print(sorted(m for m in ('torch', 'plotly', 'gradio', 'argparse') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['argparse']"  # labcli parses arguments; nothing heavy
+
+
+def test_moved_names_still_import_from_their_old_paths() -> None:
+    """The sweep writers and CLI helpers left fedclient; their old names resolve to the new homes."""
+    import fedclient
+    import fedclient.sweep
+    import fedclient.sweepcli
+    import labcli.sweep
+    import labcli.sweepfiles
+
+    for name in ("write_csv", "plot_sweep", "save_plot"):
+        assert getattr(fedclient.sweep, name) is getattr(labcli.sweepfiles, name)
+        assert getattr(fedclient, name) is getattr(labcli.sweepfiles, name)
+    for name in fedclient.sweepcli.__all__:
+        assert getattr(fedclient.sweepcli, name) is getattr(labcli.sweep, name)
 
 
 def _entry_points() -> list[object]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dager.metrics import evaluate_text, token_diff
+from dager.metrics import evaluate_text, match_sentences, normalizer_for, token_diff
 
 
 def test_perfect_recovery_in_another_order():
@@ -98,3 +98,67 @@ def test_token_diff():
     ]
     assert token_diff("same text", "same text") == [("same", "equal"), ("text", "equal")]
     assert token_diff("a", "") == [("a", "missing")]
+
+
+# --- evaluation shared by the metrics and the views: one pairing, one PSNR, one tiling
+
+
+def test_match_sentences_is_the_scorers_pairing():
+    """A view's diff pairs each prediction with the reference its score used."""
+    refs = ["the cat sat on the mat", "the dog ran", "a bird flew away home"]
+    preds = ["a bird flew home", "the cat sat on a mat", "dog ran the", "extra words here"]
+    scores = evaluate_text(refs, preds)
+    expected: list[int | None] = [None] * len(preds)
+    for pair in scores.pairs:
+        expected[pair.prediction_index] = pair.reference_index
+    assert match_sentences(preds, refs) == expected == [2, 0, 1, None]
+    assert match_sentences([], refs) == [] and match_sentences(preds, []) == [None] * 4
+
+
+def test_match_sentences_normalises_like_the_score():
+    refs = ["Hello World", "good morning"]
+    preds = ["good morning", "hello world"]
+    lower = str.lower
+    assert match_sentences(preds, refs, normalize=lower) == [1, 0]
+    assert [p.exact for p in evaluate_text(refs, preds, normalize=lower).pairs] == [True, True]
+
+
+def test_normalizer_for_is_the_models_view_of_text(tiny):
+    bert = tiny("bert")
+    norm = normalizer_for(bert)
+    assert norm("  Hello   World ") == "hello world"  # uncased, whitespace collapsed
+    assert norm(norm("Hello World")) == norm("Hello World")  # idempotent
+    assert evaluate_text(["Hello World"], ["hello world"], normalize=norm).exact_match == 1.0
+
+
+def test_matched_psnr_is_the_scores_psnr_and_ignores_order():
+    import torch
+
+    from dlg.metrics import MAX_PSNR, evaluate_images, matched_psnr
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(3, 3, 8, 8, generator=g)
+    noisy = (ref + 0.05 * torch.randn(ref.shape, generator=g)).clamp(0, 1)
+    shuffled = noisy[[2, 0, 1]]
+    labels = torch.tensor([0, 1, 2])
+    assert matched_psnr(ref, shuffled) == pytest.approx(evaluate_images(ref, shuffled, labels, labels[[2, 0, 1]]).psnr)
+    assert matched_psnr(ref, shuffled) == pytest.approx(matched_psnr(ref, noisy))
+    assert matched_psnr(ref, ref[[1, 2, 0]]) == MAX_PSNR
+
+
+def test_one_tiling_for_previews_and_gif_frames():
+    import numpy as np
+    import torch
+
+    from dlg.gif import frame_to_array
+    from dlg.images import tile_images, to_grid
+
+    images = torch.zeros(3, 1, 4, 4)  # black, one channel
+    images[1] = 1.0
+    grid = to_grid(images, scale=2, pad=2)
+    assert grid.shape == (8, 3 * 8 + 2 * 2, 3) and grid.dtype == np.uint8
+    assert (grid[:, 0:8] == 0).all() and (grid[:, 8:10] == 255).all() and (grid[:, 10:18] == 255).all()
+    frame = frame_to_array(images, scale=2, pad=2)
+    assert frame.shape == (8 + 4, 3 * (8 + 2) + 2, 3)
+    assert (frame[2:10, 2:30] == tile_images(images, scale=2, pad=2)).all()  # the same row, with a margin
+    assert (frame[:2] == 255).all() and (frame[:, :2] == 255).all()

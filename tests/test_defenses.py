@@ -30,7 +30,8 @@ from fedclient import (
 from fedclient.client import ClientReport
 from fedclient.defenses import SPEC_FORMS, int8_round_trip
 from fedclient.dp import clip_per_example, dp_epsilon, per_example_gradients, per_example_norms, trainable_names
-from fedclient.sweep import SweepPoint, dp_grid, grid, noise_grid, plot_sweep, prune_grid, run_sweep, save_plot, write_csv
+from fedclient.sweep import SweepPoint, dp_grid, grid, noise_grid, prune_grid, run_sweep
+from labcli.sweepfiles import plot_sweep, save_plot, write_csv
 
 SENTENCES = ["Hello private world", "Hi", "Gradients leak data quite a lot"]
 
@@ -451,6 +452,34 @@ def test_parse_defense_forms_round_trip(spec, expected):
     assert parsed == expected
     assert parse_defense(parsed.name) == parsed  # the name is a canonical spec
     assert describe(parsed)
+
+
+def test_each_defense_describes_itself():
+    """describe() is the defense's own line; None and a custom callable get a generic one."""
+    cases = {
+        GaussianNoise(0.5): "standard deviation 0.5",
+        Prune(0.3, scope="global"): "30% smallest-magnitude entries across all shared tensors",
+        RandomMask(0.25): "random 25%",
+        Quantize("fp16"): "fp16",
+        Quantize("int8"): "8-bit integers",
+        DPSGD(clip_norm=2.0, noise_multiplier=0.0): "no formal privacy",
+        FedAvg(local_steps=3, lr=0.1, minibatch_size=2): "3 local SGD step(s) with learning rate 0.1 over minibatches of 2",
+        SecureAggregation(clients=4, others="copies"): "sum over 4 clients (the attacked one and 3 clients holding copies",
+    }
+    for defense, words in cases.items():
+        assert defense.describe() == describe(defense)
+        assert words in describe(defense)
+    both = compose(GaussianNoise(0.5), SecureAggregation(clients=2))
+    assert describe(both) == f"{GaussianNoise(0.5).describe()} Then: {SecureAggregation(clients=2).describe()}"
+    assert describe(None).startswith("No defense")
+
+    class Custom:  # a defense with a name and no describe()
+        name = "shuffle"
+
+        def __call__(self, model, batch, *, parameters, generator):
+            raise AssertionError("not called")
+
+    assert describe(Custom()) == "Custom defense shuffle."
 
 
 def test_parse_defenses_composes_in_role_order():

@@ -139,3 +139,36 @@ def test_sentence_longer_than_context(tiny):
 def test_next_token_on_encoder_is_refused():
     with pytest.raises(UnsupportedTaskError, match="only supports classification"):
         dager.load_model("minilm-l6", "next-token")
+
+
+def test_every_family_is_declared_once_and_every_table_agrees(tiny):
+    """One declaration per family (fedclient.families); DAGER's hooks, the DP mask and the zoo agree."""
+    from dager.layers import HOOKS, hooks_for
+    from fedclient.batch import TEXT_TASKS
+    from fedclient.dp import MASK_KINDS, mask_kind_for
+    from fedclient.families import FAMILIES, family_for
+
+    assert set(FAMILIES) == {"gpt2", "llama", "bert"}
+    assert set(HOOKS) == set(FAMILIES), "every family needs DAGER layer hooks, and hooks need a family"
+    for model_type, family in FAMILIES.items():
+        assert family.model_type == model_type and family_for(model_type) is family
+        assert set(family.tasks) <= set(TEXT_TASKS) and "classification" in family.tasks
+        bundle = tiny(model_type)
+        assert bundle.family is family
+        assert bundle.context_length == 128  # the family's context_attr names the config's field
+        hooks = hooks_for(bundle.model)
+        assert type(hooks) is HOOKS[model_type]
+        assert hooks.is_decoder == family.is_decoder
+        assert mask_kind_for(bundle.model) == MASK_KINDS[model_type] == ("causal" if family.is_decoder else "bidirectional")
+
+
+def test_an_undeclared_family_is_one_sentence():
+    from dager.layers import hooks_for
+    from fedclient.errors import UnsupportedModelError
+
+    class Model:
+        class config:  # noqa: N801 - quacks like a transformers config
+            model_type = "t5"
+
+    with pytest.raises(UnsupportedModelError, match="'t5' are not supported yet; the supported families are bert, gpt2, llama"):
+        hooks_for(Model())
