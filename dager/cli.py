@@ -68,6 +68,7 @@ from dager.cli_sweep import run_sweep
 from fedclient.errors import LabInputError
 from fedclient.threads import configure_cpu_threads
 from labcli.common import CliUsageError, LabParser, add_defense_argument  # noqa: F401 - CliUsageError: old name
+from labcli.training import add_client_arguments
 from labcli.runtime import (  # noqa: F401 - EXIT_OK stays importable from here
     EXIT_FAILED,
     EXIT_OK,
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="rank candidates by distance instead of fixed thresholds (for noisy, defended updates)",
     )
     add_defense_argument(p)
+    add_client_arguments(p)  # --client, --precision, --dropout (issue 11)
     p.add_argument("--show-text", action="store_true", help="print each sentence and its recovery in the summary")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, notes or summary table")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress details to stderr")
