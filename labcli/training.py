@@ -113,7 +113,25 @@ def prepare_client(training: ClientTraining, model: object, *, device: str) -> o
     return server_model(model, training.lora)  # type: ignore[arg-type]
 
 
+def dlg_training(args: argparse.Namespace, model: object) -> ClientTraining:
+    """The setup of a DLG command line, checked against its model.
+
+    DLG matches the full gradient of its dummy data; a LoRA update (adapters only) is
+    DAGER's setting, so it is refused here with one sentence.
+
+    Raises:
+        CliUsageError: LoRA was asked for.
+        fedclient.errors.InvalidConfigError: a bad spec, or a precision this device cannot run.
+    """
+    training = client_training(args)
+    if training.lora is not None:
+        raise CliUsageError("LoRA clients are attacked by DAGER (python -m dager --client lora:...): drop --client lora here.")
+    prepare_client(training, model, device=getattr(args, "device", "cpu"))
+    return training
+
+
 __all__ = [
+    "dlg_training",
     "CLIENT_HELP",
     "add_client_arguments",
     "check_minibatch",

@@ -331,3 +331,19 @@ def test_cli_bad_client_input_is_one_line_and_nothing_runs(extra, needle, tmp_pa
     code, _, err = _run(["--model", "tiny-gpt2", "--input", path, "--batch-size", 2, "--output", out, *extra], capsys)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_dlg_cli_records_the_setup_and_refuses_lora(tmp_path, capsys, tiny_zoo):
+    from dlg import cli as dlg_cli
+
+    path = tmp_path / "in.txt"
+    path.write_text("\n".join(SENTS) + "\n", encoding="utf-8")
+    out = tmp_path / "r.json"
+    base = ["text", "--model", "tiny-gpt2", "--input", path, "--batch-size", 2, "--iterations", 2, "--output", out]
+    code = dlg_cli.main([str(a) for a in [*base, "--client", "lora:r=8"]])
+    err = capsys.readouterr().err
+    assert code == 2 and "LoRA clients are attacked by DAGER" in err and not out.exists()
+    code = dlg_cli.main([str(a) for a in [*base, "--dropout"]])
+    capsys.readouterr()
+    report = json.loads(out.read_text())
+    assert report["dropout"] is True and report["client"] == "dropout" and report["lora"] is None
