@@ -277,6 +277,13 @@ def client_model(model: torch.nn.Module, training: ClientTraining) -> torch.nn.M
     else:
         work = copy.deepcopy(model)
     work = work.to(torch_dtype(training.precision))
+    if training.dropout_rate is not None:
+        # The embedded random models are built with dropout 0: a rate makes train mode bite.
+        for module in work.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = training.dropout_rate
+            elif isinstance(getattr(module, "attention_dropout", None), float):
+                module.attention_dropout = training.dropout_rate  # Llama's functional attention dropout
     work.train(training.dropout)
     with _PREPARED_LOCK:
         _PREPARED[model] = (training, work)

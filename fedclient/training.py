@@ -44,7 +44,7 @@ MAX_LORA_ALPHA = 1e6
 CLIENT_FORMS = (
     "lora[:r=R][,alpha=A][,targets=M1|M2][,seed=S]",
     "fp32 | bf16 | fp16 | precision=P",
-    "dropout",
+    "dropout[:p=P]",
 )
 """The accepted forms of a ``--client`` spec (shown in error messages)."""
 
@@ -127,8 +127,15 @@ class ClientTraining:
     lora: LoraSpec | None = None  # adapters; None: every weight trains
     precision: str = "fp32"  # dtype of the model, its gradient and the update
     dropout: bool = False  # train mode with the model's dropout rates, seeded
+    dropout_rate: float | None = None  # with dropout: every dropout of the client's copy at this rate
 
     def __post_init__(self) -> None:
+        if self.dropout_rate is not None and not (
+            isinstance(self.dropout_rate, (int, float)) and math.isfinite(self.dropout_rate) and 0 <= self.dropout_rate < 1
+        ):
+            raise InvalidConfigError(f"The dropout rate p must be in [0, 1) (e.g. 0.1), got {self.dropout_rate!r}.")
+        if self.dropout_rate is not None and not self.dropout:
+            raise InvalidConfigError("A dropout rate needs dropout on: use --client dropout:p=0.1.")
         if self.precision not in PRECISIONS:
             raise InvalidConfigError(
                 f"Unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}."
@@ -150,7 +157,7 @@ class ClientTraining:
         if self.precision != "fp32":
             parts.append(self.precision)
         if self.dropout:
-            parts.append("dropout")
+            parts.append("dropout" if self.dropout_rate is None else f"dropout:p={_fmt(self.dropout_rate)}")
         return " + ".join(parts) if parts else "plain"
 
     def record(self) -> dict[str, object]:
@@ -163,7 +170,7 @@ class ClientTraining:
                 "targets": list(self.lora.targets) or "attention inputs",
                 "seed": self.lora.seed,
             }
-        return {"lora": lora, "precision": self.precision, "dropout": self.dropout}
+        return {"lora": lora, "precision": self.precision, "dropout": self.dropout, "dropout_rate": self.dropout_rate}
 
     def describe(self) -> str:
         """One human-readable line."""
@@ -171,7 +178,8 @@ class ClientTraining:
             f"LoRA adapters of rank {self.lora.r} (scale {self.lora.scale:g}) on "
             f"{', '.join(self.lora.targets) or 'the attention input projections'}; the base weights are frozen"
         )
-        mode = "train mode with the model's dropout (seeded)" if self.dropout else "eval mode (no dropout)"
+        rate = "the model's dropout rates" if self.dropout_rate is None else f"dropout rate {self.dropout_rate:g}"
+        mode = f"train mode with {rate} (seeded)" if self.dropout else "eval mode (no dropout)"
         return f"Client training: {what}; {self.precision}; {mode}."
 
 
@@ -291,8 +299,13 @@ def parse_client(
             if value not in PRECISIONS:
                 raise InvalidConfigError(f"Unknown precision {value!r} in {spec!r}: use one of {', '.join(PRECISIONS)}.")
             choose("precision", value, spec)
-        elif head in ("dropout", "dropout=on", "dropout=true", "dropout=1") and not rest.strip():
+        elif head in ("dropout", "dropout=on", "dropout=true", "dropout=1"):
             choose("dropout", True, spec)
+            if rest.strip():
+                key, eq, value = rest.strip().partition("=")
+                if not eq or key.strip().lower() not in ("p", "rate"):
+                    raise InvalidConfigError(f"In client spec {spec!r}, write the rate as dropout:p=0.1.")
+                choose("dropout_rate", _number("p", value.strip(), spec), spec)
         else:
             raise InvalidConfigError(f"Unknown client setting {spec!r}: use one of these forms: {_forms()}.")
     if precision is not None:
@@ -305,6 +318,7 @@ def parse_client(
         lora=None if lora is None else LoraSpec(**lora),  # type: ignore[arg-type]
         precision=str(chosen.get("precision", "fp32")),
         dropout=bool(chosen.get("dropout", False)),
+        dropout_rate=chosen.get("dropout_rate"),  # type: ignore[arg-type]
     )
 
 

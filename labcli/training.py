@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 CLIENT_HELP = (
     "how the client trains, repeatable key=value specs: lora:r=16[,alpha=32][,targets=c_attn] "
-    "(LoRA adapters via peft; the update holds their gradients), bf16, fp16, dropout"
+    "(LoRA adapters via peft; the update holds their gradients), bf16, fp16, dropout[:p=0.1]"
 )
 
 
@@ -61,6 +61,7 @@ def client_keys(training: ClientTraining) -> dict[str, object]:
         "lora": record["lora"],
         "precision": record["precision"],
         "dropout": record["dropout"],
+        "dropout_rate": record["dropout_rate"],
         "client_description": training.describe(),
     }
 

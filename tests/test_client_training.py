@@ -347,3 +347,19 @@ def test_dlg_cli_records_the_setup_and_refuses_lora(tmp_path, capsys, tiny_zoo):
     capsys.readouterr()
     report = json.loads(out.read_text())
     assert report["dropout"] is True and report["client"] == "dropout" and report["lora"] is None
+
+
+def test_dropout_rate_sets_every_dropout_of_the_client_copy_only(tiny):
+    t = parse_client(["dropout:p=0.1"])
+    assert t.dropout and t.dropout_rate == 0.1 and parse_client([t.name]) == t
+    with pytest.raises(InvalidConfigError, match=r"in \[0, 1\)"):
+        parse_client(["dropout:p=1.5"])
+    bundle = tiny("gpt2")  # built with dropout 0: without a rate, train mode changes nothing
+    batch = _batch(bundle)
+    names = required_parameters(bundle)
+    plain = compute_update(bundle.model, batch, parameters=names)
+    zero = compute_update(bundle.model, batch, parameters=names, training=ClientTraining(dropout=True))
+    rated = compute_update(bundle.model, batch, parameters=names, training=t)
+    assert all(torch.equal(plain[n], zero[n].to(plain[n].dtype)) or torch.allclose(plain[n], zero[n]) for n in names)
+    assert not all(torch.allclose(plain[n], rated[n]) for n in names)
+    assert all(m.p == 0.0 for m in bundle.model.modules() if isinstance(m, torch.nn.Dropout))
