@@ -212,6 +212,7 @@ def build_sweep_parser() -> argparse.ArgumentParser:
         help=f"attack batches with more than {FAR_OVER_CAPACITY} x d distinct token prefixes (best effort)",
     )
     add_sweep_arguments(p)
+    add_client_arguments(p)  # the client's training setup under every grid point (issue 11)
     p.add_argument("--quiet", "-q", action="store_true", help="no notes")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress details to stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")

@@ -363,3 +363,17 @@ def test_dropout_rate_sets_every_dropout_of_the_client_copy_only(tiny):
     assert all(torch.equal(plain[n], zero[n].to(plain[n].dtype)) or torch.allclose(plain[n], zero[n]) for n in names)
     assert not all(torch.allclose(plain[n], rated[n]) for n in names)
     assert all(m.p == 0.0 for m in bundle.model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_dager_sweep_runs_under_a_lora_client(tmp_path, capsys, tiny_zoo):
+    import csv
+
+    path = tmp_path / "in.txt"
+    path.write_text("\n".join(SENTS) + "\n", encoding="utf-8")
+    out = tmp_path / "s.csv"
+    code = cli.main(["sweep", "--model", "tiny-gpt2", "--input", str(path), "--batch-size", "2",
+                     "--grid", "noise", "--values", "0,1", "--csv", str(out), "--client", "lora:r=32"])
+    capsys.readouterr()
+    assert code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert float(rows[0]["exact_match"]) == 1.0 and float(rows[1]["exact_match"]) < 1.0
