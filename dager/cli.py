@@ -65,20 +65,10 @@ from typing import TYPE_CHECKING
 # arguments have been checked (see dager.cli_batches / dager.cli_sweep).
 from dager.cli_batches import FAR_OVER_CAPACITY, run_file
 from dager.cli_sweep import run_sweep
-from fedclient.errors import LabInputError
 from fedclient.threads import configure_cpu_threads
-from labcli.common import CliUsageError, LabParser, add_defense_argument  # noqa: F401 - CliUsageError: old name
+from labcli.common import CliUsageError, LabParser, add_defense_argument, run_guarded  # noqa: F401 - CliUsageError: old name
+from labcli.runtime import EXIT_FAILED, EXIT_OK, EXIT_USAGE, positive_int  # noqa: F401 - the exit codes stay importable from here
 from labcli.training import add_client_arguments
-from labcli.runtime import (  # noqa: F401 - EXIT_OK stays importable from here
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_USAGE,
-    interrupt_exit_code,
-    interrupt_word,
-    interrupts_as_exceptions,
-    pending_interrupt,
-    positive_int,
-)
 
 if TYPE_CHECKING:
     from dager.events import DagerResult
@@ -234,32 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     configure_cpu_threads()  # the console script's first act: before anything imports torch
     argv = list(sys.argv[1:] if argv is None else argv)
     sweep = bool(argv) and argv[0] == "sweep"
-    parser = build_sweep_parser() if sweep else build_parser()
-    try:
-        args = parser.parse_args(argv[1:] if sweep else argv)
-    except SystemExit as exc:  # --help
-        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
-    except LabInputError as exc:  # a usage error (LabParser): one line
-        return _fail(str(exc))
-    _configure_logging(args.verbose)
-    try:
-        with interrupts_as_exceptions():
-            return run_sweep_command(args) if sweep else _run(args)
-    except LabInputError as exc:  # every user-facing input error of the lab
-        return _fail(str(exc))
-    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM before the first batch (e.g. loading torch)
-        print(f"dager: {interrupt_word(exc)}.", file=sys.stderr)
-        return interrupt_exit_code(exc)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
-        interrupted = pending_interrupt()
-        if interrupted is not None:  # a library turned the interrupt into another error
-            print(f"dager: {interrupt_word(interrupted)}.", file=sys.stderr)
-            return interrupt_exit_code(interrupted)
-        if args.debug:
-            raise
-        first = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        print(f"dager: internal error ({first}); rerun with --debug for the traceback.", file=sys.stderr)
-        return EXIT_FAILED
+
+    def work() -> int:
+        args = (build_sweep_parser() if sweep else build_parser()).parse_args(argv[1:] if sweep else argv)
+        _configure_logging(args.verbose)
+        return run_sweep_command(args) if sweep else _run(args)
+
+    return run_guarded("dager", work, debug="--debug" in argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,6 +26,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("dager.cli")
 
 
+def _row(
+    pairs: list[PairScore], utility: list[dict[str, float]], ranks: list[int], errors: list[str]
+) -> dict[str, float | int | str]:
+    """One grid point's metrics: scores over every attacked sentence, utility over batches."""
+    n = max(1, len(pairs))
+    return {
+        "rouge1": sum(p.rouge1 for p in pairs) / n,
+        "rouge2": sum(p.rouge2 for p in pairs) / n,
+        "exact_match": sum(float(p.exact) for p in pairs) / n,
+        "utility_cosine": sum(u["utility_cosine"] for u in utility) / len(utility),
+        "utility_norm_ratio": sum(u["utility_norm_ratio"] for u in utility) / len(utility),
+        "rank": ranks[0] if ranks else -1,
+        "failed_batches": len(errors),
+        "error": "; ".join(errors),
+    }
+
+
 def run_sweep(args: argparse.Namespace, *, engine: Engine) -> int:
     """Attack the same batches once per grid point (see :func:`dager.cli.run_sweep_command`).
 
@@ -69,7 +86,6 @@ def run_sweep(args: argparse.Namespace, *, engine: Engine) -> int:
         utility: list[dict[str, float]] = []
         ranks: list[int] = []
         errors: list[str] = []
-        failed = 0
         for refs, batch in encoded:
             update = compute_update(
                 bundle.model, batch, parameters=parameters, defense=defense, seed=args.seed, training=training
@@ -84,7 +100,6 @@ def run_sweep(args: argparse.Namespace, *, engine: Engine) -> int:
                 raise_if_interrupted()
                 if args.debug:
                     raise
-                failed += 1
                 errors.append(f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
                 log.warning("sweep: attack failed (%s)", errors[-1])
                 pairs.extend(evaluate_text(refs, []).pairs)
@@ -92,18 +107,8 @@ def run_sweep(args: argparse.Namespace, *, engine: Engine) -> int:
             ranks.append(int(result.rank))
             scores = evaluate_text(refs, list(result.sentences), normalize=normalizer_for(bundle))
             pairs.extend(scores.pairs)
-        any_failed = any_failed or failed > 0
-        n = max(1, len(pairs))
-        return {
-            "rouge1": sum(p.rouge1 for p in pairs) / n,
-            "rouge2": sum(p.rouge2 for p in pairs) / n,
-            "exact_match": sum(float(p.exact) for p in pairs) / n,
-            "utility_cosine": sum(u["utility_cosine"] for u in utility) / len(utility),
-            "utility_norm_ratio": sum(u["utility_norm_ratio"] for u in utility) / len(utility),
-            "rank": ranks[0] if ranks else -1,
-            "failed_batches": failed,
-            "error": "; ".join(errors),
-        }
+        any_failed = any_failed or bool(errors)
+        return _row(pairs, utility, ranks, errors)
 
     mode = "noise-tolerant" if args.noise_tolerant else "exact thresholds"
     title = (

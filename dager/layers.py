@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -904,9 +904,3 @@ def _bert_row_outputs(hooks: "BertHooks", context: torch.Tensor, position: int, 
     mix = torch.einsum("chl,lhd->chd", a[..., :-1], v_ctx) + a[..., -1:] * v  # (c, H, dh)
     attn = blk.attention.output(mix.reshape(-1, H * dh), e_c)  # dense + residual + LayerNorm
     return blk.output(blk.intermediate(attn), attn)
-
-
-def iter_chunks(n: int, size: int) -> Iterator[slice]:
-    """Slices covering ``range(n)`` in chunks of ``size``."""
-    for start in range(0, n, max(1, size)):
-        yield slice(start, min(n, start + size))

@@ -12,7 +12,6 @@ sentences recovered exactly and a positional token accuracy.
 
 from __future__ import annotations
 
-import difflib
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -123,7 +122,7 @@ def normalizer_for(bundle: object) -> Callable[[str], str]:
 
 
 def _tokens(text: str) -> list[str]:
-    """Whitespace tokens: the unit of :func:`token_diff` and token accuracy."""
+    """Whitespace tokens: the unit of exact match and token accuracy."""
     return text.split()
 
 
@@ -278,38 +277,3 @@ def pooled_scores(pairs: Sequence[PairScore]) -> dict[str, float]:
         "exact_match": mean([float(p.exact) for p in pairs]),
         "token_accuracy": (sum(p.tokens_correct for p in pairs) / total_tokens) if total_tokens else 0.0,
     }
-
-
-DIFF_STATUSES = ("equal", "missing", "extra")
-"""Statuses of :func:`token_diff`: in both texts, only in the reference, only in the prediction."""
-
-
-def token_diff(reference: str, prediction: str) -> list[tuple[str, str]]:
-    """A word-level diff of a prediction against its reference, for display.
-
-    Words are whitespace tokens. A replaced span appears as the reference's words
-    (``"missing"``) followed by the prediction's words (``"extra"``).
-
-    Args:
-        reference: the true sentence.
-        prediction: the recovered sentence.
-
-    Returns:
-        ``(token, status)`` pairs in reading order, status one of :data:`DIFF_STATUSES`.
-    """
-    ref, pred = _tokens(reference), _tokens(prediction)
-    out: list[tuple[str, str]] = []
-    matcher = difflib.SequenceMatcher(a=ref, b=pred, autojunk=False)
-    for op, i1, i2, j1, j2 in matcher.get_opcodes():
-        if op == "equal":
-            out.extend((t, "equal") for t in ref[i1:i2])
-        elif op == "delete":
-            out.extend((t, "missing") for t in ref[i1:i2])
-        elif op == "insert":
-            out.extend((t, "extra") for t in pred[j1:j2])
-        elif op == "replace":
-            out.extend((t, "missing") for t in ref[i1:i2])
-            out.extend((t, "extra") for t in pred[j1:j2])
-        else:  # difflib documents exactly these four opcodes
-            raise ValueError(f"unexpected diff opcode {op!r}")
-    return out

@@ -56,10 +56,10 @@ import logging
 import sys
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 # Torch-free imports only: torch loads after the arguments have been checked.
-from fedclient.errors import LabInputError
 from fedclient.threads import configure_cpu_threads
 from labcli.training import add_client_arguments, client_keys, dlg_training
 from labcli.common import (  # DEFENSE_HELP and CliUsageError stay importable from here
@@ -70,25 +70,24 @@ from labcli.common import (  # DEFENSE_HELP and CliUsageError stay importable fr
     check_defense_specs,
     check_device,
     defense_record,
+    run_guarded,
     write_json,
 )
 from labcli.outputs import check_distinct, check_output_path, lost_sentence, save_results
 from labcli.runtime import (
     EXIT_FAILED,
-    EXIT_USAGE,
     class_label,
-    interrupt_exit_code,
     interrupt_word,
-    interrupts_as_exceptions,
-    pending_interrupt,
     positive_int,
 )
 
 if TYPE_CHECKING:
     import torch
 
-    from dager.metrics import PairScore
+    from dager.metrics import PairScore, TextScores
+    from dager.textio import Sentence
     from dlg.attack import DlgConfig
+    from dlg.events import TextDlgResult
     from fedclient.client import Defense
 
 log = logging.getLogger(__name__)
@@ -305,6 +304,29 @@ def run_images(args: argparse.Namespace) -> int:
     return 0 if ok else EXIT_FAILED
 
 
+def _text_record(
+    index: int, chunk: Sequence[Sentence], result: TextDlgResult, scores: TextScores, client_seconds: float
+) -> dict[str, object]:
+    """One entry of ``batches`` in the text baseline's JSON (DAGER's CLI's keys, plus the loss and seq_len)."""
+    return {
+        "index": index,
+        "lines": [s.line for s in chunk],
+        "references": [s.text for s in chunk],
+        "predictions": [p.prediction for p in scores.pairs],
+        "exact": [p.exact for p in scores.pairs],
+        "seconds": result.seconds,
+        "client_seconds": client_seconds,
+        "rouge1": scores.rouge1,
+        "rouge2": scores.rouge2,
+        "rougeL": scores.rougeL,
+        "exact_match": scores.exact_match,
+        "token_accuracy": scores.token_accuracy,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "seq_len": getattr(result, "seq_len", None),
+        "seq_len_source": getattr(result, "seq_len_source", None),
+    }
+
+
 def run_text(args: argparse.Namespace) -> int:
     """``python -m dlg text``: the text baseline, batch by batch.
 
@@ -356,25 +378,7 @@ def run_text(args: argparse.Namespace) -> int:
             pairs.extend(scores.pairs)
             total_seconds += result.seconds
             total_client += client_seconds
-            records.append(
-                {
-                    "index": index,
-                    "lines": [s.line for s in chunk],
-                    "references": refs,
-                    "predictions": [p.prediction for p in scores.pairs],
-                    "exact": [p.exact for p in scores.pairs],
-                    "seconds": result.seconds,
-                    "client_seconds": client_seconds,
-                    "rouge1": scores.rouge1,
-                    "rouge2": scores.rouge2,
-                    "rougeL": scores.rougeL,
-                    "exact_match": scores.exact_match,
-                    "token_accuracy": scores.token_accuracy,
-                    "final_loss": result.losses[-1] if result.losses else None,
-                    "seq_len": getattr(result, "seq_len", None),
-                    "seq_len_source": getattr(result, "seq_len_source", None),
-                }
-            )
+            records.append(_text_record(index, chunk, result, scores, client_seconds))
             log.info("batch %d: ROUGE-1 %.3f in %.1f s", index, scores.rouge1, result.seconds)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: keep the finished batches
         interrupted = True
@@ -470,37 +474,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     text_mode = bool(argv) and argv[0] == "text"
     sweep_mode = bool(argv) and argv[0] == "sweep"
-    debug = "--debug" in argv
-    try:
-        with interrupts_as_exceptions():
-            if sweep_mode:
-                args = build_sweep_parser().parse_args(argv[1:])
-                if not args.image:
-                    raise CliUsageError("No image was given: add --image FILE (repeat it for a batch of up to 8).")
-                _configure_logging(args.verbose)
-                return run_sweep_images(args)
-            if text_mode:
-                args = build_text_parser().parse_args(argv[1:])
-                _configure_logging(args.verbose)
-                return run_text(args)
-            args = build_image_parser().parse_args(argv)
+
+    def work() -> int:
+        if sweep_mode:
+            args = build_sweep_parser().parse_args(argv[1:])
             if not args.image:
                 raise CliUsageError("No image was given: add --image FILE (repeat it for a batch of up to 8).")
             _configure_logging(args.verbose)
-            return run_images(args)
-    except LabInputError as exc:
-        print(f"dlg: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM, e.g. while torch or the model loads
-        print(f"dlg: {interrupt_word(exc)}.", file=sys.stderr)
-        return interrupt_exit_code(exc)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
-        interrupted = pending_interrupt()
-        if interrupted is not None:  # a library turned the interrupt into another error
-            print(f"dlg: {interrupt_word(interrupted)}.", file=sys.stderr)
-            return interrupt_exit_code(interrupted)
-        if debug:
-            raise
-        first = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        print(f"dlg: internal error ({first}); rerun with --debug for the traceback.", file=sys.stderr)
-        return EXIT_FAILED
+            return run_sweep_images(args)
+        if text_mode:
+            args = build_text_parser().parse_args(argv[1:])
+            _configure_logging(args.verbose)
+            return run_text(args)
+        args = build_image_parser().parse_args(argv)
+        if not args.image:
+            raise CliUsageError("No image was given: add --image FILE (repeat it for a batch of up to 8).")
+        _configure_logging(args.verbose)
+        return run_images(args)
+
+    return run_guarded("dlg", work, debug="--debug" in argv)

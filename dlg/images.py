@@ -27,9 +27,9 @@ MAX_IMAGES = 8
 MAX_PIXELS = 40_000_000
 """Largest image (width x height) accepted: about 40 megapixels."""
 
-# PIL warns above MAX_IMAGE_PIXELS and refuses above twice that; we refuse ourselves
-# above MAX_PIXELS with a clear message, so PIL's own guard sits just above ours.
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# PIL's own guard (Image.MAX_IMAGE_PIXELS) is process-wide state: this module leaves it as
+# the process has it and checks every image's size itself, per call (_open, _from_array),
+# refusing anything over MAX_PIXELS with a clear message.
 
 ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
 """What :func:`load_images` accepts per image: a path, encoded bytes, a PIL image, an
@@ -69,7 +69,7 @@ def _label(source: object, index: int) -> str:
 def _open(source: str | os.PathLike | bytes, name: str) -> Image.Image:
     """Open, check the header size, then fully decode one encoded image."""
     if isinstance(source, (bytes, bytearray)):
-        stream: object = io.BytesIO(source)
+        stream: io.BytesIO | Path = io.BytesIO(source)
     else:
         path = Path(source)
         if not path.is_file():

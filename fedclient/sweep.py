@@ -133,48 +133,43 @@ def run_sweep(
 # -------------------------------------------------------------------------- grids
 
 
+def _levels(
+    values: Sequence[float], *, label: Callable[[float], str], make: Callable[[float], Defense], axis: str,
+    base: Defense | None,
+) -> list[SweepPoint]:
+    """One point per value; 0 is the baseline (``base`` alone, or no defense)."""
+    return [
+        SweepPoint(
+            label="none" if v == 0 else label(v),
+            strength=float(v),
+            defense=compose(base, make(v) if v > 0 else None),
+            axis=axis,
+        )
+        for v in values
+    ]
+
+
 def noise_grid(sigmas: Sequence[float] = DEFAULT_SIGMAS, *, base: Defense | None = None) -> list[SweepPoint]:
     """Gaussian noise of each standard deviation (0: no noise), after ``base`` if given.
 
     DLG labels its levels by variance; pass ``[v ** 0.5 for v in variances]`` to match.
     """
-    return [
-        SweepPoint(
-            label="none" if s == 0 else f"sigma={s:g}",
-            strength=float(s),
-            defense=compose(base, GaussianNoise(s) if s > 0 else None),
-            axis="noise sigma",
-        )
-        for s in sigmas
-    ]
+    return _levels(sigmas, label=lambda s: f"sigma={s:g}", make=GaussianNoise, axis="noise sigma", base=base)
 
 
 def prune_grid(
     fractions: Sequence[float] = DEFAULT_FRACTIONS, *, scope: str = "tensor", base: Defense | None = None
 ) -> list[SweepPoint]:
     """Magnitude pruning of each fraction (0: no pruning)."""
-    return [
-        SweepPoint(
-            label="none" if p == 0 else f"prune {p:.0%}",
-            strength=float(p),
-            defense=compose(base, Prune(p, scope=scope) if p > 0 else None),
-            axis="pruned fraction",
-        )
-        for p in fractions
-    ]
+    return _levels(
+        fractions, label=lambda p: f"prune {p:.0%}", make=lambda p: Prune(p, scope=scope), axis="pruned fraction",
+        base=base,
+    )
 
 
 def mask_grid(fractions: Sequence[float] = DEFAULT_FRACTIONS, *, base: Defense | None = None) -> list[SweepPoint]:
     """Random masking of each fraction (0: no masking)."""
-    return [
-        SweepPoint(
-            label="none" if p == 0 else f"mask {p:.0%}",
-            strength=float(p),
-            defense=compose(base, RandomMask(p) if p > 0 else None),
-            axis="masked fraction",
-        )
-        for p in fractions
-    ]
+    return _levels(fractions, label=lambda p: f"mask {p:.0%}", make=RandomMask, axis="masked fraction", base=base)
 
 
 def precision_grid(*, base: Defense | None = None) -> list[SweepPoint]:

@@ -6,23 +6,16 @@ imports no argparse. New code imports :mod:`labcli.sweep`.
 
 from __future__ import annotations
 
-from fedclient.lazy import lazy_exports
+import importlib
 
-_MOVED = {
-    name: "labcli.sweep"
-    for name in (
-        "GRID_NAMES",
-        "OutputsNotWritten",
-        "add_sweep_arguments",
-        "check_grid_name",
-        "check_sweep_outputs",
-        "format_row",
-        "positive_int",
-        "run_cli_sweep",
-        "sweep_points",
-    )
-}
+_NEW_HOME = "labcli.sweep"
 
-__all__ = sorted(_MOVED)
 
-__getattr__, __dir__ = lazy_exports(__name__, _MOVED)
+def __getattr__(name: str) -> object:
+    if name.startswith("__"):  # not a moved name (e.g. __path__, asked for by importers)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_NEW_HOME), name)
+
+
+def __dir__() -> list[str]:
+    return list(getattr(importlib.import_module(_NEW_HOME), "__all__"))

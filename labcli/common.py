@@ -10,12 +10,20 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from fedclient.errors import LabInputError
 from labcli.outputs import lost_sentence, save_json
+from labcli.runtime import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    interrupt_exit_code,
+    interrupt_word,
+    interrupts_as_exceptions,
+    pending_interrupt,
+)
 
 if TYPE_CHECKING:
     from fedclient.client import Defense
@@ -111,6 +119,40 @@ def write_json(path: Path, report: dict[str, object], *, prog: str) -> bool:
     return saved.ok
 
 
+def run_guarded(prog: str, work: Callable[[], int], *, debug: bool) -> int:
+    """Run a CLI's work and turn every way it can end into one line and an exit code.
+
+    * a :class:`~fedclient.errors.LabInputError` (bad input or option): ``PROG: error:
+      ...``, exit 2;
+    * Ctrl-C or SIGTERM (also when a library turned it into another error): one line,
+      exit 130 (143);
+    * ``--help``: its exit code;
+    * anything else: ``PROG: internal error (...)``, exit 1, or the traceback with
+      ``--debug``.
+    """
+    try:
+        with interrupts_as_exceptions():
+            return work()
+    except SystemExit as exc:  # --help
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    except LabInputError as exc:  # every user-facing input error of the lab
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM, e.g. while torch or the model loads
+        print(f"{prog}: {interrupt_word(exc)}.", file=sys.stderr)
+        return interrupt_exit_code(exc)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
+        interrupted = pending_interrupt()
+        if interrupted is not None:  # a library turned the interrupt into another error
+            print(f"{prog}: {interrupt_word(interrupted)}.", file=sys.stderr)
+            return interrupt_exit_code(interrupted)
+        if debug:
+            raise
+        first = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        print(f"{prog}: internal error ({first}); rerun with --debug for the traceback.", file=sys.stderr)
+        return EXIT_FAILED
+
+
 __all__ = [
     "DEFENSE_HELP",
     "CliUsageError",
@@ -119,5 +161,6 @@ __all__ = [
     "check_defense_specs",
     "check_device",
     "defense_record",
+    "run_guarded",
     "write_json",
 ]

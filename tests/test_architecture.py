@@ -69,6 +69,20 @@ def test_cli_pieces_load_no_heavy_library() -> None:
     assert out.strip() == "['argparse']"  # labcli parses arguments; nothing heavy
 
 
+def test_importing_the_library_sets_no_process_wide_state() -> None:
+    """Library code sets nothing at import that outlives a call (PIL's pixel limit, torch threads)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import PIL.Image, torch; before = (PIL.Image.MAX_IMAGE_PIXELS, torch.get_num_threads());"
+        "import dlg.images, dlg.gif, dlg.metrics, dlg.attack, dlg.text, dager.zoo, dager.attack, fedclient.defenses;"
+        "print(before == (PIL.Image.MAX_IMAGE_PIXELS, torch.get_num_threads()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
+
+
 def test_moved_names_still_import_from_their_old_paths() -> None:
     """The sweep writers and CLI helpers left fedclient; their old names resolve to the new homes."""
     import fedclient
@@ -80,7 +94,7 @@ def test_moved_names_still_import_from_their_old_paths() -> None:
     for name in ("write_csv", "plot_sweep", "save_plot"):
         assert getattr(fedclient.sweep, name) is getattr(labcli.sweepfiles, name)
         assert getattr(fedclient, name) is getattr(labcli.sweepfiles, name)
-    for name in fedclient.sweepcli.__all__:
+    for name in labcli.sweep.__all__:
         assert getattr(fedclient.sweepcli, name) is getattr(labcli.sweep, name)
 
 

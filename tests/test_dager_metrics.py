@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dager.metrics import evaluate_text, match_sentences, normalizer_for, token_diff
+from dager.metrics import evaluate_text, match_sentences, normalizer_for
 
 
 def test_perfect_recovery_in_another_order():
@@ -86,18 +86,6 @@ def test_empty_inputs():
     assert s.pairs == () and s.exact_match == 0.0 and s.unmatched_predictions == (0,)
     s = evaluate_text(["a b"], [])
     assert s.rouge1 == 0.0 and s.token_accuracy == 0.0
-
-
-def test_token_diff():
-    assert token_diff("the cat sat down", "the dog sat") == [
-        ("the", "equal"),
-        ("cat", "missing"),
-        ("dog", "extra"),
-        ("sat", "equal"),
-        ("down", "missing"),
-    ]
-    assert token_diff("same text", "same text") == [("same", "equal"), ("text", "equal")]
-    assert token_diff("a", "") == [("a", "missing")]
 
 
 # --- evaluation shared by the metrics and the views: one pairing, one PSNR, one tiling

@@ -22,6 +22,13 @@ PRUNE_SCOPES = ("tensor", "global")
 """Where :class:`Prune` ranks magnitudes: within each tensor, or across all shared tensors."""
 
 
+def _check_fraction(fraction: float, what: str, which: str) -> None:
+    _check(
+        _finite(fraction) and 0 <= fraction < 1,
+        f"The {what} fraction must be in [0, 1) (0.3 zeroes {which} 30%), got {fraction!r}.",
+    )
+
+
 class _Transforming:
     """Mixin: called as a defense, a transform applies to the FedSGD gradient."""
 
@@ -92,10 +99,7 @@ class Prune(_Transforming):
     scope: str = "tensor"  # "tensor" or "global"
 
     def __post_init__(self) -> None:
-        _check(
-            _finite(self.fraction) and 0 <= self.fraction < 1,
-            f"The pruning fraction must be in [0, 1) (0.3 zeroes the smallest 30%), got {self.fraction!r}.",
-        )
+        _check_fraction(self.fraction, "pruning", "the smallest")
         _check(
             self.scope in PRUNE_SCOPES,
             f"Unknown pruning scope {self.scope!r}: use one of {', '.join(PRUNE_SCOPES)}.",
@@ -155,10 +159,7 @@ class RandomMask(_Transforming):
     fraction: float  # fraction of entries set to zero, in [0, 1)
 
     def __post_init__(self) -> None:
-        _check(
-            _finite(self.fraction) and 0 <= self.fraction < 1,
-            f"The masking fraction must be in [0, 1) (0.3 zeroes a random 30%), got {self.fraction!r}.",
-        )
+        _check_fraction(self.fraction, "masking", "a random")
 
     @property
     def name(self) -> str:
