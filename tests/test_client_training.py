@@ -377,3 +377,18 @@ def test_dager_sweep_runs_under_a_lora_client(tmp_path, capsys, tiny_zoo):
     assert code == 0
     rows = list(csv.DictReader(out.open()))
     assert float(rows[0]["exact_match"]) == 1.0 and float(rows[1]["exact_match"]) < 1.0
+
+
+def test_lora_verdict_also_reads_block_1_whose_inputs_are_the_distinct_prefixes(tiny):
+    """Two sentences differing in one word: 9 distinct (token, position) inputs at layer 1
+    but 11 distinct prefixes at block 1. With r = 10 layer 1 fits and block 1 does not:
+    the verdict says over capacity (a best effort); with r = 16 both fit, exact and not flagged."""
+    bundle = tiny("gpt2")
+    sentences = ["The cat sat on the mat today.", "The cat sat on the rug today."]
+    batch = bundle.encode(sentences, seed=0)
+    for r, over in ((10, True), (16, False)):
+        training = ClientTraining(lora=LoraSpec(r=r))
+        update = compute_update(bundle.model, batch, parameters=required_parameters(bundle), training=training)
+        result = _attack(bundle, update, training)
+        assert result.rank == 9 and result.over_capacity is over
+    assert sorted(result.sentences) == sorted(sentences) and all(result.exact)
