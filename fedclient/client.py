@@ -341,6 +341,14 @@ def _trained_update(
                 padding_side=getattr(batch, "padding_side", "right"),
             )
     gradients = dict(update.gradients)
+    if training.precision != "fp32" and not all(bool(torch.isfinite(g).all()) for g in gradients.values()):
+        from fedclient.errors import InvalidConfigError
+
+        # A real half-precision client's loss scaler skips such a step; it shares nothing.
+        raise InvalidConfigError(
+            f"The {training.precision} client's update overflowed (values not finite) on this batch, as a real "
+            f"{training.precision} client without loss scaling would: use --precision bf16 or fp32."
+        )
     if training.lora is not None:
         gradients = {shared_key(n): g for n, g in gradients.items()}
     return update.replace(gradients=gradients, info={**update.info, **info_of(training)})

@@ -392,3 +392,14 @@ def test_lora_verdict_also_reads_block_1_whose_inputs_are_the_distinct_prefixes(
         result = _attack(bundle, update, training)
         assert result.rank == 9 and result.over_capacity is over
     assert sorted(result.sentences) == sorted(sentences) and all(result.exact)
+
+
+def test_a_half_precision_overflow_is_refused_not_shared(tiny, monkeypatch):
+    """llama-small-random's fp16 client overflows (NaN gradients); such an update is refused."""
+    import fedclient.client as client
+
+    real = client.fedsgd_gradient
+    monkeypatch.setattr(client, "fedsgd_gradient",
+                        lambda *a, **k: {n: g * float("nan") for n, g in real(*a, **k).items()})
+    with pytest.raises(InvalidConfigError, match="fp16 client's update overflowed .*: use --precision bf16 or fp32"):
+        compute_update(tiny("gpt2").model, _batch(tiny("gpt2")), training=ClientTraining(precision="fp16"))
