@@ -43,6 +43,7 @@ from dager.events import (
 )
 from dager.layers import BertHooks, DecoderHooks, FamilyHooks, hooks_for
 from dager.encoder import encoder_search
+from dager.lora import as_base_update, capacity
 from dager.search import Found, Step, Thresholds, Tick, Warn, decoder_greedy, decoder_search
 from dager.span import Span, gap_threshold, span_of
 from dager.zoo import ModelBundle
@@ -112,6 +113,10 @@ def iter_dager(
     t0 = _now()
     hooks = hooks_for(bundle.model)
     names = hooks.required_parameters()
+    # A LoRA client shares adapters: the span is read from their A gradients (dager.lora).
+    lora_capacity = capacity(update, hooks.attention_parameters(0), hooks.hidden_size)
+    lora_capacity2 = capacity(update, hooks.attention_parameters(1), hooks.hidden_size)
+    update = as_base_update(update, names, bundle.model, hooks.hidden_size)
     missing = [n for n in names if n not in update]
     if missing:
         raise IncompleteUpdateError(
@@ -119,7 +124,9 @@ def iter_dager(
             "share the full update or at least dager.required_parameters(bundle)."
         )
     deadline = _Deadline(t0, config.time_budget_s)
-    yield from _attack(_Run(bundle=bundle, update=update, config=config, hooks=hooks, deadline=deadline), names)
+    run = _Run(bundle=bundle, update=update, config=config, hooks=hooks, deadline=deadline, capacity=lora_capacity,
+               capacity2=lora_capacity2)
+    yield from _attack(run, names)
 
 
 def _now() -> float:
@@ -154,6 +161,8 @@ class _Run:
     budget_exhausted: bool = False
     stop: StopReason = StopReason.COMPLETE
     last_prefixes: tuple[tuple[int, ...], ...] = ()
+    capacity: int = 0  # distinct inputs the span can hold: d, or k r for a LoRA update (0: d)
+    capacity2: int = 0  # the same for block 1's span (LoRA: its own adapters' k r)
 
     def span(self, names: list[str]) -> Span:
         matrix = self.hooks.input_matrix(self.update, names).to(self.config.device)
@@ -192,6 +201,12 @@ def _attack(run: _Run, names: list[str]) -> Iterator[DagerEvent]:
         return
     span2 = run.span(run.hooks.attention_parameters(1))
     yield _spectrum_event(2, span2)
+    d = run.hooks.hidden_size
+    if not over and run.capacity2 and run.capacity2 < d and span2.rank >= OVER_CAPACITY * run.capacity2:
+        # LoRA: block 1 reads one input per distinct prefix, more than layer 1's (token,
+        # position) inputs; a rank-capped block-1 span cannot hold them all (dager.lora).
+        over = True
+        yield AttackWarning(WarningCode.OVER_CAPACITY, float(span2.rank))
     log.debug("spans done at %.3f s", run.deadline.elapsed())
     accepted = yield from _filter_step(run, span1)
     decoding: _Decoding | None = None
@@ -212,7 +227,7 @@ def _rank_step(run: _Run, names: list[str]) -> Generator[DagerEvent, None, tuple
     """Step 1: the layer-1 rank and the capacity verdict (a fraction of a second)."""
     d = run.hooks.hidden_size
     span1 = run.span(run.hooks.attention_parameters(0))
-    over = span1.rank >= OVER_CAPACITY * d
+    over = span1.rank >= OVER_CAPACITY * min(d, run.capacity or d)
     yield AttackStarted(
         model=run.bundle.name,
         task=run.update.task,

@@ -68,6 +68,7 @@ from dager.cli_sweep import run_sweep
 from fedclient.threads import configure_cpu_threads
 from labcli.common import CliUsageError, LabParser, add_defense_argument, run_guarded  # noqa: F401 - CliUsageError: old name
 from labcli.runtime import EXIT_FAILED, EXIT_OK, EXIT_USAGE, positive_int  # noqa: F401 - the exit codes stay importable from here
+from labcli.training import add_client_arguments
 
 if TYPE_CHECKING:
     from dager.events import DagerResult
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="rank candidates by distance instead of fixed thresholds (for noisy, defended updates)",
     )
     add_defense_argument(p)
+    add_client_arguments(p)  # --client, --precision, --dropout (issue 11)
     p.add_argument("--show-text", action="store_true", help="print each sentence and its recovery in the summary")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, notes or summary table")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress details to stderr")
@@ -200,6 +202,7 @@ def build_sweep_parser() -> argparse.ArgumentParser:
         help=f"attack batches with more than {FAR_OVER_CAPACITY} x d distinct token prefixes (best effort)",
     )
     add_sweep_arguments(p)
+    add_client_arguments(p)  # the client's training setup under every grid point (issue 11)
     p.add_argument("--quiet", "-q", action="store_true", help="no notes")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress details to stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")

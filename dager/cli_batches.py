@@ -26,12 +26,14 @@ from fedclient.errors import LabInputError
 from labcli.common import CliUsageError, check_defense_specs, check_device, defense_record, write_json
 from labcli.outputs import check_output_path
 from labcli.runtime import EXIT_FAILED, EXIT_OK, interrupt_word, raise_if_interrupted
+from labcli.training import check_minibatch, client_keys, client_training, prepare_client
 
 if TYPE_CHECKING:
     from dager.events import DagerResult
     from dager.metrics import PairScore, TextScores
     from dager.zoo import ModelBundle
     from fedclient.client import Defense
+    from fedclient.training import ClientTraining
 
 log = logging.getLogger("dager.cli")
 
@@ -208,6 +210,8 @@ def _attack_batch(
     defense: Defense | None,
     prefixes: int,
     engine: Engine,
+    training: ClientTraining | None = None,
+    server: ModelBundle | None = None,
 ) -> _BatchOutcome:
     """Client update, attack and scoring of one batch; a failure is recorded, not raised."""
     from dager.metrics import evaluate_text, normalizer_for
@@ -227,11 +231,12 @@ def _attack_batch(
             parameters=required_parameters(bundle),
             defense=defense,
             seed=args.seed,
+            training=training,
         )
         outcome.client_seconds = time.perf_counter() - t0
         del batch  # the attacker gets the model and the update, nothing else
         t0 = time.perf_counter()
-        result = run_dager(bundle, update, config=config)
+        result = run_dager(server or bundle, update, config=config)  # LoRA: the adapters merged
         outcome.seconds = time.perf_counter() - t0
     except LabInputError as exc:
         outcome.failed = True
@@ -393,6 +398,7 @@ def run_file(args: argparse.Namespace, *, engine: Engine) -> int:
     # Cheap, torch-free checks first: a bad option or path is answered at once.
     _check_outputs(args)
     check_defense_specs(args.defense)
+    training = client_training(args)
     config = _build_config(args)
     file = read_sentences(args.input)
     if file.blank_lines:
@@ -412,11 +418,14 @@ def run_file(args: argparse.Namespace, *, engine: Engine) -> int:
 
     # Heavy from here on (torch, transformers).
     defense, defense_keys = defense_record(args.defense)
+    check_minibatch(defense, [len(b) for b in batches])
     check_device(args.device)
     _quiet_hf(args.verbose)
     bundle = dager.load_model(args.model, args.task, device=args.device)
     check_sentences(bundle, [s for b in batches for s in b])
     prefixes = _check_capacity(args, bundle, batches)
+    merged = prepare_client(training, bundle.model, device=args.device)
+    server = dataclasses.replace(bundle, model=merged) if merged is not None else None
     engine()  # fail before the first batch when the engine cannot be imported
 
     from tqdm.auto import tqdm
@@ -429,7 +438,7 @@ def run_file(args: argparse.Namespace, *, engine: Engine) -> int:
         for i, batch in enumerate(batches):
             o = _attack_batch(
                 i + 1, batch, args=args, bundle=bundle, config=config, defense=defense, prefixes=prefixes[i],
-                engine=engine,
+                engine=engine, training=training, server=server,
             )
             outcomes.append(o)
             if not o.failed:
@@ -451,6 +460,7 @@ def run_file(args: argparse.Namespace, *, engine: Engine) -> int:
         num_sentences_in_file=len(file.sentences),
     )
     report.update(defense_keys)  # the specs as given, their description and epsilon
+    report.update(client_keys(training))  # the client's training setup (issue 11)
     written = write_json(args.output, report, prog="dager")
     if not args.quiet:
         _print_summary(args, report, outcomes)

@@ -6,12 +6,14 @@ Split from :mod:`dager.cli` (issue 12), which parses the arguments and keeps the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from typing import TYPE_CHECKING
 
 # Torch-free imports only (issue 13).
 import dager
+from labcli.training import client_training, prepare_client
 from dager.cli_batches import Engine, _build_config, _check_capacity, _quiet_hf
 from dager.textio import check_sentences, read_sentences, split_batches
 from labcli.common import check_device
@@ -57,6 +59,7 @@ def run_sweep(args: argparse.Namespace, *, engine: Engine) -> int:
     check_sweep_outputs(args)
     check_grid_name(args)
     config = _build_config(args)
+    training = client_training(args)
     file = read_sentences(args.input)
     batches = split_batches(file.sentences, args.batch_size, args.max_batches)
 
@@ -70,6 +73,8 @@ def run_sweep(args: argparse.Namespace, *, engine: Engine) -> int:
     bundle = dager.load_model(args.model, args.task, device=args.device)
     check_sentences(bundle, [s for b in batches for s in b])
     _check_capacity(args, bundle, batches)
+    merged = prepare_client(training, bundle.model, device=args.device)
+    server = dataclasses.replace(bundle, model=merged) if merged is not None else bundle  # LoRA: adapters merged
     run_dager, required_parameters = engine()
     parameters = required_parameters(bundle)
     encoded = [([s.text for s in b], bundle.encode([s.text for s in b], seed=args.seed)) for b in batches]
@@ -83,11 +88,14 @@ def run_sweep(args: argparse.Namespace, *, engine: Engine) -> int:
         errors: list[str] = []
         for refs, batch in encoded:
             update = compute_update(
-                bundle.model, batch, parameters=parameters, defense=defense, seed=args.seed
+                bundle.model, batch, parameters=parameters, defense=defense, seed=args.seed, training=training
             )
-            utility.append(utility_cost(bundle.model, batch, update))
+            if training.lora is None:
+                utility.append(utility_cost(bundle.model, batch, update))
+            else:  # adapters have no full-gradient counterpart to compare with
+                utility.append({"utility_cosine": float("nan"), "utility_norm_ratio": float("nan")})
             try:
-                result = run_dager(bundle, update, config=config)  # the attacker sees no batch
+                result = run_dager(server, update, config=config)  # the attacker sees no batch
             except Exception as exc:  # noqa: BLE001 - one failing point must not end the sweep
                 raise_if_interrupted()
                 if args.debug:

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING
 
 # Torch-free imports only: torch loads after the arguments have been checked.
 from fedclient.threads import configure_cpu_threads
+from labcli.training import add_client_arguments, client_keys, dlg_training
 from labcli.common import (  # DEFENSE_HELP and CliUsageError stay importable from here
     DEFENSE_HELP,  # noqa: F401
     CliUsageError,
@@ -115,6 +116,7 @@ def build_image_parser() -> argparse.ArgumentParser:
     p = LabParser(prog="dlg", description="Reconstruct images from a shared gradient (DLG, iDLG, gradient matching).")
     _add_image_options(p)
     add_defense_argument(p)
+    add_client_arguments(p)  # --client, --precision, --dropout (issue 11)
     p.add_argument("--output", required=True, type=Path, help="where to write the result JSON")
     p.add_argument("--gif", type=Path, default=None, help="also write the reconstruction over iterations as a GIF")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr")
@@ -133,6 +135,7 @@ def build_text_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of labels, the dummy data and the defenses")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="torch device")
     add_defense_argument(p)
+    add_client_arguments(p)  # --client, --precision, --dropout (issue 11)
     p.add_argument("--output", required=True, type=Path, help="where to write the result JSON")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
@@ -242,10 +245,12 @@ def run_images(args: argparse.Namespace) -> int:
     check_device(args.device)
     defense, defense_keys = defense_record(args.defense)
     images, labels, model, config = _image_batch(args)
+    training = dlg_training(args, model)
     batch_size = images.shape[0]
     t0 = time.perf_counter()
     update = fedclient.compute_update(
-        model, fedclient.ImageBatch(images.to(args.device), labels.to(args.device)), defense=defense, seed=args.seed
+        model, fedclient.ImageBatch(images.to(args.device), labels.to(args.device)), defense=defense, seed=args.seed,
+        training=training,
     )
     client_seconds = time.perf_counter() - t0
     result = run_dlg(model, update, config=config)  # no ground truth
@@ -281,6 +286,7 @@ def run_images(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "device": args.device,
         **defense_keys,
+        **client_keys(training),
     }
     ok = write_json(args.output, report, prog="dlg")
     if args.gif is not None:
@@ -348,6 +354,7 @@ def run_text(args: argparse.Namespace) -> int:
     check_device(args.device)
     defense, defense_keys = defense_record(args.defense)
     bundle = dager.load_model(args.model, args.task, device=args.device)
+    training = dlg_training(args, bundle.model)
     # The same rule as DAGER's CLI: text the tokenizer cannot represent is refused by line.
     check_sentences(bundle, [s for b in batches for s in b])
     # The attacker knows the batch size and nothing else about the batch: the sequence
@@ -362,7 +369,7 @@ def run_text(args: argparse.Namespace) -> int:
             refs = [s.text for s in chunk]
             batch = bundle.encode(refs, seed=args.seed)
             t0 = time.perf_counter()
-            update = fedclient.compute_update(bundle.model, batch, defense=defense, seed=args.seed)
+            update = fedclient.compute_update(bundle.model, batch, defense=defense, seed=args.seed, training=training)
             client_seconds = time.perf_counter() - t0
             del batch
             result = run_dlg_text(bundle, update, config=config)
@@ -397,6 +404,7 @@ def run_text(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "device": args.device,
         **defense_keys,
+        **client_keys(training),
     }
     ok = write_json(args.output, report, prog="dlg")
     print(

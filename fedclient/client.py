@@ -12,18 +12,25 @@ into :class:`~fedclient.update.SharedUpdate` (which holds only what a server see
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from fedclient.batch import Batch, ImageBatch, TextBatch
 from fedclient.update import SharedUpdate
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedclient.training import ClientTraining
 
 log = logging.getLogger(__name__)
 
@@ -194,18 +201,25 @@ def compute_update(
     defense: Defense | None = None,
     seed: int = 0,
     report: ClientReport | None = None,
+    training: ClientTraining | None = None,
 ) -> SharedUpdate:
     """Compute the update a federated client would share for ``batch``.
 
     Args:
         model: the global model the server sent (it is put in eval mode: no dropout,
-            so the update is deterministic).
+            so the update is deterministic; a ``training`` setup works on a copy).
         batch: the client's private batch (text or images).
         parameters: restrict the update to these parameter names (default: all).
         defense: an optional client-side defense; ``None`` shares the raw gradient.
         seed: seeds every random choice a defense makes.
         report: when given, receives the client-side diagnostics of the defenses
             (e.g. DP-SGD's ``clipped_fraction``), which the shared update never holds.
+        training: how the client trains (:class:`fedclient.training.ClientTraining`:
+            LoRA adapters, precision, dropout); ``None``: every weight, fp32, eval mode.
+            With LoRA the update holds the adapters' gradients (or deltas) under
+            :func:`fedclient.lora.adapter_key` names, and ``parameters`` names base
+            weights whose adapters to share; the update's tensors are in the
+            training precision; ``info`` records what the server knows of the setup.
 
     Returns:
         The shared update, keyed by parameter name.
@@ -218,6 +232,8 @@ def compute_update(
 
     if batch.batch_size == 0:
         raise EmptyBatchError("The batch is empty: give the client at least one example.")
+    if training is not None and not training.plain:
+        return _trained_update(model, batch, parameters, defense, seed, report, training)
     names = resolve_parameters(model, parameters)
     model.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -233,3 +249,106 @@ def compute_update(
         task=batch.task,
         padding_side=getattr(batch, "padding_side", "right"),
     )
+
+
+# ------------------------------------------------------------------ training setups (issue 11)
+
+_PREPARED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[object, torch.nn.Module]] = weakref.WeakKeyDictionary()
+_PREPARED_LOCK = threading.Lock()
+
+
+def client_model(model: torch.nn.Module, training: ClientTraining) -> torch.nn.Module:
+    """The model the client trains under ``training``: a copy, never the caller's model.
+
+    LoRA adapters (peft, seeded), the precision's dtype and the mode (train mode for
+    dropout, else eval). One copy per base model is kept (for the last setup asked), so
+    a run over many batches prepares it once.
+    """
+    from fedclient.training import torch_dtype
+
+    with _PREPARED_LOCK:
+        hit = _PREPARED.get(model)
+        if hit is not None and hit[0] == training:
+            return hit[1]
+    if training.lora is not None:
+        from fedclient.lora import lora_model
+
+        work = lora_model(model, training.lora)
+    else:
+        work = copy.deepcopy(model)
+    work = work.to(torch_dtype(training.precision))
+    if training.dropout_rate is not None:
+        # The embedded random models are built with dropout 0: a rate makes train mode bite.
+        for module in work.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = training.dropout_rate
+            elif isinstance(getattr(module, "attention_dropout", None), float):
+                module.attention_dropout = training.dropout_rate  # Llama's functional attention dropout
+    work.train(training.dropout)
+    with _PREPARED_LOCK:
+        _PREPARED[model] = (training, work)
+    log.debug("prepared a client model (%s)", training.name)
+    return work
+
+
+@contextmanager
+def _seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Dropout masks drawn from ``seed``, without disturbing the caller's random state."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _cast_batch(batch: Batch, dtype: torch.dtype) -> Batch:
+    if isinstance(batch, ImageBatch) and batch.images.dtype != dtype:
+        labels = batch.labels.to(dtype) if batch.labels.is_floating_point() else batch.labels
+        return dataclasses.replace(batch, images=batch.images.to(dtype), labels=labels)
+    return batch
+
+
+def _trained_update(
+    model: torch.nn.Module,
+    batch: Batch,
+    parameters: Iterable[str] | None,
+    defense: Defense | None,
+    seed: int,
+    report: ClientReport | None,
+    training: ClientTraining,
+) -> SharedUpdate:
+    """:func:`compute_update` for a non-plain training setup (LoRA, half precision, dropout)."""
+    from fedclient.training import info_of, torch_dtype
+
+    requested = None if parameters is None else resolve_parameters(model, parameters)
+    work = client_model(model, training)
+    if training.lora is not None:
+        from fedclient.lora import shared_key, shared_parameters
+
+        names = shared_parameters(work, requested)
+    else:
+        names = resolve_parameters(work, requested)
+    batch = _cast_batch(batch, torch_dtype(training.precision))
+    generator = torch.Generator().manual_seed(seed)
+    device = next(work.parameters()).device
+    with _seeded_rng(seed, device), _collecting(report):
+        if defense is not None:
+            update = defense(work, batch, parameters=names, generator=generator)
+        else:
+            update = SharedUpdate(
+                gradients=fedsgd_gradient(work, batch, parameters=names),
+                batch_size=batch.batch_size,
+                task=batch.task,
+                padding_side=getattr(batch, "padding_side", "right"),
+            )
+    gradients = dict(update.gradients)
+    if training.precision != "fp32" and not all(bool(torch.isfinite(g).all()) for g in gradients.values()):
+        from fedclient.errors import InvalidConfigError
+
+        # A real half-precision client's loss scaler skips such a step; it shares nothing.
+        raise InvalidConfigError(
+            f"The {training.precision} client's update overflowed (values not finite) on this batch, as a real "
+            f"{training.precision} client without loss scaling would: use --precision bf16 or fp32."
+        )
+    if training.lora is not None:
+        gradients = {shared_key(n): g for n, g in gradients.items()}
+    return update.replace(gradients=gradients, info={**update.info, **info_of(training)})

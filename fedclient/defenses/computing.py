@@ -36,6 +36,7 @@ from fedclient.dp import (
     select_examples,
     trainable_names,
 )
+from fedclient.errors import InvalidConfigError
 from fedclient.update import SharedUpdate
 
 CLIP_SCOPES = ("all", "shared")
@@ -210,11 +211,20 @@ class DPSGD:
 class FedAvg:
     """FedAvg local training: the shared update is a weight delta, not a gradient.
 
-    The client runs ``local_steps`` SGD steps with learning rate ``lr`` on a copy of
-    the weights (the caller's model is never modified). Step ``s`` uses minibatch
-    ``s mod M`` of the batch split in order into ``M`` minibatches of ``minibatch_size``
-    examples (the last may be smaller; ``None`` or a size >= B means the full batch).
-    This is DAGER's FedAvg setting (Petrov et al., 2024, Sec. 6).
+    The client runs local SGD steps with learning rate ``lr`` on a copy of the weights
+    (the caller's model is never modified). The batch is split in order into ``M``
+    minibatches of ``minibatch_size`` examples (the last may be smaller; ``None`` means
+    the full batch, ``M = 1``) and step ``s`` uses minibatch ``s mod M``. With
+    ``epochs`` the client makes that many full passes over its data, i.e.
+    ``epochs * ceil(B / minibatch_size)`` steps (issue 11: ``epochs`` used to be read
+    as an alias of ``steps``); without it, ``local_steps`` steps. This is DAGER's
+    FedAvg setting (Petrov et al., 2024, Sec. 6): the server sees one weight delta for
+    all of it. A minibatch larger than the batch is refused when the update is computed.
+
+    A half-precision model (``training.precision`` bf16/fp16) trains as a
+    mixed-precision client does: fp32 master weights, forward and backward in the
+    model's dtype, and the delta shared in that dtype (in pure bf16 a step of
+    ``lr = 1e-4`` would round away on most weights).
 
     Sign convention: the update is ``initial - final`` weights, so one step on the full
     batch shares exactly ``lr * gradient`` (the FedSGD gradient scaled by ``lr``).
@@ -225,8 +235,15 @@ class FedAvg:
     local_steps: int = 1  # E: number of local SGD steps
     lr: float = 0.01  # eta: local learning rate
     minibatch_size: int | None = None  # examples per local step; None: the full batch
+    epochs: int | None = None  # full passes over the data; set: steps = epochs * ceil(B / minibatch)
 
     def __post_init__(self) -> None:
+        _check(
+            self.epochs is None
+            or (isinstance(self.epochs, int) and not isinstance(self.epochs, bool)
+                and 1 <= self.epochs <= MAX_LOCAL_STEPS),
+            f"FedAvg needs a whole number of epochs from 1 to {MAX_LOCAL_STEPS:,} (e.g. 2), got {self.epochs!r}.",
+        )
         _check(
             isinstance(self.local_steps, int) and not isinstance(self.local_steps, bool)
             and 1 <= self.local_steps <= MAX_LOCAL_STEPS,
@@ -235,7 +252,7 @@ class FedAvg:
         )
         _check(
             _finite(self.lr) and 0 < self.lr <= 1e3,
-            f"The FedAvg learning rate must be a number > 0 (e.g. 0.01), got {self.lr!r}.",
+            f"The FedAvg learning rate must be a finite number > 0 (e.g. 1e-4), got {self.lr!r}.",
         )
         _check(
             self.minibatch_size is None
@@ -249,11 +266,25 @@ class FedAvg:
     @property
     def name(self) -> str:
         mb = "" if self.minibatch_size is None else f",minibatch={self.minibatch_size}"
+        if self.epochs is not None:
+            return f"fedavg:epochs={self.epochs},lr={_fmt(self.lr)}{mb}"
         return f"fedavg:steps={self.local_steps},lr={_fmt(self.lr)}{mb}"
+
+    def steps_for(self, batch_size: int) -> int:
+        """The number of local steps on a batch of ``batch_size`` examples."""
+        if self.epochs is None:
+            return self.local_steps
+        mb = batch_size if self.minibatch_size is None else self.minibatch_size
+        return self.epochs * math.ceil(batch_size / max(1, mb))
 
     def describe(self) -> str:
         """One line for people."""
         mb = "the full batch" if self.minibatch_size is None else f"minibatches of {self.minibatch_size}"
+        if self.epochs is not None:
+            return (
+                f"FedAvg: {self.epochs} epoch(s) of local SGD over {mb} with learning rate {self.lr:g}; "
+                "the weight change is shared."
+            )
         return (
             f"FedAvg: {self.local_steps} local SGD step(s) with learning rate {self.lr:g} over {mb}; "
             "the weight change is shared."
@@ -263,27 +294,42 @@ class FedAvg:
         self, model: torch.nn.Module, batch: Batch, *, parameters: list[str], generator: torch.Generator
     ) -> SharedUpdate:
         size = batch.batch_size
-        mb = size if self.minibatch_size is None else min(self.minibatch_size, size)
+        if self.minibatch_size is not None and self.minibatch_size > size:
+            raise InvalidConfigError(
+                f"The FedAvg minibatch of {self.minibatch_size} is larger than the client's batch of {size}: "
+                f"use minibatch={size} or less."
+            )
+        mb = size if self.minibatch_size is None else self.minibatch_size
         minibatches = [select_examples(batch, slice(i, min(size, i + mb))) for i in range(0, size, mb)]
+        steps = self.steps_for(size)
         named = dict(model.named_parameters())
         train = trainable_names(model)
         initial = {n: named[n].detach() for n in train}
         frozen = {n: p.detach() for n, p in named.items() if n not in initial}
         buffers = dict(model.named_buffers())
-        weights = {n: t.clone() for n, t in initial.items()}
+        # fp32 master weights (a no-op copy for an fp32 model): half-precision steps of a
+        # small lr would otherwise round away; the forward runs in the model's dtype.
+        weights = {n: t.clone().to(torch.float32) if t.is_floating_point() else t.clone() for n, t in initial.items()}
+        moved = {n: torch.zeros_like(w) for n, w in weights.items()}  # sum of lr * g, fp32
         with torch.enable_grad():
-            for step in range(self.local_steps):
+            for step in range(steps):
                 leaves = {n: w.requires_grad_(True) for n, w in weights.items()}
-                fmodel = FunctionalModel(model, {**frozen, **buffers, **leaves})
+                cast = {n: w.to(initial[n].dtype) for n, w in leaves.items()}
+                fmodel = FunctionalModel(model, {**frozen, **buffers, **cast})
                 loss = batch_loss(fmodel, minibatches[step % len(minibatches)])  # type: ignore[arg-type]
                 grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+                for (n, w), g in zip(leaves.items(), grads):
+                    if g is not None:
+                        moved[n] = moved[n] + self.lr * g.detach()
                 weights = {
                     n: (w.detach() - self.lr * g) if g is not None else w.detach()
                     for (n, w), g in zip(leaves.items(), grads)
                 }
-        # Frozen parameters do not move: their delta is zero.
+        # The delta is the sum of the steps (what initial - final equals): subtracting two
+        # fp32 weight sets would add their round-off (~6e-8 |w|), about 1e-3 of a delta at
+        # lr = 1e-4, which drowns the weak directions of the span. Frozen parameters: zero.
         delta = {
-            n: (initial[n] - weights[n]).detach() if n in initial else torch.zeros_like(named[n]).detach()
+            n: moved[n].to(initial[n].dtype).detach() if n in initial else torch.zeros_like(named[n]).detach()
             for n in parameters
         }
         update = SharedUpdate(
@@ -294,5 +340,6 @@ class FedAvg:
             kind="fedavg-delta",
         )
         return _with(
-            update, delta, self.name, local_steps=self.local_steps, lr=self.lr, minibatch_size=mb,
+            update, delta, self.name, local_steps=steps, lr=self.lr, minibatch_size=mb,
+            **({"epochs": self.epochs} if self.epochs is not None else {}),
         )

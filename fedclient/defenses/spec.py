@@ -26,7 +26,7 @@ SPEC_FORMS = (
     "prune:P[,scope=tensor|global]",
     "mask:P",
     "fp16 | int8",
-    "fedavg:steps=E,lr=ETA[,minibatch=M]",
+    "fedavg:epochs=E,lr=ETA[,minibatch=M] | fedavg:steps=S,lr=ETA[,minibatch=M]",
     "secagg:clients=K[,others=random|copies]",
 )
 """The accepted forms of :func:`parse_defense` (shown in its error messages)."""
@@ -74,7 +74,7 @@ _KEYS: dict[str, tuple[tuple[str, ...], str | None, dict[str, str]]] = {
         ("fedavg",),
         None,
         {
-            "steps": "steps", "e": "steps", "local_steps": "steps", "epochs": "steps",
+            "steps": "steps", "e": "steps", "local_steps": "steps", "epochs": "epochs", "epoch": "epochs",
             "lr": "lr", "eta": "lr", "minibatch": "minibatch", "b": "minibatch", "minibatch_size": "minibatch",
         },
     ),
@@ -167,8 +167,13 @@ def _build(kind: str, v: dict[str, str], spec: str) -> Defense:
         return Quantize(need("precision").lower())
     if kind == "fedavg":
         minibatch = v.get("minibatch")
+        if "steps" in v and "epochs" in v:
+            raise InvalidConfigError(
+                f"In defense {spec!r}, give epochs (full passes over the data) or steps, not both."
+            )
         return FedAvg(
             local_steps=_integer("steps", v.get("steps", "1"), spec),
+            epochs=_integer("epochs", v["epochs"], spec) if "epochs" in v else None,
             lr=_number("lr", v.get("lr", "0.01"), spec),
             minibatch_size=None if minibatch in (None, "all", "full") else _integer("minibatch", minibatch, spec),
         )
