@@ -199,6 +199,9 @@ def _text_tab(sets: dict[str, str], models: list[str]) -> SimpleNamespace:
                                 placeholder="e.g. openai-community/gpt2")
             task = gr.Radio(["classification", "next-token"], value="classification", label="Task")
             tolerant = gr.Checkbox(value=False, label="Noise-tolerant mode (for defended updates)")
+            client = gr.Dropdown(list(inputs.CLIENT_SETUPS), value=inputs.DEFAULT_CLIENT_SETUP,
+                                 label="Client training",
+                                 info="How the client fine-tunes: LoRA shares only its adapters' gradients")
             with gr.Row():
                 run = gr.Button("Run DAGER", variant="primary", elem_id="gll-run-text")
                 stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="gll-stop-text")
@@ -298,7 +301,7 @@ def _wire(t: SimpleNamespace, i: SimpleNamespace, sw: SimpleNamespace, defense_i
                     api_name=False, queue=False)
     text_inputs = [t.sentences, t.model, t.hub_id, t.task]
     _run_stop(t.run, t.stop, t.text_status, "text", h.run_text_attack,
-              [*text_inputs, t.tolerant, *defense_inputs],
+              [*text_inputs, t.tolerant, *defense_inputs, t.client],
               [t.text_status, t.spectrum, t.distances, t.grid, t.recovered, t.metrics, t.text_json], "dager", "text")
     _run_stop(t.race, t.race_stop, t.race_status, "race", h.run_text_baseline,
               [*text_inputs, t.race_iters, *defense_inputs], [t.race_status, t.race_loss, t.race_sentences],

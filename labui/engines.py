@@ -22,6 +22,7 @@ a securely aggregated update mixes every client's images, so past this the attac
 cannot start."""
 
 __all__ = ["DLG_MAX_BATCH", "compute_update", "dager_events", "dager_parameters", "dlg_events", "load_bundle",
+           "server_bundle",
            "load_model", "text_baseline_events", "utility", "vision_model"]
 
 
@@ -65,6 +66,27 @@ def dlg_events(model, update, *, method: str, iterations: int,  # noqa: ANN001
     config = lesson_config(method=method, batch_size=int(update.batch_size), iterations=iterations,
                            time_budget_s=time_budget_s, image_shape=IMAGE_SHAPE)
     return iter_dlg(model, update, config=config)
+
+
+def server_bundle(bundle, training):  # noqa: ANN001, ANN201
+    """What the server holds for this client setup (checked against the model first).
+
+    The bundle itself, or for a LoRA client the base model with the seeded adapters
+    merged (:func:`fedclient.lora.server_model`), which the attack reads.
+
+    Raises:
+        fedclient.errors.InvalidConfigError: r too large, or a precision this device cannot run.
+    """
+    import dataclasses
+
+    from fedclient.training import check_training
+
+    check_training(training, bundle.model, device=DEVICE)
+    if training.lora is None:
+        return bundle
+    from fedclient.lora import server_model
+
+    return dataclasses.replace(bundle, model=server_model(bundle.model, training.lora))
 
 
 @functools.cache

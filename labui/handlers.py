@@ -91,12 +91,18 @@ def describe_defense(*settings: object) -> str:
 def run_text_attack(sentences_text: str, model: str, hub_id: str | None, task: str, noise_tolerant: bool = False,
                     sigma: object = 0.0, dp: bool = False, clip: float = 1.0, z: float = 1.0, prune: float = 0.0,
                     precision: str = "fp32", fedavg_steps: int = 1, clients: int = 1,
+                    client_setup: str = inputs.DEFAULT_CLIENT_SETUP,
                     request: gr.Request | None = None) -> Iterator[tuple]:
-    """Gradio handler (``/dager``): the client shares its gradient; DAGER reconstructs; the app scores."""
+    """Gradio handler (``/dager``): the client shares its gradient; DAGER reconstructs; the app scores.
+
+    ``client_setup`` is the "Client training" choice (:data:`labui.inputs.CLIENT_SETUPS`):
+    LoRA, bf16 or dropout, built as the CLI's ``--client`` builds it.
+    """
     t0 = time.perf_counter()
     sentences = inputs.parse_sentences(sentences_text)
     settings = DefenseSettings.from_inputs(sigma, dp, clip, z, prune, precision, fedavg_steps, clients)
     defense = settings.build()  # a bad setting is reported before anything runs
+    training = inputs.client_training(client_setup)
     name = model_name(model, hub_id)
     job = session.JOBS.start(session_of(request), "text")
     # The first frame clears the previous run's results at once (the plots show
@@ -109,11 +115,14 @@ def run_text_attack(sentences_text: str, model: str, hub_id: str | None, task: s
         bundle = engines.load_bundle(name, task)
         check_lengths(bundle, sentences)
         yield ModelReady(bundle)
+        server = engines.server_bundle(bundle, training)  # LoRA: the base with the adapters merged
         batch = bundle.encode(sentences, seed=0)
+        extra = {} if training.plain else {"training": training}
         update = engines.compute_update(bundle.model, batch, parameters=engines.dager_parameters(bundle),
-                                        defense=defense, seed=0)
-        yield UpdateReady(engines.utility(bundle.model, batch, update) if defense is not None else None)
-        yield from engines.dager_events(bundle, update, noise_tolerant=noise_tolerant,
+                                        defense=defense, seed=0, **extra)
+        plain_utility = defense is not None and training.lora is None
+        yield UpdateReady(engines.utility(bundle.model, batch, update) if plain_utility else None)
+        yield from engines.dager_events(server, update, noise_tolerant=noise_tolerant,
                                         time_budget_s=TIME_BUDGET_S)
 
     items = job.run(produce)

@@ -413,3 +413,34 @@ __all__ = [
     "parse_hub_id",
     "parse_sentences",
 ]
+
+
+# -- the client's training setup (issue 11) ---------------------------------------------
+
+CLIENT_SETUPS: dict[str, str] = {
+    "plain: full gradient, fp32, no dropout": "",
+    "LoRA r=256 (adapters only)": "lora:r=256",
+    "LoRA r=16 (adapters only)": "lora:r=16",
+    "bf16 client": "bf16",
+    "dropout p=0.1 (train mode)": "dropout:p=0.1",
+}
+"""The text tab's "Client training" choices -> the CLI's ``--client`` spec (one vocabulary)."""
+
+DEFAULT_CLIENT_SETUP = next(iter(CLIENT_SETUPS))
+
+
+def client_training(choice: str | None):  # noqa: ANN201 (fedclient.training.ClientTraining)
+    """The setup a "Client training" choice names (the CLI's ``parse_client`` builds it).
+
+    Raises:
+        FormInputError: the choice is not one the app offers.
+    """
+    from fedclient.training import parse_client
+
+    if choice is None or choice == "":
+        choice = DEFAULT_CLIENT_SETUP
+    if choice in CLIENT_SETUPS:
+        spec = CLIENT_SETUPS[choice]
+        return parse_client([spec] if spec else [])
+    else:
+        raise UnknownChoiceError(f"Unknown client training {choice!r}: choose one of {', '.join(CLIENT_SETUPS)}.")

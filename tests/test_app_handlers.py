@@ -395,3 +395,34 @@ def test_spectrum_labels_sit_on_separate_rows():
     placed = {(a.text, a.yanchor, a.yshift or 0) for a in fig.layout.annotations}
     assert placed == {("rank 30", "top", 0), ("rank 33 (L2)", "top", -18), ("capacity d=64", "bottom", 0)}
     assert {a.xanchor for a in fig.layout.annotations if a.text.startswith("rank")} == {"left"}
+
+
+def test_client_training_choice_reaches_the_client_and_the_server(tiny, monkeypatch):
+    """The "Client training" selector: LoRA ships only adapters, the attack reads the merged model."""
+    bundle = tiny("gpt2")
+    seen = {}
+
+    def fake_events(b, update, **options):
+        seen["server"], seen["update"] = b, update
+        return _dager_stream(b, typed)
+
+    monkeypatch.setattr(engines, "load_model", lambda name, task, device="cpu": bundle)
+    monkeypatch.setattr(engines, "dager_events", fake_events)
+    typed = ["Alice owes Bob ten pounds.", "The meeting is at noon."]
+    outs = list(h.run_text_attack("\n".join(typed), "tiny", "", "classification",
+                                  client_setup="LoRA r=16 (adapters only)"))
+    assert outs[-1][-1]["recovered"] == typed
+    assert seen["update"] and all("lora_" in name for name in seen["update"])  # adapters only
+    assert seen["server"].model is not bundle.model  # the base with the adapters merged
+    base = dict(bundle.model.named_parameters())["transformer.h.0.attn.c_attn.weight"]
+    merged = dict(seen["server"].model.named_parameters())["transformer.h.0.attn.c_attn.weight"]
+    assert not torch.equal(base, merged)
+
+
+def test_client_training_bad_choices_get_one_sentence(tiny, monkeypatch):
+    monkeypatch.setattr(engines, "load_model", lambda name, task, device="cpu": tiny("gpt2"))
+    with pytest.raises(LabInputError, match="Unknown client training"):
+        list(h.run_text_attack("a b c", "tiny", "", "classification", client_setup="lora:r=999"))
+    # r=256 exceeds the tiny model's width (d=64): refused before any update is computed.
+    with pytest.raises(LabInputError, match="r=256 is larger than the adapted layers. width d=64"):
+        list(h.run_text_attack("a b c", "tiny", "", "classification", client_setup="LoRA r=256 (adapters only)"))
