@@ -47,6 +47,12 @@ What the measurements showed (minilm-l6, pretrained, d=384; medium set, B=8, bat
 * Block 0's MLP-input span (``intermediate.dense``) is exact as well, and 8x cheaper
   per row (no feed-forward). It ranks worse with a random right context (first 73%,
   top 8 90%), and the shared update DAGER asks for does not include it. Not used.
+* Result (``benchmarks/dager_bench.py --rows minilm-med-4 minilm-med-8``,
+  OMP_NUM_THREADS=1, CPU seconds per batch on a loaded 2-core machine): B=4 90.6%
+  exact (29/32) at 5.6 CPU s, B=8 50% (16/32) at 16.6 CPU s. The earlier search got
+  33% at 20 s and 0% at 33 s. Targets not met (B=4 >= 95% in 3 s, B=8 >= 90% in 10 s).
+  The misses are prefixes lost at positions 1-3. The cost is mostly the feed-forward
+  block on ``BEAM_WIDTH x candidates`` rows per position.
 * Whole-sequence coordinate descent from random assemblies (the earlier search)
   recovered 0/32 sentences at B=8 in 33 s per batch. The layer-2 score is flat far
   from a sentence, and each move costs ``c`` whole sequences.
@@ -663,6 +669,8 @@ class _BeamStage:
         return self.s.span2.distance(rows).clamp(min=DISTANCE_FLOOR).log()
 
     def run(self) -> Iterator[Found | Step | Tick]:
+        """Grow prefixes from ``[CLS]`` to the last occupied position; at each
+        position first close every prefix with ``[SEP]`` (exact check), then extend."""
         s = self.s
         positions = sorted(p for p in s.accepted if p is not None)
         if not positions:
@@ -689,6 +697,7 @@ class _BeamStage:
         c = int(cand.numel())
         fill = int(cand[int(torch.randint(c, (1,), generator=s.gen))])
         L = p + 3
+        # [CLS] prefix <candidate> <filler> [SEP]; the token written at p is ignored.
         ctx = torch.tensor([[*b.ids, s.sep_id, fill, s.sep_id] for b in beam], device=s.device)  # (m, L)
         per_chunk = max(1, (SCORE_CHUNK * L) // c)
         parts = []
