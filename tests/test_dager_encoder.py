@@ -14,7 +14,7 @@ import torch
 
 import dager.attack as attack_module
 from dager.attack import iter_dager, required_parameters
-from dager.encoder import PAIR_POOL, SCORE_CHUNK, encoder_search
+from dager.encoder import PAIR_POOL, SCORE_CHUNK, _RowModel, encoder_search
 from dager.events import AttackWarning
 from dager.layers import BertHooks
 from dager.search import Found, Step, Tick, Warn
@@ -83,6 +83,37 @@ def test_exact_means_every_row_in_the_span(tiny_bert):
             assert worst < 1e-3
 
 
+def test_row_model_matches_whole_sequences(tiny_bert):
+    """The beam's fast rows equal the rows of the whole varied sequences (the reference)."""
+    hooks = BertHooks(tiny_bert.model)
+    rm = _RowModel(hooks)
+    ctx = torch.tensor([tiny_bert.tokenize(SENTENCES[0]), tiny_bert.tokenize(SENTENCES[0])[::-1]])
+    ctx = ctx[:, : min(int(ctx.shape[1]), 8)]
+    cand = torch.tensor([1010, 2000, 2154, 3000])
+    position, rows = 3, [2, 3, 4]
+    with torch.no_grad():
+        fast = rm.rows(ctx, position, cand, rows)  # (m, c, R, d)
+        for m in range(ctx.shape[0]):
+            seqs = ctx[m].unsqueeze(0).repeat(cand.shape[0], 1)
+            seqs[:, position] = cand
+            ref = hooks.layer2_inputs(seqs)[:, rows]  # (c, R, d)
+            torch.testing.assert_close(fast[m], ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_beam_recovers_a_medium_minilm_batch():
+    """minilm-l6 (pretrained), the first four medium-set sentences: every one recovered
+    exactly by the beam (layer 1 places no token here: 39 candidates at every position)."""
+    from dager.zoo import load_model
+
+    bundle = load_model("minilm-l6")
+    lines = [ln.strip() for ln in open("assets/sentences/medium.txt", encoding="utf-8") if ln.strip()]
+    batch = lines[0:4]
+    problem = _problem(bundle, batch)
+    found = [i for i in _run(encoder_search, problem) if isinstance(i, Found)]
+    assert sorted(f.token_ids for f in found if f.exact) == sorted(tuple(bundle.tokenize(s)) for s in batch)
+
+
 def test_budget_exhaustion_is_reported_and_respected(tiny_bert):
     problem = _problem(tiny_bert, SENTENCES)
     budget = 60
@@ -131,7 +162,7 @@ def test_enumeration_charges_every_combination(tiny_bert):
         keep = {t[p] for t in truth if len(t) > p}
         small[p] = torch.tensor([int(x) for x in c.tolist() if int(x) in keep or int(x) == sep])
     problem = {**problem, "accepted": small}
-    items = _run(encoder_search, problem)
+    items = _run(encoder_search, problem, beam=False)  # the assembly stage's enumeration
     steps = [i for i in items if isinstance(i, Step)]
     lengths = sorted({len(t) for t in truth}, reverse=True)
     cls_id, sep_id = problem["special_ids"][:2]
@@ -146,9 +177,10 @@ def test_enumeration_charges_every_combination(tiny_bert):
 
 @pytest.mark.parametrize("batch_size", [2, 4])
 def test_same_results_as_the_search_before_the_refactor(tiny_bert, batch_size):
+    # The assembly stage alone (beam=False) is the pre-refactor search, unchanged.
     problem = _problem(tiny_bert, SENTENCES[:batch_size])
     assert all(int(c.numel()) <= PAIR_POOL for c in problem["accepted"].values())  # pair pools not cut
-    new = _run(encoder_search, problem, generator=torch.Generator().manual_seed(3))
+    new = _run(encoder_search, problem, generator=torch.Generator().manual_seed(3), beam=False)
     old = _run(_reference_search, problem, generator=torch.Generator().manual_seed(3))
 
     def outcome(items):
