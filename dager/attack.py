@@ -155,9 +155,13 @@ class _Run:
     stop: StopReason = StopReason.COMPLETE
     last_prefixes: tuple[tuple[int, ...], ...] = ()
 
-    def span(self, names: list[str]) -> Span:
+    def span(self, names: list[str], rank_hint: int | None = None) -> Span:
+        """The span of the named weights' input space (``rank_hint`` sizes the fast path's
+        first sketch: a related layer's rank)."""
         matrix = self.hooks.input_matrix(self.update, names).to(self.config.device)
-        return span_of(matrix, tolerance=self.config.rank_tolerance, by_gap=self.config.noise_tolerant)
+        return span_of(
+            matrix, tolerance=self.config.rank_tolerance, by_gap=self.config.noise_tolerant, rank_hint=rank_hint
+        )
 
     def out_of_time(self) -> AttackWarning | None:
         """The ``time_budget`` warning the first time the deadline has passed, else ``None``."""
@@ -190,7 +194,9 @@ def _attack(run: _Run, names: list[str]) -> Iterator[DagerEvent]:
         yield AttackWarning(WarningCode.SPAN_FULL, float(span1.rank))
         yield _finished(run, span1, over)
         return
-    span2 = run.span(run.hooks.attention_parameters(1))
+    # Block 1 sees every token with its own prefix: more inputs than layer 1, where
+    # repeated tokens (at a position, or anywhere under RoPE) coincide.
+    span2 = run.span(run.hooks.attention_parameters(1), rank_hint=span1.rank + span1.rank // 2)
     yield _spectrum_event(2, span2)
     log.debug("spans done at %.3f s", run.deadline.elapsed())
     accepted = yield from _filter_step(run, span1)
@@ -211,7 +217,8 @@ def _attack(run: _Run, names: list[str]) -> Iterator[DagerEvent]:
 def _rank_step(run: _Run, names: list[str]) -> Generator[DagerEvent, None, tuple[Span, bool]]:
     """Step 1: the layer-1 rank and the capacity verdict (a fraction of a second)."""
     d = run.hooks.hidden_size
-    span1 = run.span(run.hooks.attention_parameters(0))
+    # About a dozen tokens per sentence sizes the first sketch (it grows as needed).
+    span1 = run.span(run.hooks.attention_parameters(0), rank_hint=16 * run.update.batch_size)
     over = span1.rank >= OVER_CAPACITY * d
     yield AttackStarted(
         model=run.bundle.name,
@@ -267,7 +274,7 @@ def _search_stream(
     """Step 3's set-up: the family's sequence search over the accepted tokens."""
     hooks, config, bundle = run.hooks, run.config, run.bundle
     if isinstance(hooks, DecoderHooks):
-        span_mlp = run.span(hooks.mlp_parameters(0))
+        span_mlp = run.span(hooks.mlp_parameters(0), rank_hint=span2.rank)
         log.debug("MLP span done at %.3f s", run.deadline.elapsed())
         start: tuple[int, ...] = ()
         if bundle.family.prepend_bos and bundle.bos_token_id is not None:
