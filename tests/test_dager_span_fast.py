@@ -44,7 +44,7 @@ def test_fast_basis_matches_the_full_eigh_on_an_undefended_update(tiny, model_ty
         full = span_of(matrix, method="full")
         fast = span_of(matrix)  # auto: the fast path certifies this clean cut
         assert fast.method == "fast" and full.method == "full"
-        assert fast.rank == full.rank and 0 < fast.rank < 0.4 * matrix.shape[0]
+        assert fast.rank == full.rank and 0 < fast.rank < 0.5 * matrix.shape[0]
         assert float(_sines(full, fast).max()) < 1e-6
         # Orthonormal to round-off: the float64 distances of ~1e-7 depend on it.
         eye = torch.eye(fast.rank, dtype=torch.float64)
