@@ -41,7 +41,7 @@ from dager.events import (
     TokensFiltered,
     WarningCode,
 )
-from dager.layers import BertHooks, DecoderHooks, FamilyHooks, hooks_for
+from dager.layers import SCREEN, BertHooks, DecoderHooks, FamilyHooks, hooks_for
 from dager.encoder import encoder_search
 from dager.search import Found, Step, Thresholds, Tick, Warn, decoder_greedy, decoder_search
 from dager.span import Span, gap_threshold, span_of
@@ -56,6 +56,10 @@ OVER_CAPACITY = 0.95
 
 POSITION_BLOCK = 16
 """Positions filtered per block; the filter stops at the first block with no token."""
+
+BOUND_SAFE = 0.5 * SCREEN
+"""Layer-1 thresholds at or above this are applied to fully computed distances only
+(the lower-bound filter is exact below ``SCREEN``; half of it covers float32 round-off)."""
 
 
 class IncompleteUpdateError(LabInputError):
@@ -241,10 +245,13 @@ def _filter_step(run: _Run, span1: Span) -> Generator[DagerEvent, None, dict[int
     """Step 2: the layer-1 token filter, one :class:`TokensFiltered` per position."""
     hooks, config = run.hooks, run.config
     accepted: dict[int | None, torch.Tensor] = {}
-    dists, first_pos = _layer1(hooks, span1, run.deadline)
-    thr1 = config.layer1_threshold
-    if thr1 is None:
-        thr1 = gap_threshold(dists, min_keep=max(1, span1.rank), max_keep=64 * span1.rank + 4096)
+    dists, first_pos = _layer1(hooks, span1, run.deadline, lower_bounds=True)
+    thr1 = _layer1_threshold(config, dists, span1)
+    if thr1 >= BOUND_SAFE:
+        # Above the cut the filter reported lower bounds: a threshold this high (noise)
+        # could accept pairs by them, so every distance is computed in full.
+        dists, first_pos = _layer1(hooks, span1, run.deadline, lower_bounds=False)
+        thr1 = _layer1_threshold(config, dists, span1)
     k = min(config.top_k_plot, dists.shape[1])
     for row in range(dists.shape[0]):
         warning = run.out_of_time()
@@ -422,6 +429,13 @@ def _finished(run: _Run, span1: Span, over: bool) -> AttackFinished:
     )
 
 
+def _layer1_threshold(config: DagerConfig, dists: torch.Tensor, span1: Span) -> float:
+    """The configured layer-1 threshold, or the largest gap of the distances."""
+    if config.layer1_threshold is not None:
+        return float(config.layer1_threshold)
+    return gap_threshold(dists, min_keep=max(1, span1.rank), max_keep=64 * span1.rank + 4096)
+
+
 def _accepted(drow: torch.Tensor, thr: float) -> torch.Tensor:
     ok = (drow < thr).nonzero().squeeze(1)
     return ok[drow[ok].argsort()]
@@ -449,8 +463,13 @@ def _spectrum_event(layer: int, span: Span) -> SpectrumComputed:
     return SpectrumComputed(layer=layer, singular_values=sv, rank=span.rank, tolerance=cut)
 
 
-def _layer1(hooks: FamilyHooks, span: Span, deadline: _Deadline) -> tuple[torch.Tensor, int]:
+def _layer1(
+    hooks: FamilyHooks, span: Span, deadline: _Deadline, *, lower_bounds: bool = False
+) -> tuple[torch.Tensor, int]:
     """Layer-1 distances ``(P, V)`` for the occupied positions (or ``(1, V)``).
+
+    With ``lower_bounds`` distances above the filter's float32 cut (``SCREEN``) may be
+    lower bounds (exact below it; see ``dager.layers.BOUND_DIRECTIONS``).
 
     Positions are filtered in blocks until a block holds no in-span token: a
     position is occupied when its best token is far closer to the span than the
@@ -458,7 +477,7 @@ def _layer1(hooks: FamilyHooks, span: Span, deadline: _Deadline) -> tuple[torch.
     At most ``rank`` positions can be occupied (each needs its own input). Past the
     deadline no further block is computed (the filter then covers fewer positions).
     """
-    filt = hooks.layer1_filter(span)
+    filt = hooks.layer1_filter(span, lower_bounds=lower_bounds)
     if not hooks.positional:
         return filt.distances(range(0, 1)), 0
     limit = min(hooks.num_positions(), max(1, span.rank))

@@ -100,14 +100,27 @@ def test_fast_span_keeps_weak_directions():
     assert float(_sines(full, fast).max()) < 1e-6
 
 
+MORE = SENTENCES + [
+    "A red kite flew high over the quiet harbour this morning.",
+    "Please send the quarterly report to the finance team by Friday.",
+    "The museum will be closed for renovations until next spring.",
+    "My grandmother baked fresh bread every Sunday morning.",
+    "Nobody expected the final chapter to end with a wedding.",
+]
+
+
+@pytest.mark.parametrize("lower_bounds", [False, True])
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
-def test_layer1_screen_never_drops_a_token_the_float64_check_keeps(tiny, model_type):
-    bundle = tiny(model_type, "classification", d=128, layers=3)
-    update = _update(bundle, SENTENCES)
+def test_layer1_screen_never_drops_a_token_the_float64_check_keeps(tiny, model_type, lower_bounds):
+    # Lower bounds need a rank above 32 (the sketch must be cheaper than the basis).
+    bundle = tiny(model_type, "classification", d=256 if lower_bounds else 128, layers=3)
+    update = _update(bundle, MORE if lower_bounds else SENTENCES)
     hooks = hooks_for(bundle.model)
     span = span_of(hooks.input_matrix(update, hooks.attention_parameters(0)))
     positions = range(0, 8) if hooks.positional else range(0, 1)
-    screened = hooks.layer1_filter(span).distances(positions)  # (P, V)
+    filt = hooks.layer1_filter(span, lower_bounds=lower_bounds)
+    assert filt.lower_bounds == lower_bounds
+    screened = filt.distances(positions)  # (P, V)
     # The reference: every (position, token) layer-1 input in float64, exactly.
     vocab = torch.arange(hooks.vocab_size)
     blk = hooks.blocks[0]
@@ -124,6 +137,8 @@ def test_layer1_screen_never_drops_a_token_the_float64_check_keeps(tiny, model_t
             kept = set((exact < thr).nonzero().squeeze(1).tolist())
             got = set((screened[row] < thr * 1.01).nonzero().squeeze(1).tolist())
             assert kept <= got
+        if lower_bounds:
+            assert bool((screened[row] <= exact * (1 + 1e-3) + 1e-6).all())  # never above the distance
         near = exact < 0.04  # below the screen: the reported distance is the float64 one
         # (up to the float32 sum of token and position rows this reference starts from)
         assert torch.allclose(screened[row][near], exact[near], rtol=1e-3, atol=1e-8)
