@@ -221,8 +221,10 @@ def _attack(run: _Run, names: list[str]) -> Iterator[DagerEvent]:
 def _rank_step(run: _Run, names: list[str]) -> Generator[DagerEvent, None, tuple[Span, bool]]:
     """Step 1: the layer-1 rank and the capacity verdict (a fraction of a second)."""
     d = run.hooks.hidden_size
-    # About a dozen tokens per sentence sizes the first sketch (it grows as needed).
-    span1 = run.span(run.hooks.attention_parameters(0), rank_hint=16 * run.update.batch_size)
+    # About 16 tokens per sentence size the first sketch (it grows as needed); without
+    # positions (RoPE) repeated tokens share one input, about half of them in a batch.
+    per_sentence = 16 if run.hooks.positional else 8
+    span1 = run.span(run.hooks.attention_parameters(0), rank_hint=per_sentence * run.update.batch_size)
     over = span1.rank >= OVER_CAPACITY * d
     yield AttackStarted(
         model=run.bundle.name,

@@ -11,7 +11,8 @@ import torch
 from dager.attack import iter_dager, required_parameters
 from dager.events import AttackFinished, StopReason
 from dager.layers import hooks_for
-from dager.span import Span, exact_relative_distance, fast_span, span_of
+from dager.fastspan import fast_span
+from dager.span import Span, exact_relative_distance, span_of
 from fedclient import compute_update
 from fedclient.update import SharedUpdate
 
