@@ -199,8 +199,9 @@ def _attack(run: _Run, names: list[str]) -> Iterator[DagerEvent]:
         yield _finished(run, span1, over)
         return
     # Block 1 sees every token with its own prefix: more inputs than layer 1, where
-    # repeated tokens (at a position, or anywhere under RoPE) coincide.
-    span2 = run.span(run.hooks.attention_parameters(1), rank_hint=span1.rank + span1.rank // 2)
+    # repeated tokens coincide (at one position; anywhere under RoPE, about half).
+    more = span1.rank // 4 if run.hooks.positional else span1.rank
+    span2 = run.span(run.hooks.attention_parameters(1), rank_hint=span1.rank + more)
     yield _spectrum_event(2, span2)
     log.debug("spans done at %.3f s", run.deadline.elapsed())
     accepted = yield from _filter_step(run, span1)

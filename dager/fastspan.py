@@ -163,7 +163,7 @@ def fast_span(
             return _certified(op, q, bt, evals, vecs.flip(1), r, tolerance, gen)
         if s >= limit:
             return None
-        s = min(limit, max(s + OVERSAMPLE, r + 2 * OVERSAMPLE, int(1.5 * s)))
+        s = min(limit, max(s + 2 * OVERSAMPLE, int(1.25 * s)))  # grow by blocks: each costs its columns only
 
 
 def _certified(
