@@ -41,7 +41,7 @@ from dager.events import (
     TokensFiltered,
     WarningCode,
 )
-from dager.layers import BertHooks, DecoderHooks, FamilyHooks, hooks_for
+from dager.layers import SCREEN, BertHooks, DecoderHooks, FamilyHooks, hooks_for
 from dager.encoder import encoder_search
 from dager.lora import as_base_update, capacity
 from dager.search import Found, Step, Thresholds, Tick, Warn, decoder_greedy, decoder_search
@@ -57,6 +57,10 @@ OVER_CAPACITY = 0.95
 
 POSITION_BLOCK = 16
 """Positions filtered per block; the filter stops at the first block with no token."""
+
+BOUND_SAFE = 0.5 * SCREEN
+"""Layer-1 thresholds at or above this are applied to fully computed distances only
+(the lower-bound filter is exact below ``SCREEN``; half of it covers float32 round-off)."""
 
 
 class IncompleteUpdateError(LabInputError):
@@ -164,9 +168,13 @@ class _Run:
     capacity: int = 0  # distinct inputs the span can hold: d, or k r for a LoRA update (0: d)
     capacity2: int = 0  # the same for block 1's span (LoRA: its own adapters' k r)
 
-    def span(self, names: list[str]) -> Span:
+    def span(self, names: list[str], rank_hint: int | None = None) -> Span:
+        """The span of the named weights' input space (``rank_hint`` sizes the fast path's
+        first sketch: a related layer's rank)."""
         matrix = self.hooks.input_matrix(self.update, names).to(self.config.device)
-        return span_of(matrix, tolerance=self.config.rank_tolerance, by_gap=self.config.noise_tolerant)
+        return span_of(
+            matrix, tolerance=self.config.rank_tolerance, by_gap=self.config.noise_tolerant, rank_hint=rank_hint
+        )
 
     def out_of_time(self) -> AttackWarning | None:
         """The ``time_budget`` warning the first time the deadline has passed, else ``None``."""
@@ -199,7 +207,10 @@ def _attack(run: _Run, names: list[str]) -> Iterator[DagerEvent]:
         yield AttackWarning(WarningCode.SPAN_FULL, float(span1.rank))
         yield _finished(run, span1, over)
         return
-    span2 = run.span(run.hooks.attention_parameters(1))
+    # Block 1 sees every token with its own prefix: more inputs than layer 1, where
+    # repeated tokens coincide (at one position; anywhere under RoPE, about half).
+    more = span1.rank // 4 if run.hooks.positional else span1.rank
+    span2 = run.span(run.hooks.attention_parameters(1), rank_hint=span1.rank + more)
     yield _spectrum_event(2, span2)
     d = run.hooks.hidden_size
     if not over and run.capacity2 and run.capacity2 < d and span2.rank >= OVER_CAPACITY * run.capacity2:
@@ -226,7 +237,10 @@ def _attack(run: _Run, names: list[str]) -> Iterator[DagerEvent]:
 def _rank_step(run: _Run, names: list[str]) -> Generator[DagerEvent, None, tuple[Span, bool]]:
     """Step 1: the layer-1 rank and the capacity verdict (a fraction of a second)."""
     d = run.hooks.hidden_size
-    span1 = run.span(run.hooks.attention_parameters(0))
+    # About 16 tokens per sentence size the first sketch (it grows as needed); without
+    # positions (RoPE) repeated tokens share one input, about half of them in a batch.
+    per_sentence = 16 if run.hooks.positional else 8
+    span1 = run.span(run.hooks.attention_parameters(0), rank_hint=per_sentence * run.update.batch_size)
     over = span1.rank >= OVER_CAPACITY * min(d, run.capacity or d)
     yield AttackStarted(
         model=run.bundle.name,
@@ -249,10 +263,13 @@ def _filter_step(run: _Run, span1: Span) -> Generator[DagerEvent, None, dict[int
     """Step 2: the layer-1 token filter, one :class:`TokensFiltered` per position."""
     hooks, config = run.hooks, run.config
     accepted: dict[int | None, torch.Tensor] = {}
-    dists, first_pos = _layer1(hooks, span1, run.deadline)
-    thr1 = config.layer1_threshold
-    if thr1 is None:
-        thr1 = gap_threshold(dists, min_keep=max(1, span1.rank), max_keep=64 * span1.rank + 4096)
+    dists, first_pos = _layer1(hooks, span1, run.deadline, lower_bounds=True)
+    thr1 = _layer1_threshold(config, dists, span1)
+    if thr1 >= BOUND_SAFE:
+        # Above the cut the filter reported lower bounds: a threshold this high (noise)
+        # could accept pairs by them, so every distance is computed in full.
+        dists, first_pos = _layer1(hooks, span1, run.deadline, lower_bounds=False)
+        thr1 = _layer1_threshold(config, dists, span1)
     k = min(config.top_k_plot, dists.shape[1])
     for row in range(dists.shape[0]):
         warning = run.out_of_time()
@@ -282,7 +299,7 @@ def _search_stream(
     """Step 3's set-up: the family's sequence search over the accepted tokens."""
     hooks, config, bundle = run.hooks, run.config, run.bundle
     if isinstance(hooks, DecoderHooks):
-        span_mlp = run.span(hooks.mlp_parameters(0))
+        span_mlp = run.span(hooks.mlp_parameters(0), rank_hint=span2.rank)
         log.debug("MLP span done at %.3f s", run.deadline.elapsed())
         start: tuple[int, ...] = ()
         if bundle.family.prepend_bos and bundle.bos_token_id is not None:
@@ -430,6 +447,13 @@ def _finished(run: _Run, span1: Span, over: bool) -> AttackFinished:
     )
 
 
+def _layer1_threshold(config: DagerConfig, dists: torch.Tensor, span1: Span) -> float:
+    """The configured layer-1 threshold, or the largest gap of the distances."""
+    if config.layer1_threshold is not None:
+        return float(config.layer1_threshold)
+    return gap_threshold(dists, min_keep=max(1, span1.rank), max_keep=64 * span1.rank + 4096)
+
+
 def _accepted(drow: torch.Tensor, thr: float) -> torch.Tensor:
     ok = (drow < thr).nonzero().squeeze(1)
     return ok[drow[ok].argsort()]
@@ -457,8 +481,13 @@ def _spectrum_event(layer: int, span: Span) -> SpectrumComputed:
     return SpectrumComputed(layer=layer, singular_values=sv, rank=span.rank, tolerance=cut)
 
 
-def _layer1(hooks: FamilyHooks, span: Span, deadline: _Deadline) -> tuple[torch.Tensor, int]:
+def _layer1(
+    hooks: FamilyHooks, span: Span, deadline: _Deadline, *, lower_bounds: bool = False
+) -> tuple[torch.Tensor, int]:
     """Layer-1 distances ``(P, V)`` for the occupied positions (or ``(1, V)``).
+
+    With ``lower_bounds`` distances above the filter's float32 cut (``SCREEN``) may be
+    lower bounds (exact below it; see ``dager.layers.BOUND_DIRECTIONS``).
 
     Positions are filtered in blocks until a block holds no in-span token: a
     position is occupied when its best token is far closer to the span than the
@@ -466,7 +495,7 @@ def _layer1(hooks: FamilyHooks, span: Span, deadline: _Deadline) -> tuple[torch.
     At most ``rank`` positions can be occupied (each needs its own input). Past the
     deadline no further block is computed (the filter then covers fewer positions).
     """
-    filt = hooks.layer1_filter(span)
+    filt = hooks.layer1_filter(span, lower_bounds=lower_bounds)
     if not hooks.positional:
         return filt.distances(range(0, 1)), 0
     limit = min(hooks.num_positions(), max(1, span.rank))

@@ -117,10 +117,11 @@ class FamilyHooks:
     def token_embedding_matrix(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def layer1_filter(self, span: Span) -> AdditiveLayerNormFilter | ScaleFreeFilter:
+    def layer1_filter(self, span: Span, *, lower_bounds: bool = False) -> AdditiveLayerNormFilter | ScaleFreeFilter:
         """An object whose ``distances(positions)`` gives ``(P, V)`` float64 relative
         distances of every token's layer-1 input to ``span`` (``(1, V)`` when the
-        inputs do not depend on the position)."""
+        inputs do not depend on the position). With ``lower_bounds``, distances above
+        :data:`SCREEN` may be lower bounds (cheaper; exact below the cut)."""
         raise NotImplementedError
 
     def num_positions(self) -> int:
@@ -136,6 +137,25 @@ QKV_MEMO_BYTES = 128 * 2**20
 
 SCREEN = 0.05
 """Float32 screening cut: distances estimated below it are recomputed in float64."""
+
+BOUND_DIRECTIONS = 32
+"""Random complement directions a layer-1 filter with ``lower_bounds`` reads (64 past
+d = 1024): ``|S^T y| <= |P_perp y|``, so a token estimated above :data:`SCREEN` is
+off the span, whatever the rank; the vocabulary-sized product costs ``d * 32``
+per token instead of ``d * r``. Off-span tokens read about ``sqrt(32 / (d - r))``
+of their distance (0.1..0.2), far above the cut: the chance that one is recomputed
+needlessly is below 1e-6."""
+
+
+def _bound_directions(span: Span, device: torch.device) -> torch.Tensor | None:
+    """``(d, m)`` float32 random orthonormal complement directions, or ``None`` when
+    the whole basis or complement is as cheap (a small rank or a large one)."""
+    d, r = span.dim, span.rank
+    m = BOUND_DIRECTIONS if d <= 1024 else 2 * BOUND_DIRECTIONS
+    if min(r, d - r) <= m:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    return span.complement_directions(m, gen).to(device, torch.float32)
 
 
 class AdditiveLayerNormFilter:
@@ -153,6 +173,11 @@ class AdditiveLayerNormFilter:
 
     The expansion cancels to ~1e-3 in float32, so it only screens: every pair estimated
     below :data:`SCREEN` is recomputed exactly in float64 from its LayerNorm output.
+
+    With ``lower_bounds``, ``Q`` is a few random directions of the complement
+    (:data:`BOUND_DIRECTIONS`) instead: the estimate is then a lower bound of the
+    distance, so the pairs it leaves above the cut are off the span (and reported at
+    their lower bound), and the product costs ``V x d x 32`` instead of ``V x d x r``.
     """
 
     def __init__(
@@ -163,6 +188,8 @@ class AdditiveLayerNormFilter:
         eps: float,
         span: Span,
         position_rows: Callable[[range], torch.Tensor],
+        *,
+        lower_bounds: bool = False,
     ) -> None:
         f32 = torch.float32
         side = _token_side(tokens, gamma, beta)  # keyed on the model's own tensor
@@ -172,8 +199,13 @@ class AdditiveLayerNormFilter:
         self.eps = float(eps)
         self.span = span
         self.position_rows = position_rows
-        self.use_basis = span.rank <= span.dim - span.rank
-        q = (span.basis if self.use_basis else span.complement).to(tokens.device, f32)  # (d, k)
+        sketch = _bound_directions(span, tokens.device) if lower_bounds else None
+        self.lower_bounds = sketch is not None
+        self.use_basis = sketch is None and span.rank <= span.dim - span.rank
+        if sketch is not None:
+            q = sketch  # (d, m): |Q^T y| <= |P_perp y|
+        else:
+            q = (span.basis if self.use_basis else span.complement).to(tokens.device, f32)  # (d, k)
         self.q = q
         self.w = side["w"]
         self.g, self.b, self.gb = side["g"], side["b"], side["gb"]
@@ -290,19 +322,31 @@ def _token_side(tokens: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -
 
 
 class ScaleFreeFilter:
-    """Relative distances of ``gamma * tokens[t]`` to a span (RMSNorm: scale-free)."""
+    """Relative distances of ``gamma * tokens[t]`` to a span (RMSNorm: scale-free).
 
-    def __init__(self, tokens: torch.Tensor, gamma: torch.Tensor, span: Span) -> None:
+    Float32 estimates below :data:`SCREEN` are recomputed in float64. With
+    ``lower_bounds`` the estimate reads only a few complement directions (see
+    :data:`BOUND_DIRECTIONS`): a lower bound, so what it leaves above the cut is off the
+    span, at ``d x 64`` per token instead of ``d x r``.
+    """
+
+    def __init__(self, tokens: torch.Tensor, gamma: torch.Tensor, span: Span, *, lower_bounds: bool = False) -> None:
         self.tokens = tokens.detach()
         self.gamma = gamma.detach()
         self.span = span
+        self.sketch = _bound_directions(span, tokens.device) if lower_bounds else None
+        self.lower_bounds = self.sketch is not None
 
     def distances(self, positions: range) -> torch.Tensor:
         V = self.tokens.shape[0]
         out = torch.empty((1, V), dtype=torch.float64, device=self.tokens.device)
         for start in range(0, V, VOCAB_CHUNK):
             rows = self.tokens[start : start + VOCAB_CHUNK].to(torch.float32) * self.gamma.to(torch.float32)
-            approx = relative_distance(rows, self.span, fast=True)
+            if self.sketch is not None:
+                norm = rows.norm(dim=-1).clamp(min=1e-30)
+                approx = ((rows @ self.sketch).norm(dim=-1) / norm).to(torch.float64)
+            else:
+                approx = relative_distance(rows, self.span, fast=True)
             near = (approx < SCREEN).nonzero().squeeze(1)
             if near.numel():
                 approx[near] = exact_relative_distance(rows[near].to(torch.float64), self.span)
@@ -585,11 +629,12 @@ class GPT2Hooks(DecoderHooks):
     def num_positions(self) -> int:
         return int(self.tf.wpe.weight.shape[0])
 
-    def layer1_filter(self, span: Span) -> AdditiveLayerNormFilter:
+    def layer1_filter(self, span: Span, *, lower_bounds: bool = False) -> AdditiveLayerNormFilter:
         ln = self.blocks[0].ln_1
         wpe = self.tf.wpe.weight
         return AdditiveLayerNormFilter(
-            self.tf.wte.weight, ln.weight, ln.bias, ln.eps, span, lambda r: wpe[r.start : r.stop]
+            self.tf.wte.weight, ln.weight, ln.bias, ln.eps, span, lambda r: wpe[r.start : r.stop],
+            lower_bounds=lower_bounds,
         )
 
     def token_inputs(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
@@ -706,8 +751,10 @@ class LlamaHooks(DecoderHooks):
     def num_positions(self) -> int:
         return int(self.config.max_position_embeddings)
 
-    def layer1_filter(self, span: Span) -> ScaleFreeFilter:
-        return ScaleFreeFilter(self.base.embed_tokens.weight, self.blocks[0].input_layernorm.weight, span)
+    def layer1_filter(self, span: Span, *, lower_bounds: bool = False) -> ScaleFreeFilter:
+        return ScaleFreeFilter(
+            self.base.embed_tokens.weight, self.blocks[0].input_layernorm.weight, span, lower_bounds=lower_bounds
+        )
 
     def token_inputs(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
         return self.base.embed_tokens.weight[tokens]
@@ -838,12 +885,13 @@ class BertHooks(FamilyHooks):
     def num_positions(self) -> int:
         return int(self.emb.position_embeddings.weight.shape[0])
 
-    def layer1_filter(self, span: Span) -> AdditiveLayerNormFilter:
+    def layer1_filter(self, span: Span, *, lower_bounds: bool = False) -> AdditiveLayerNormFilter:
         pos = self.emb.position_embeddings.weight
         typ = self.emb.token_type_embeddings.weight[0]
         ln = self.emb.LayerNorm
         return AdditiveLayerNormFilter(
-            self.emb.word_embeddings.weight, ln.weight, ln.bias, ln.eps, span, lambda r: pos[r.start : r.stop] + typ
+            self.emb.word_embeddings.weight, ln.weight, ln.bias, ln.eps, span, lambda r: pos[r.start : r.stop] + typ,
+            lower_bounds=lower_bounds,
         )
 
     def layer2_inputs(self, ids: torch.Tensor) -> torch.Tensor:

@@ -143,13 +143,10 @@ class _Screen:
         self.active = free > 0
         if not self.active:
             return  # a full span admits everything: nothing to screen
-        comp = span.complement.to(dev, f64)  # (d, d - r)
-        s = min(SKETCH, free)
-        if free > s:
-            mix = torch.randn((free, s), generator=generator, dtype=f64).to(dev)
-            basis = comp @ torch.linalg.qr(mix).Q  # (d, s) orthonormal columns
+        if free > SKETCH:
+            basis = span.complement_directions(SKETCH, generator).to(dev, f64)  # (d, s) orthonormal
         else:
-            basis = comp
+            basis = span.complement.to(dev, f64)  # (d, d - r)
         gamma = terms.gamma.to(dev, f64)
         weight = terms.out_weight.to(dev, f64)  # (d, H * dh)
         pg = gamma.unsqueeze(1) * basis  # (d, s)

@@ -28,21 +28,35 @@ class Span:
 
     Attributes:
         basis: ``(d, r)`` float64 orthonormal basis of the span.
-        complement: ``(d, d - r)`` float64 orthonormal basis of its complement.
-        singular_values: ``(d,)`` float64, descending: square roots of the Gram
-            matrix's eigenvalues (the gradient's singular values).
+        singular_values: ``(k,)`` float64, descending: square roots of the Gram
+            matrix's leading eigenvalues (the gradient's singular values; all ``d`` of
+            them from the full decomposition, the leading ``r + p`` from the fast one).
         rank: r.
         tolerance: the relative eigenvalue cut that produced r.
         gap: ratio of the r-th to the (r+1)-th eigenvalue (large = a clean cut).
+        method: ``"full"`` (eigen-decomposition of the ``d x d`` Gram matrix) or
+            ``"fast"`` (randomized range finder, see :func:`dager.fastspan.fast_span`).
     """
 
     basis: torch.Tensor
-    complement: torch.Tensor
     singular_values: torch.Tensor
     rank: int
     tolerance: float
     gap: float
+    method: str = "full"
+    complement_: torch.Tensor | None = field(default=None, compare=False, repr=False)
     _casts: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def complement(self) -> torch.Tensor:
+        """``(d, d - r)`` float64 orthonormal basis of the complement (built on first use
+        when the fast path gave only the basis)."""
+        if self.complement_ is not None:
+            return self.complement_
+        key = ("complement", None, None)
+        if key not in self._casts:
+            self._casts[key] = complement_of(self.basis)
+        return self._casts[key]
 
     def cast(self, which: str, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         """``basis`` or ``complement`` in a dtype/device, converted once and kept."""
@@ -66,6 +80,31 @@ class Span:
         """
         return relative_distance(rows, self)
 
+    def complement_directions(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """``(d, count)`` float64 orthonormal random directions of the complement.
+
+        Uniformly random in the complement (a Gaussian matrix projected off the span,
+        then orthonormalised), without building the whole complement.
+        """
+        d, r = self.dim, self.rank
+        count = min(count, d - r)
+        if self.complement_ is not None or r > d // 2:
+            comp = self.complement
+            mix = torch.randn((d - r, count), generator=generator, dtype=torch.float64).to(comp.device)
+            return comp @ torch.linalg.qr(mix).Q
+        q = self.basis
+        x = torch.randn((d, count), generator=generator, dtype=torch.float64).to(q.device)
+        for _ in range(2):  # twice is enough (Giraud et al. 2005)
+            x = x - q @ (q.T @ x)
+        return torch.linalg.qr(x).Q
+
+
+def complement_of(basis: torch.Tensor) -> torch.Tensor:
+    """``(d, d - r)`` orthonormal basis of the complement of orthonormal ``basis`` ``(d, r)``."""
+    d, r = basis.shape
+    full = torch.linalg.qr(basis, mode="complete").Q  # (d, d): first r columns span the basis
+    return full[:, r:].contiguous()
+
 
 def gram_spectrum(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of ``M M^T`` in float64.
@@ -84,8 +123,26 @@ def gram_spectrum(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return evals, evecs
 
 
+def rank_rule(evals: torch.Tensor, tolerance: float) -> int:
+    """The default rank: the relative cut, extended down to the largest log-gap.
+
+    The relative cut, extended down to the spectrum's largest gap when that lies
+    below it: gradients reaching layer 2 through many layers can be weak
+    (eigenvalues ~1e-7 of the largest) yet far above float32 round-off (~1e-15).
+    """
+    top = float(evals[0])
+    r = int((evals > tolerance * top).sum())
+    return max(r, largest_log_gap(evals / top, floor=GAP_FLOOR))
+
+
 def span_of(
-    matrix: torch.Tensor, *, tolerance: float = 1e-6, rank: int | None = None, by_gap: bool = False
+    matrix: torch.Tensor,
+    *,
+    tolerance: float = 1e-6,
+    rank: int | None = None,
+    by_gap: bool = False,
+    method: str = "auto",
+    rank_hint: int | None = None,
 ) -> Span:
     """The span of a gradient's input space with an automatic rank.
 
@@ -94,12 +151,33 @@ def span_of(
     ``by_gap`` the cut is instead the largest gap of the log-spectrum above the
     round-off floor, which still finds the signal when noise lifts every eigenvalue.
 
+    ``method="auto"`` first tries :func:`dager.fastspan.fast_span` (a randomized range
+    finder, far cheaper when the rank is well below ``d``) and falls back to the full
+    eigen-decomposition when its a-posteriori checks do not certify a clean cut
+    (noise from a defense, a rank near ``d``); ``rank`` and ``by_gap`` always use the
+    full decomposition, whose whole spectrum they read.
+
     Args:
         matrix: ``(d, k)`` input-side matrix of the gradient.
         tolerance: relative eigenvalue cut.
         rank: force this rank (used for tests and ablations).
         by_gap: choose the rank at the largest spectral gap instead.
+        method: ``"auto"`` (fast when certified, else full) or ``"full"``.
+        rank_hint: a guess of the rank (e.g. a related layer's): sizes the fast
+            path's first sketch.
+
+    Raises:
+        ValueError: for an unknown ``method``.
     """
+    if method == "auto":
+        if rank is None and not by_gap:
+            from dager.fastspan import fast_span  # it builds on this module's Span
+
+            fast = fast_span(matrix, tolerance=tolerance, rank_hint=rank_hint)
+            if fast is not None:
+                return fast
+    elif method != "full":
+        raise ValueError(f"unknown span method {method!r}")
     evals, evecs = gram_spectrum(matrix)
     d = evals.shape[0]
     top = float(evals[0]) if d else 0.0
@@ -117,18 +195,14 @@ def span_of(
         r_noise = int((evals > NOISE_EDGE * floor).sum())
         r = min(r_exact, r_noise) if floor > GAP_FLOOR * top else r_exact
     else:
-        # The relative cut, extended down to the spectrum's largest gap when that lies
-        # below it: gradients reaching layer 2 through many layers can be weak
-        # (eigenvalues ~1e-7 of the largest) yet far above float32 round-off (~1e-15).
-        r = int((evals > tolerance * top).sum())
-        r = max(r, largest_log_gap(evals / top, floor=GAP_FLOOR))
+        r = rank_rule(evals, tolerance)
     if 0 < r < d:
         gap = float(evals[r - 1] / max(float(evals[r]), 1e-300))
     else:
         gap = math.inf
     return Span(
         basis=evecs[:, :r].contiguous(),
-        complement=evecs[:, r:].contiguous(),
+        complement_=evecs[:, r:].contiguous(),
         singular_values=evals.sqrt(),
         rank=r,
         tolerance=tolerance,
