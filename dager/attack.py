@@ -264,11 +264,13 @@ def _filter_step(run: _Run, span1: Span) -> Generator[DagerEvent, None, dict[int
     hooks, config = run.hooks, run.config
     accepted: dict[int | None, torch.Tensor] = {}
     dists, first_pos = _layer1(hooks, span1, run.deadline, lower_bounds=True)
+    exact_below: float | None = SCREEN
     thr1 = _layer1_threshold(config, dists, span1)
     if thr1 >= BOUND_SAFE:
         # Above the cut the filter reported lower bounds: a threshold this high (noise)
         # could accept pairs by them, so every distance is computed in full.
         dists, first_pos = _layer1(hooks, span1, run.deadline, lower_bounds=False)
+        exact_below = None
         thr1 = _layer1_threshold(config, dists, span1)
     k = min(config.top_k_plot, dists.shape[1])
     for row in range(dists.shape[0]):
@@ -288,6 +290,7 @@ def _filter_step(run: _Run, span1: Span) -> Generator[DagerEvent, None, dict[int
             threshold=float(thr1),
             vocab_distances=top_d.cpu(),
             vocab_token_ids=top_i.cpu(),
+            exact_below=exact_below,
         )
     log.debug("layer-1 filter done at %.3f s", run.deadline.elapsed())
     return accepted

@@ -110,6 +110,9 @@ class TokensFiltered:
         vocab_distances: ``(m,)`` the m smallest distances over the whole vocabulary,
             ascending, for plotting the gap between accepted and rejected tokens.
         vocab_token_ids: ``(m,)`` the token ids of ``vocab_distances``.
+        exact_below: distances at or above it are lower bounds (the fast filter reads a
+            few random directions off the span; every distance below it, and every
+            accepted token's, is exact); ``None``: every distance is exact.
     """
 
     position: int | None
@@ -118,6 +121,7 @@ class TokensFiltered:
     threshold: float
     vocab_distances: torch.Tensor
     vocab_token_ids: torch.Tensor
+    exact_below: float | None = None
 
 
 @dataclass(frozen=True)

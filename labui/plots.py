@@ -119,8 +119,11 @@ def distances_figure(
         accepted = {int(t) for t in f.token_ids.tolist()}
         dists = f.vocab_distances.tolist()[:max_points]
         ids = f.vocab_token_ids.tolist()[:max_points]
+        bound = getattr(f, "exact_below", None)
         for tid, dist in zip(ids, dists):
             label = repr(decode(int(tid))) if decode else str(tid)
+            if bound is not None and dist >= bound:
+                label += ", at least"  # a lower bound from the fast filter (exact below the cut)
             if int(tid) in accepted:
                 acc_x.append(x), acc_y.append(max(float(dist), 1e-12)), acc_t.append(label)
             else:
@@ -130,15 +133,19 @@ def distances_figure(
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=rej_x, y=rej_y, mode="markers", name="rejected",
                              marker=dict(color=REJECT, size=5, opacity=0.6), text=rej_t,
-                             hovertemplate="%{text}: %{y:.2e}<extra>rejected</extra>"))
+                             hovertemplate="%{text} %{y:.2e}<extra>rejected</extra>"))
     fig.add_trace(go.Scatter(x=acc_x, y=acc_y, mode="markers", name="accepted",
                              marker=dict(color=ACCEPT, size=8, line=dict(color="white", width=1)),
-                             text=acc_t, hovertemplate="%{text}: %{y:.2e}<extra>accepted</extra>"))
+                             text=acc_t, hovertemplate="%{text} %{y:.2e}<extra>accepted</extra>"))
     fig.add_trace(go.Scatter(x=thr_x, y=thr_y, mode="markers", name="threshold",
                              marker=dict(color=CUT, symbol="line-ew-open", size=22, line=dict(width=2)),
                              hovertemplate="threshold %{y:.2e}<extra></extra>"))
     fig.update_layout(**_LAYOUT, title=dict(text=title, font=dict(size=14)))
-    fig.update_yaxes(type="log", title="relative distance to span", exponentformat="power")
+    bounds = {getattr(f, "exact_below", None) for f in filters} - {None}
+    ytitle = "relative distance to span"
+    if bounds:  # the fast filter: the plot says which values are lower bounds
+        ytitle += f" (a lower bound above {min(bounds):g})"
+    fig.update_yaxes(type="log", title=ytitle, exponentformat="power")
     fig.update_xaxes(title="position", type="category" if any(x == "bag" for x in thr_x) else "linear",
                      dtick=1 if len(thr_x) <= 40 else None)
     return fig

@@ -183,3 +183,20 @@ def test_files_made_from_user_data_are_purged(tmp_path, monkeypatch):
     assert h.purge_user_files(older_than_s=3600) == 0 and os.path.exists(gif)  # too young for the schedule
     assert h.purge_user_files(older_than_s=0) == 1  # the schedule's turn, or shutdown
     assert not os.path.exists(gif) and other.exists()  # only the app's own files
+
+
+def test_filter_plot_says_which_distances_are_lower_bounds():
+    """The fast layer-1 filter reports lower bounds above its cut; the plot must not claim more."""
+    from dager.events import TokensFiltered
+    from labui import plots
+
+    f = TokensFiltered(position=0, token_ids=torch.tensor([5]), distances=torch.tensor([1e-9]), threshold=1e-3,
+                       vocab_distances=torch.tensor([1e-9, 0.3]), vocab_token_ids=torch.tensor([5, 7]),
+                       exact_below=0.05)
+    fig = plots.distances_figure([f])
+    assert "lower bound above 0.05" in fig.layout.yaxis.title.text
+    rejected = next(t for t in fig.data if t.name == "rejected")
+    assert list(rejected.text) == ["7, at least"]
+    exact = TokensFiltered(position=0, token_ids=torch.tensor([5]), distances=torch.tensor([1e-9]), threshold=1e-3,
+                           vocab_distances=torch.tensor([1e-9, 0.3]), vocab_token_ids=torch.tensor([5, 7]))
+    assert "lower bound" not in plots.distances_figure([exact]).layout.yaxis.title.text
