@@ -329,7 +329,6 @@ def _search_stream(
             thresholds=Thresholds(mlp=config.layer2_threshold, layer2=config.layer2_threshold),
             max_prefixes=config.max_prefixes,
             max_length=max_length,
-            noise_tolerant=config.noise_tolerant,
             final_keep=run.update.batch_size,
         )
         return stream, _Decoding(candidates, start, max_length)

@@ -1,0 +1,131 @@
+"""Steps the decoder searches share: candidates, block sizes, calibration, endings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+
+from dager.hooks_decoder import DecoderHooks
+from dager.search_items import CHUNK_MACS, NUM_PROBES, SEARCH_BYTES, Found, Thresholds, Tick, split_threshold
+from dager.span import Span, gap_threshold
+
+log = logging.getLogger("dager.search")  # the decoder search's log, wherever its steps live
+
+
+def _candidates_at(
+    candidates: Callable[[int], torch.Tensor | None], pos: int, start: tuple[int, ...], dev: torch.device
+) -> torch.Tensor | None:
+    """Position ``pos``'s candidates on ``dev``, or ``None`` when there are none.
+
+    The given start tokens (BOS) never recur: a run of identical tokens reproduces its
+    first position's inputs exactly under RoPE.
+    """
+    cand = candidates(pos)
+    if cand is None or cand.numel() == 0:
+        return None
+    cand = cand.to(dev)
+    if start:
+        cand = cand[~torch.isin(cand, torch.tensor(start, device=dev))]
+    return cand if cand.numel() else None
+
+
+def _dead_ends(
+    prefixes: list[tuple[int, ...]], dist: torch.Tensor, has_ext: torch.Tensor, exhausted: bool, start: tuple[int, ...]
+) -> Iterator[Found]:
+    """Prefixes with no valid extension are whole sentences."""
+    for i in (~has_ext).nonzero().squeeze(1).tolist():
+        if len(prefixes[i]) > len(start):
+            yield Found(prefixes[i], not exhausted, float(dist[i]))
+
+
+def _survivors(
+    prefixes: list[tuple[int, ...]], dist: torch.Tensor, exhausted: bool, final_keep: int | None, start: tuple[int, ...]
+) -> Iterator[Found]:
+    """The prefixes alive at the end, nearest first."""
+    order = dist.argsort().tolist() if prefixes else []
+    if exhausted and final_keep is not None:
+        order = order[:final_keep]  # a saturated search: only the nearest survivors
+    for i in order:
+        prefix = prefixes[i]
+        if len(prefix) > len(start):
+            yield Found(prefix, not exhausted, float(dist[i]))
+
+
+def _exact_block(hooks: DecoderHooks, chunk_macs: float, chunk_bytes: int, rank: int) -> int:
+    """How many (prefix, token) pairs one chunk runs through block 0 exactly."""
+    d, f = hooks.hidden_size, hooks.mlp_width
+    macs = d * hooks.num_heads * hooks.head_dim + 3 * d * f + 2 * d * min(d, rank + 2)
+    return max(1, int(min(chunk_macs / macs, chunk_bytes / (4 * (8 * d + 3 * f)))))
+
+
+def _layer2_distances(
+    hooks: DecoderHooks,
+    tokens: torch.Tensor,
+    pos: int,
+    kc: torch.Tensor,
+    vc: torch.Tensor,
+    span2: Span,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block-1 span distances ``(t,)`` of one prefix's extensions, with their keys/values."""
+    parts, ks, vs = [], [], []
+    for t0 in range(0, tokens.numel(), block):
+        h, k, v = hooks.extend(tokens[t0 : t0 + block], pos, kc, vc)
+        parts.append(span2.distance(hooks.layer2_input(hooks.mlp_residual(h[0]))))
+        ks.append(k)
+        vs.append(v)
+    return torch.cat(parts), torch.cat(ks), torch.cat(vs)
+
+
+def _calibrate(
+    hooks: DecoderHooks,
+    cand: torch.Tensor,
+    pos: int,
+    kc: torch.Tensor,
+    vc: torch.Tensor,
+    span_mlp: Span,
+    span2: Span,
+    thresholds: Thresholds,
+    generator: torch.Generator,
+    chunk_macs: float = CHUNK_MACS,
+    chunk_bytes: int = SEARCH_BYTES // 2,
+    block: int | None = None,
+) -> Iterator[Tick]:
+    """Set missing thresholds from the first step: candidates vs random probes.
+
+    True extensions sit at round-off level; random tokens are off-span by orders of
+    magnitude. The threshold is the geometric mean of the low cluster's top and the
+    lowest off-span distance (probes and the candidates above the largest gap).
+    Runs the first prefix's extensions in blocks (the candidates may be the whole
+    vocabulary) and yields a :class:`Tick` after each.
+
+    Args:
+        kc, vc: ``(1, H, l, dh)`` the first prefix's key/value cache.
+        generator: draws the probe tokens.
+    """
+    if block is None:
+        block = _exact_block(hooks, chunk_macs, chunk_bytes, span_mlp.rank + span2.rank)
+    probes = torch.randint(0, hooks.vocab_size, (NUM_PROBES,), generator=generator).to(cand.device)
+    probes = probes[~torch.isin(probes, cand)]
+    tokens = torch.cat([cand, probes])
+    mlp_parts, l2_parts = [], []
+    for t0 in range(0, tokens.numel(), block):
+        h, _, _ = hooks.extend(tokens[t0 : t0 + block], pos, kc, vc)
+        h = h[0]
+        mlp_parts.append(span_mlp.distance(hooks.mlp_input(h)))
+        l2_parts.append(span2.distance(hooks.layer2_input(hooks.mlp_residual(h))))
+        yield Tick(pos, 0)
+    d_mlp = torch.cat(mlp_parts)
+    d2 = torch.cat(l2_parts)
+    nc = cand.numel()
+    for attr, d in (("mlp", d_mlp), ("layer2", d2)):
+        if getattr(thresholds, attr) is not None:
+            continue
+        dc, dp = d[:nc], d[nc:]
+        cut = gap_threshold(torch.cat([dc, dp]), min_keep=1)
+        low = dc[dc < cut]
+        high = torch.cat([dc[dc >= cut], dp])
+        setattr(thresholds, attr, split_threshold(low, high))
+    log.debug("decoder thresholds: mlp %.3g, layer2 %.3g", thresholds.mlp, thresholds.layer2)

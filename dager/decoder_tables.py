@@ -1,0 +1,275 @@
+"""The decoder search's working set: the screen, the key/value tables, the selection.
+
+Block 0's keys and values depend only on a token and its position, so a live prefix
+is a row of indices into per-position tables (:class:`_Beam`); each position's
+survivors are merged chunk by chunk into a bounded :class:`_Selection`, and
+:func:`_advance` builds the next beam within the table budget. :class:`_Screen`
+rejects most wrong pairs before their exact check.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dager.hooks_decoder import DecoderHooks
+from dager.span import Span
+
+SKETCH = 16
+"""Random directions of the MLP-input span's complement read by the screen."""
+
+SCREEN_MARGIN = 1e-4
+"""Slack (in relative distance) the screen adds to the threshold before it rejects.
+
+The screen's bound and the exact check are both float32 computations with relative
+round-off near 1e-6; wrong extensions of random and trained models sit at 1e-2..1,
+so this slack costs nothing and covers the round-off of both sides many times over."""
+
+
+class _Screen:
+    """A cheap, never-wrong lower bound on the MLP-input span distance of a pair.
+
+    Petrov et al. (2024, Sec. 4.2) test every (prefix, token) extension by running
+    block 0; the costly parts are the attention output projection (``d^2`` per pair)
+    and the projection onto the span (``d * r``). Both are linear up to the norm, so
+    this screen reads only ``s`` orthonormal directions ``P`` of the span's complement:
+    ``|P^T y| <= |P_perp y|`` for every ``y``, and for the norm's input
+    ``u = c(h)`` (``h = x + W mix + b``)
+
+    * ``P^T (gamma * u) = z0(token) + R mix`` with ``R = (c(gamma * P))^T W`` (``s`` rows),
+    * ``|u| <= |c(x + b)| + sum_h |c W_h| |mix_h|`` (per-head spectral norms),
+    * ``|y| <= max|gamma| sqrt(d) + |beta|`` (a norm's output has ``|u| / sigma <= sqrt(d)``).
+
+    So per pair it costs ``s * d`` on top of the attention itself, and a pair whose
+    bound exceeds the threshold (plus :data:`SCREEN_MARGIN`) would fail the exact check.
+    Pairs it keeps go through the exact check unchanged.
+    """
+
+    def __init__(self, hooks: DecoderHooks, span: Span, generator: torch.Generator) -> None:
+        terms = hooks.mlp_norm_terms()
+        dev = hooks.device
+        f64 = torch.float64
+        d = span.dim
+        free = d - span.rank
+        self.active = free > 0
+        if not self.active:
+            return  # a full span admits everything: nothing to screen
+        if free > SKETCH:
+            basis = span.complement_directions(SKETCH, generator).to(dev, f64)  # (d, s) orthonormal
+        else:
+            basis = span.complement.to(dev, f64)  # (d, d - r)
+        gamma = terms.gamma.to(dev, f64)
+        weight = terms.out_weight.to(dev, f64)  # (d, H * dh)
+        pg = gamma.unsqueeze(1) * basis  # (d, s)
+        if terms.centred:
+            pg = pg - pg.mean(0, keepdim=True)  # P^T diag(g) C h = (C diag(g) P)^T h
+        self.pg = pg.to(torch.float32)
+        self.r = (weight.T @ pg).to(torch.float32)  # (H * dh, s)
+        bias = terms.out_bias.to(dev, f64) if terms.out_bias is not None else torch.zeros(d, dtype=f64, device=dev)
+        self.bias = bias.to(torch.float32)
+        self.centred = terms.centred
+        self.eps = terms.eps
+        self.d = d
+        beta = terms.beta.to(dev, f64) if terms.beta is not None else None
+        self.w = (beta @ basis).to(torch.float32) if beta is not None else None  # (s,)
+        self.y_max = float(gamma.abs().max()) * math.sqrt(d) + (float(beta.norm()) if beta is not None else 0.0)
+        H = hooks.num_heads
+        cw = weight - weight.mean(0, keepdim=True) if terms.centred else weight
+        heads = cw.reshape(d, H, -1).permute(1, 0, 2)  # (H, d, dh)
+        gram = heads.transpose(1, 2) @ heads  # (H, dh, dh)
+        # Spectral norms from each head's Gram matrix, with slack for its round-off.
+        self.head_norm = (torch.linalg.eigvalsh(gram)[:, -1].clamp(min=0).sqrt() * (1 + 1e-6) + 1e-12).to(
+            torch.float32
+        )  # (H,)
+        self.num_heads = H
+
+    def token_side(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z0`` ``(t, s)`` and ``|c(x + b)|`` ``(t,)`` of candidate inputs ``x`` ``(t, d)``."""
+        xb = x.to(torch.float32) + self.bias
+        z0 = xb @ self.pg
+        if self.centred:
+            xb = xb - xb.mean(-1, keepdim=True)
+        return z0, xb.norm(dim=-1)
+
+    def keep(self, mix: torch.Tensor, side: tuple[torch.Tensor, torch.Tensor], threshold: float) -> torch.Tensor:
+        """``(m, t)`` True where the exact check might accept the pair.
+
+        Args:
+            mix: ``(m, t, H * dh)`` attention mixes of m prefixes x t tokens.
+            side: :meth:`token_side` of the t tokens.
+            threshold: the MLP-input acceptance threshold.
+        """
+        m, t, hd = mix.shape
+        z0, e_norm = side
+        z = mix @ self.r + z0  # (m, t, s)
+        spread = (mix.reshape(m, t, self.num_heads, -1).norm(dim=-1) * self.head_norm).sum(-1)  # (m, t)
+        u_hi = e_norm + spread
+        lam_lo = torch.rsqrt(u_hi * u_hi / self.d + self.eps)
+        if self.w is None:
+            lower = lam_lo * z.norm(dim=-1)
+        else:
+            u_lo = (e_norm - spread).clamp(min=0.0)
+            lam_hi = torch.rsqrt(u_lo * u_lo / self.d + self.eps)
+            zz = (z * z).sum(-1).clamp(min=1e-30)
+            lam = (-(z @ self.w) / zz).clamp(min=lam_lo, max=lam_hi)  # argmin of |lam z + w|
+            lower = (lam.unsqueeze(-1) * z + self.w).norm(dim=-1)
+        return lower / self.y_max <= threshold + SCREEN_MARGIN
+
+
+@dataclass
+class _Beam:
+    """Live prefixes; block-0 keys/values live once per (position, token) in tables."""
+
+    prefixes: list[tuple[int, ...]]
+    rows: torch.Tensor  # (n, l) long: each position's row in keys/values
+    keys: torch.Tensor  # (M, H, dh)
+    values: torch.Tensor  # (M, H, dh)
+    dist: torch.Tensor  # (n,) worst distance along each prefix
+
+    def caches(self, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(b, H, l, dh)`` key and value caches of the prefixes in ``sl``."""
+        rows = self.rows[sl]
+        return self.keys[rows].transpose(1, 2), self.values[rows].transpose(1, 2)
+
+    def table_bytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+@dataclass
+class SearchStats:
+    """What a decoder search held at most (for tests and benchmarks)."""
+
+    max_selected: int = 0
+    """Most (prefix, token) survivors held at once (running selection plus one chunk's)."""
+    max_table_bytes: int = 0
+    max_chunk_pairs: int = 0
+    screened: int = 0
+    """Pairs the screen passed on to the exact check."""
+    checked: int = 0
+
+
+class _Selection:
+    """The best ``limit`` survivors of one position, merged chunk by chunk."""
+
+    def __init__(self, limit: int, t: int, stats: SearchStats | None) -> None:
+        self.limit = limit
+        self.t = t
+        self.stats = stats
+        self.order: torch.Tensor | None = None  # (k,) prefix * t + token
+        self.dist: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None  # (k, H, dh) the new token's key
+        self.v: torch.Tensor | None = None
+        self.overflow = False
+
+    def add(self, order: torch.Tensor, dist: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.order is not None:
+            order = torch.cat([self.order, order])
+            dist = torch.cat([self.dist, dist])
+            k = torch.cat([self.k, k])
+            v = torch.cat([self.v, v])
+        if self.stats is not None:
+            self.stats.max_selected = max(self.stats.max_selected, int(order.numel()))
+        if order.numel() > self.limit:
+            self.overflow = True
+            keep = _best(order, dist)[: self.limit]
+            order, dist, k, v = order[keep], dist[keep], k[keep], v[keep]
+        self.order, self.dist, self.k, self.v = order, dist, k, v
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prefix and token indices, distances, keys, values: in (prefix, token)
+        order, or nearest first when the budget bit (as the reference search)."""
+        assert self.order is not None
+        idx = _best(self.order, self.dist) if self.overflow else self.order.argsort()
+        order = self.order[idx]
+        return order // self.t, order % self.t, self.dist[idx], self.k[idx], self.v[idx]
+
+
+def _best(order: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """Indices by distance, ties by (prefix, token): deterministic whatever the chunking."""
+    by_order = order.argsort()
+    by_dist = dist[by_order].argsort(stable=True)
+    return by_order[by_dist]
+
+
+def _advance(
+    beam: _Beam,
+    pi: torch.Tensor,
+    ti: torch.Tensor,
+    dist: torch.Tensor,
+    kn: torch.Tensor,
+    vn: torch.Tensor,
+    cand: torch.Tensor,
+    table_budget: int,
+) -> tuple[_Beam, bool]:
+    """The next beam: the selected extensions, with tables holding only used rows.
+
+    Returns the beam and whether the table budget dropped prefixes (the farthest go).
+    """
+    # One table row per distinct new token (the pairs carry duplicates).
+    uniq, inv = ti.unique(return_inverse=True)
+    first = torch.full((uniq.numel(),), ti.numel(), dtype=torch.long, device=ti.device)
+    first.scatter_reduce_(0, inv, torch.arange(ti.numel(), device=ti.device), reduce="amin")
+    base = beam.keys.shape[0]
+    rows = torch.cat([beam.rows[pi], (base + inv).unsqueeze(1)], dim=1)  # (k, l + 1)
+    keys = torch.cat([beam.keys, kn[first]])
+    values = torch.cat([beam.values, vn[first]])
+    row_bytes = 2 * keys[0].numel() * keys.element_size()
+    cut = False
+    used = rows.unique()
+    if used.numel() * row_bytes > table_budget:
+        # Keep the nearest prefixes whose rows fit (binary search on how many).
+        order = _best(torch.arange(dist.numel(), device=dist.device), dist)
+        lo, hi = 1, dist.numel()
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if rows[order[:mid]].unique().numel() * row_bytes <= table_budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        keep = order[:lo].sort().values  # keep the selection's order
+        pi, ti, dist, rows = pi[keep], ti[keep], dist[keep], rows[keep]
+        used = rows.unique()
+        cut = True
+    if used.numel() < keys.shape[0]:
+        keys, values = keys[used], values[used]
+        rows = torch.searchsorted(used, rows)
+    cand_list = cand.tolist()
+    prefixes = [(*beam.prefixes[p], cand_list[q]) for p, q in zip(pi.tolist(), ti.tolist())]
+    return _Beam(prefixes=prefixes, rows=rows, keys=keys, values=values, dist=dist), cut
+
+
+def _start_beam(hooks: DecoderHooks, start: tuple[int, ...]) -> _Beam:
+    """The first beam: one prefix holding the given start tokens (known, not searched)."""
+    dev = hooks.device
+    H, dh = hooks.num_heads, hooks.head_dim
+    beam = _Beam(
+        prefixes=[()],
+        rows=torch.zeros((1, 0), dtype=torch.long, device=dev),
+        keys=torch.zeros((0, H, dh), device=dev),
+        values=torch.zeros((0, H, dh), device=dev),
+        dist=torch.zeros(1, dtype=torch.float64, device=dev),
+    )
+    for pos, tok in enumerate(start):
+        _, _, k, v = hooks.token_states(torch.tensor([tok], device=dev), pos)
+        beam.rows = torch.cat([beam.rows, torch.full((1, 1), beam.keys.shape[0], device=dev)], dim=1)
+        beam.keys = torch.cat([beam.keys, k])
+        beam.values = torch.cat([beam.values, v])
+        beam.prefixes = [(*beam.prefixes[0], tok)]
+    return beam
+
+
+def _chunk_shape(hooks: DecoderHooks, l: int, n: int, t: int, chunk_macs: float, chunk_bytes: int) -> tuple[int, int]:
+    """One chunk: ``(tokens, prefixes)`` per block, a block of tokens (projected once)
+    times a block of ``n`` prefixes of length ``l``, within the chunk's work and bytes."""
+    H, dh = hooks.num_heads, hooks.head_dim
+    d = hooks.hidden_size
+    pair_macs = 2 * (l + 1) * H * dh + (SKETCH + 4) * H * dh
+    pair_bytes = 4 * (4 * H * (l + 2) + 3 * H * dh + 2 * SKETCH)
+    token_bytes = 4 * (2 * d + 4 * H * dh + SKETCH + 2)
+    prefix_bytes = 4 * 2 * l * H * dh
+    pairs = max(1, int(min(chunk_macs / pair_macs, 0.5 * chunk_bytes / pair_bytes)))
+    tb = max(1, min(t, pairs, int(0.25 * chunk_bytes / token_bytes)))
+    nb = max(1, min(n, pairs // tb, int(0.25 * chunk_bytes / max(1, prefix_bytes))))
+    return tb, nb
