@@ -85,39 +85,10 @@ def _reference_decoder_search(
             for _ in _calibrate(hooks, cand, pos, beam.k[:1], beam.v[:1], span_mlp, span2, thresholds, gen):
                 pass
         first = False
-        keep_pref: list[torch.Tensor] = []
-        keep_tok: list[torch.Tensor] = []
-        keep_dist: list[torch.Tensor] = []
-        new_k: list[torch.Tensor] = []
-        new_v: list[torch.Tensor] = []
+        keep: tuple[list[torch.Tensor], ...] = ([], [], [], [], [])
         has_ext = torch.zeros(n, dtype=torch.bool, device=dev)
-        chunk = max(1, CANDIDATE_CHUNK // t)
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            h, k, v = hooks.extend(cand, pos, beam.k[s:e], beam.v[s:e])  # h: (m, t, d)
-            m = e - s
-            h = h.reshape(m * t, -1)
-            d_mlp = span_mlp.distance(hooks.mlp_input(h))  # (m*t,)
-            ok = d_mlp < thresholds.mlp
-            idx = ok.nonzero().squeeze(1)
-            if idx.numel() == 0:
-                continue
-            h2 = hooks.mlp_residual(h[idx])
-            d2 = span2.distance(hooks.layer2_input(h2))
-            ok2 = d2 < thresholds.layer2
-            idx2 = idx[ok2]
-            if idx2.numel() == 0:
-                continue
-            pi = idx2 // t + s  # prefix index
-            ti = idx2 % t  # token index
-            dist = torch.maximum(torch.maximum(d_mlp[idx2], d2[ok2]), beam.dist[pi])
-            has_ext[pi] = True
-            keep_pref.append(pi)
-            keep_tok.append(ti)
-            keep_dist.append(dist)
-            new_k.append(torch.cat([beam.k[pi], k[ti].unsqueeze(2)], dim=2))
-            new_v.append(torch.cat([beam.v[pi], v[ti].unsqueeze(2)], dim=2))
-            yield Tick(pos, e * t)
+        yield from _reference_scan(hooks, beam, cand, pos, (span_mlp, span2), thresholds, has_ext, keep)
+        keep_pref, keep_tok, keep_dist, new_k, new_v = keep
         yield from _dead_ends(beam.prefixes, beam.dist, has_ext, exhausted, start)
         if not keep_pref:
             beam.prefixes = []
@@ -142,3 +113,53 @@ def _reference_decoder_search(
         )
         yield Step(pos, tuple(beam.prefixes[:256]), len(beam.prefixes), n * t)
     yield from _survivors(beam.prefixes, beam.dist, exhausted, final_keep, start)
+
+
+def _reference_scan(
+    hooks: DecoderHooks,
+    beam: _RefBeam,
+    cand: torch.Tensor,
+    pos: int,
+    spans: tuple[Span, Span],
+    thresholds: Thresholds,
+    has_ext: torch.Tensor,
+    keep: tuple[list[torch.Tensor], ...],
+) -> Iterator[Tick]:
+    """Extend every prefix by every candidate, a chunk of prefixes at a time.
+
+    Appends each chunk's survivors to ``keep`` (prefix and token indices, distances,
+    key and value caches) and marks their prefixes in ``has_ext``.
+
+    Args:
+        spans: ``(span_mlp, span2)``.
+    """
+    span_mlp, span2 = spans
+    keep_pref, keep_tok, keep_dist, new_k, new_v = keep
+    n, t = len(beam.prefixes), int(cand.numel())
+    chunk = max(1, CANDIDATE_CHUNK // t)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        h, k, v = hooks.extend(cand, pos, beam.k[s:e], beam.v[s:e])  # h: (m, t, d)
+        m = e - s
+        h = h.reshape(m * t, -1)
+        d_mlp = span_mlp.distance(hooks.mlp_input(h))  # (m*t,)
+        ok = d_mlp < thresholds.mlp
+        idx = ok.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        h2 = hooks.mlp_residual(h[idx])
+        d2 = span2.distance(hooks.layer2_input(h2))
+        ok2 = d2 < thresholds.layer2
+        idx2 = idx[ok2]
+        if idx2.numel() == 0:
+            continue
+        pi = idx2 // t + s  # prefix index
+        ti = idx2 % t  # token index
+        dist = torch.maximum(torch.maximum(d_mlp[idx2], d2[ok2]), beam.dist[pi])
+        has_ext[pi] = True
+        keep_pref.append(pi)
+        keep_tok.append(ti)
+        keep_dist.append(dist)
+        new_k.append(torch.cat([beam.k[pi], k[ti].unsqueeze(2)], dim=2))
+        new_v.append(torch.cat([beam.v[pi], v[ti].unsqueeze(2)], dim=2))
+        yield Tick(pos, e * t)

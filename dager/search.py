@@ -157,46 +157,10 @@ def decoder_search(
             stats.max_chunk_pairs = max(stats.max_chunk_pairs, tb * nb)
         select = _Selection(max_prefixes, t, stats)
         has_ext = torch.zeros(n, dtype=torch.bool, device=dev)
-        checked = 0
-        for t0 in range(0, t, tb):
-            toks = cand[t0 : t0 + tb]
-            x, q, k, v = hooks.token_states(toks, pos, memo)
-            side = screen.token_side(x) if screen.active else None
-            m_t = toks.numel()
-            for s0 in range(0, n, nb):
-                kc, vc = beam.caches(slice(s0, s0 + nb))
-                mix = _softmax_attend(q, kc, vc, k, v, hooks.attention_scale)  # (m, tb, H*dh)
-                m = mix.shape[0]
-                if screen.active:
-                    idx = screen.keep(mix, side, thresholds.mlp).reshape(-1).nonzero().squeeze(1)
-                else:
-                    idx = torch.arange(m * m_t, device=dev)
-                flat = mix.reshape(m * m_t, -1)
-                if stats is not None:
-                    stats.screened += int(idx.numel())
-                for e0 in range(0, int(idx.numel()), exact_pairs):
-                    sub = idx[e0 : e0 + exact_pairs]
-                    ti = sub % m_t
-                    h = x[ti] + hooks.attention_output(flat[sub])  # (p, d)
-                    d_mlp = span_mlp.distance(hooks.mlp_input(h))
-                    ok = d_mlp < thresholds.mlp
-                    if bool(ok.any()):
-                        h2 = hooks.mlp_residual(h[ok])
-                        d2 = span2.distance(hooks.layer2_input(h2))
-                        ok2 = d2 < thresholds.layer2
-                        good = sub[ok][ok2]
-                        if good.numel():
-                            pi = good // m_t + s0
-                            tl = good % m_t
-                            dist = torch.maximum(torch.maximum(d_mlp[ok][ok2], d2[ok2]), beam.dist[pi])
-                            has_ext[pi] = True
-                            select.add(pi * t + t0 + tl, dist, k[tl], v[tl])
-                    if e0 + exact_pairs < idx.numel():
-                        yield Tick(pos, checked)
-                checked += m * m_t
-                if stats is not None:
-                    stats.checked += m * m_t
-                yield Tick(pos, checked)
+        yield from _scan_position(
+            hooks, beam, cand, pos, screen, (span_mlp, span2), thresholds, memo, (tb, nb, exact_pairs), select, has_ext,
+            stats,
+        )
         yield from _dead_ends(beam.prefixes, beam.dist, has_ext, exhausted, start)
         if select.order is None:
             beam.prefixes = []
@@ -214,3 +178,74 @@ def decoder_search(
             stats.max_table_bytes = max(stats.max_table_bytes, beam.table_bytes())
         yield Step(pos, tuple(beam.prefixes[:256]), len(beam.prefixes), n * t)
     yield from _survivors(beam.prefixes, beam.dist, exhausted, final_keep, start)
+
+
+def _scan_position(
+    hooks: DecoderHooks,
+    beam: _Beam,
+    cand: torch.Tensor,
+    pos: int,
+    screen: _Screen,
+    spans: tuple[Span, Span],
+    thresholds: Thresholds,
+    memo: dict,
+    blocks: tuple[int, int, int],
+    select: _Selection,
+    has_ext: torch.Tensor,
+    stats: SearchStats | None,
+) -> Iterator[Tick]:
+    """Check every (prefix, token) pair of one position, chunk by chunk.
+
+    Each chunk gets the attention mix and the screen's bound; the pairs the screen
+    cannot reject run the exact checks (MLP-input span, then block-1 span) in blocks of
+    ``exact_pairs``. Survivors go to ``select``; ``has_ext`` marks the prefixes that
+    have one.
+
+    Args:
+        spans: ``(span_mlp, span2)``.
+        blocks: ``(tokens, prefixes)`` per chunk and the pairs per exact block.
+    """
+    span_mlp, span2 = spans
+    tb, nb, exact_pairs = blocks
+    dev = hooks.device
+    n, t = len(beam.prefixes), int(cand.numel())
+    checked = 0
+    for t0 in range(0, t, tb):
+        toks = cand[t0 : t0 + tb]
+        x, q, k, v = hooks.token_states(toks, pos, memo)
+        side = screen.token_side(x) if screen.active else None
+        m_t = toks.numel()
+        for s0 in range(0, n, nb):
+            kc, vc = beam.caches(slice(s0, s0 + nb))
+            mix = _softmax_attend(q, kc, vc, k, v, hooks.attention_scale)  # (m, tb, H*dh)
+            m = mix.shape[0]
+            if screen.active:
+                idx = screen.keep(mix, side, thresholds.mlp).reshape(-1).nonzero().squeeze(1)
+            else:
+                idx = torch.arange(m * m_t, device=dev)
+            flat = mix.reshape(m * m_t, -1)
+            if stats is not None:
+                stats.screened += int(idx.numel())
+            for e0 in range(0, int(idx.numel()), exact_pairs):
+                sub = idx[e0 : e0 + exact_pairs]
+                ti = sub % m_t
+                h = x[ti] + hooks.attention_output(flat[sub])  # (p, d)
+                d_mlp = span_mlp.distance(hooks.mlp_input(h))
+                ok = d_mlp < thresholds.mlp
+                if bool(ok.any()):
+                    h2 = hooks.mlp_residual(h[ok])
+                    d2 = span2.distance(hooks.layer2_input(h2))
+                    ok2 = d2 < thresholds.layer2
+                    good = sub[ok][ok2]
+                    if good.numel():
+                        pi = good // m_t + s0
+                        tl = good % m_t
+                        dist = torch.maximum(torch.maximum(d_mlp[ok][ok2], d2[ok2]), beam.dist[pi])
+                        has_ext[pi] = True
+                        select.add(pi * t + t0 + tl, dist, k[tl], v[tl])
+                if e0 + exact_pairs < idx.numel():
+                    yield Tick(pos, checked)
+            checked += m * m_t
+            if stats is not None:
+                stats.checked += m * m_t
+            yield Tick(pos, checked)
