@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -33,18 +33,15 @@ from dager.events import (
     AttackWarning,
     DagerEvent,
     DagerResult,
-    PrefixesExtended,
-    SearchProgress,
-    SentenceRecovered,
     SpectrumComputed,
     StopReason,
     TokensFiltered,
     WarningCode,
 )
-from dager.layers import SCREEN, BertHooks, DecoderHooks, FamilyHooks, hooks_for
-from dager.encoder import encoder_search
+from dager.attack_search import _Decoding, _greedy_step, _partial_prefixes, _search_step, _search_stream
+from dager.layers import SCREEN, FamilyHooks, hooks_for
 from dager.lora import as_base_update, capacity
-from dager.search import Found, Step, Thresholds, Tick, Warn, decoder_greedy, decoder_search
+from dager.search import Found
 from dager.span import Span, gap_threshold, span_of
 from dager.zoo import ModelBundle
 from fedclient.errors import LabInputError
@@ -185,15 +182,6 @@ class _Run:
         return AttackWarning(WarningCode.TIME_BUDGET, float(self.deadline.budget or 0.0))
 
 
-@dataclass(frozen=True)
-class _Decoding:
-    """What the decoder's greedy completion reuses from the search set-up."""
-
-    candidates: Callable[[int], torch.Tensor | None]
-    start: tuple[int, ...]
-    max_length: int
-
-
 # As a decorator, torch.no_grad() re-enters at every resume and restores the caller's grad
 # mode at every yield: a ``with`` block around ``yield`` would leave autograd off in the
 # consumer's thread while the generator is suspended (and on in another thread resuming it).
@@ -296,142 +284,6 @@ def _filter_step(run: _Run, span1: Span) -> Generator[DagerEvent, None, dict[int
     return accepted
 
 
-def _search_stream(
-    run: _Run, accepted: dict[int | None, torch.Tensor], span2: Span
-) -> tuple[Iterator[Found | Step | Warn | Tick], _Decoding | None]:
-    """Step 3's set-up: the family's sequence search over the accepted tokens."""
-    hooks, config, bundle = run.hooks, run.config, run.bundle
-    if isinstance(hooks, DecoderHooks):
-        span_mlp = run.span(hooks.mlp_parameters(0), rank_hint=span2.rank)
-        log.debug("MLP span done at %.3f s", run.deadline.elapsed())
-        start: tuple[int, ...] = ()
-        if bundle.family.prepend_bos and bundle.bos_token_id is not None:
-            start = (bundle.bos_token_id,)
-        if hooks.positional:
-            max_length = max((p for p in accepted if p is not None), default=-1) + 1
-
-            def candidates(pos: int) -> torch.Tensor | None:
-                return accepted.get(pos)
-
-        else:
-            max_length = hooks.num_positions()
-            bag = accepted.get(None)
-
-            def candidates(pos: int) -> torch.Tensor | None:
-                return bag
-
-        stream = decoder_search(
-            hooks,
-            candidates,
-            span_mlp,
-            span2,
-            start=start,
-            thresholds=Thresholds(mlp=config.layer2_threshold, layer2=config.layer2_threshold),
-            max_prefixes=config.max_prefixes,
-            max_length=max_length,
-            final_keep=run.update.batch_size,
-        )
-        return stream, _Decoding(candidates, start, max_length)
-    if isinstance(hooks, BertHooks):
-        stream = encoder_search(
-            hooks,
-            accepted,
-            span2,
-            special_ids=_special_ids(bundle.tokenizer),
-            batch_size=run.update.batch_size,
-            threshold=config.layer2_threshold,
-            max_combinations=config.max_combinations,
-        )
-        return stream, None
-    raise TypeError(f"unknown hooks type {type(hooks).__name__}")  # pragma: no cover
-
-
-def _search_step(run: _Run, stream: Iterator[Found | Step | Warn | Tick]) -> Iterator[DagerEvent]:
-    """Step 3: turn the search's items into events; stop it at the time budget."""
-    try:
-        for item in stream:
-            if isinstance(item, Tick):
-                yield SearchProgress(position=item.position, checked=item.checked, seconds=run.deadline.elapsed())
-            elif isinstance(item, Step):
-                run.last_prefixes = item.prefixes
-                yield PrefixesExtended(
-                    position=item.position,
-                    prefixes=item.prefixes,
-                    num_prefixes=item.num_prefixes,
-                    num_checked=item.num_checked,
-                )
-            elif isinstance(item, Found):
-                ids = _finish_ids(run.bundle, run.update.task, item.token_ids)
-                yield _recovered(run, Found(ids, item.exact, item.distance))
-            elif isinstance(item, Warn):
-                code = WarningCode(item.code)
-                if code is WarningCode.BUDGET_EXHAUSTED:
-                    if run.budget_exhausted:
-                        continue
-                    run.budget_exhausted = True
-                yield AttackWarning(code, item.value)
-            else:  # pragma: no cover
-                raise TypeError(f"unknown search item {type(item).__name__}")
-            warning = run.out_of_time()
-            if warning is not None:
-                yield warning
-                return
-    finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()  # frees the search's prefixes and caches now, not at garbage collection
-
-
-def _greedy_step(run: _Run, decoding: _Decoding, span2: Span) -> Iterator[DagerEvent]:
-    """Step 3b (decoders): complete the missing sentences greedily, marked inexact.
-
-    Bounded by the number of missing sentences and by the deadline: past it the
-    candidates run dry, which ends the sentence being grown and every later one.
-    """
-
-    def candidates(pos: int) -> torch.Tensor | None:
-        return None if run.deadline.expired() else decoding.candidates(pos)
-
-    hooks = run.hooks
-    assert isinstance(hooks, DecoderHooks)
-    for item in decoder_greedy(
-        hooks,
-        candidates,
-        span2,
-        start=decoding.start,
-        count=run.update.batch_size - len(run.found),
-        max_length=min(decoding.max_length, 4 * hooks.hidden_size),
-        exclude={f.token_ids for f in run.found},
-    ):
-        ids = _finish_ids(run.bundle, run.update.task, item.token_ids)
-        yield _recovered(run, Found(ids, False, item.distance))
-    warning = run.out_of_time()
-    if warning is not None:
-        yield warning
-
-
-def _partial_prefixes(run: _Run) -> Iterator[DagerEvent]:
-    """At the time budget: the search's surviving prefixes, as inexact partial sentences."""
-    start = 1 if run.bundle.family.prepend_bos and run.bundle.bos_token_id is not None else 0
-    known = {f.token_ids for f in run.found}
-    for prefix in run.last_prefixes:
-        if len(run.found) >= run.update.batch_size:
-            break
-        if len(prefix) > start and prefix not in known:
-            yield _recovered(run, Found(prefix, False, 1.0))
-
-
-def _recovered(run: _Run, item: Found) -> SentenceRecovered:
-    run.found.append(item)
-    return SentenceRecovered(
-        index=len(run.found) - 1,
-        token_ids=item.token_ids,
-        text=run.bundle.decode(item.token_ids),
-        exact=item.exact,
-        distance=item.distance,
-    )
-
-
 def _finished(run: _Run, span1: Span, over: bool) -> AttackFinished:
     found = run.found
     return AttackFinished(
@@ -459,18 +311,6 @@ def _layer1_threshold(config: DagerConfig, dists: torch.Tensor, span1: Span) -> 
 def _accepted(drow: torch.Tensor, thr: float) -> torch.Tensor:
     ok = (drow < thr).nonzero().squeeze(1)
     return ok[drow[ok].argsort()]
-
-
-def _finish_ids(bundle: ModelBundle, task: str, ids: tuple[int, ...]) -> tuple[int, ...]:
-    """Add the special tokens the client appended but that carry no gradient.
-
-    Next-token prediction: the appended EOS predicts nothing, so it is not in the span.
-    """
-    fam = bundle.family
-    if task == "next-token" and fam.eos_for_next_token and bundle.eos_token_id is not None:
-        if not ids or ids[-1] != bundle.eos_token_id or len(ids) == 1:
-            return (*ids, bundle.eos_token_id)
-    return tuple(ids)
 
 
 def _spectrum_event(layer: int, span: Span) -> SpectrumComputed:
@@ -524,9 +364,3 @@ def _layer1(
     return dists, 0
 
 
-def _special_ids(tokenizer: object) -> tuple[int, ...]:
-    """``(cls, sep, fill)``: the encoder's frame tokens and a neutral filler."""
-    cls_id = int(tokenizer.cls_token_id)
-    sep_id = int(tokenizer.sep_token_id)
-    mask = getattr(tokenizer, "mask_token_id", None)
-    return (cls_id, sep_id, int(mask if mask is not None else tokenizer.pad_token_id))

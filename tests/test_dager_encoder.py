@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-import dager.attack as attack_module
+import dager.attack_search as attack_module  # where the attack calls the encoder search
 from dager.attack import iter_dager, required_parameters
 from dager.encoder import PAIR_POOL, SCORE_CHUNK, _RowModel, encoder_search
 from dager.events import AttackWarning
