@@ -56,7 +56,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 # Torch-free imports only: torch loads after the arguments have been checked.
@@ -77,17 +76,13 @@ from labcli.outputs import check_distinct, check_output_path, lost_sentence, sav
 from labcli.runtime import (
     EXIT_FAILED,
     class_label,
-    interrupt_word,
     positive_int,
 )
 
 if TYPE_CHECKING:
     import torch
 
-    from dager.metrics import PairScore, TextScores
-    from dager.textio import Sentence
     from dlg.attack import DlgConfig
-    from dlg.events import TextDlgResult
     from fedclient.client import Defense
 
 log = logging.getLogger(__name__)
@@ -304,115 +299,11 @@ def run_images(args: argparse.Namespace) -> int:
     return 0 if ok else EXIT_FAILED
 
 
-def _text_record(
-    index: int, chunk: Sequence[Sentence], result: TextDlgResult, scores: TextScores, client_seconds: float
-) -> dict[str, object]:
-    """One entry of ``batches`` in the text baseline's JSON (DAGER's CLI's keys, plus the loss and seq_len)."""
-    return {
-        "index": index,
-        "lines": [s.line for s in chunk],
-        "references": [s.text for s in chunk],
-        "predictions": [p.prediction for p in scores.pairs],
-        "exact": [p.exact for p in scores.pairs],
-        "seconds": result.seconds,
-        "client_seconds": client_seconds,
-        "rouge1": scores.rouge1,
-        "rouge2": scores.rouge2,
-        "rougeL": scores.rougeL,
-        "exact_match": scores.exact_match,
-        "token_accuracy": scores.token_accuracy,
-        "final_loss": result.losses[-1] if result.losses else None,
-        "seq_len": getattr(result, "seq_len", None),
-        "seq_len_source": getattr(result, "seq_len_source", None),
-    }
-
-
 def run_text(args: argparse.Namespace) -> int:
-    """``python -m dlg text``: the text baseline, batch by batch.
+    """``python -m dlg text`` (:func:`dlg.cli_text.run_text`)."""
+    from dlg.cli_text import run_text as run
 
-    Returns:
-        0 when every batch ran and the JSON was written where asked; 1 when the run was
-        interrupted (the finished batches are written, ``"interrupted": true``) or the
-        JSON went to a fallback file.
-    """
-    from dager.textio import check_sentences, read_sentences, split_batches
-
-    # Cheap, torch-free checks first.
-    _check_output(args.output)
-    check_defense_specs(args.defense)
-    if args.input.exists() and args.output.exists() and args.input.resolve() == args.output.resolve():
-        raise CliUsageError("--output names the input file: give the result another name, such as result.json.")
-    sentences = read_sentences(args.input).sentences
-    batches = split_batches(sentences, args.batch_size, args.max_batches)
-    _configure(args.verbose, args.device)  # torch from here on
-
-    import dager
-    import fedclient
-    from dager.metrics import evaluate_text, normalizer_for, pooled_scores
-    from dlg.text import TextDlgConfig, run_dlg_text
-
-    check_device(args.device)
-    defense, defense_keys = defense_record(args.defense)
-    bundle = dager.load_model(args.model, args.task, device=args.device)
-    training = dlg_training(args, bundle.model)
-    # The same rule as DAGER's CLI: text the tokenizer cannot represent is refused by line.
-    check_sentences(bundle, [s for b in batches for s in b])
-    # The attacker knows the batch size and nothing else about the batch: the sequence
-    # length is inferred from the update or guessed (TextDlgConfig.seq_len=None).
-    config = TextDlgConfig(iterations=args.iterations, seed=args.seed, device=args.device)
-    records: list[dict[str, object]] = []
-    pairs: list[PairScore] = []
-    total_seconds = total_client = 0.0
-    interrupted = False
-    try:
-        for index, chunk in enumerate(batches, start=1):
-            refs = [s.text for s in chunk]
-            batch = bundle.encode(refs, seed=args.seed)
-            t0 = time.perf_counter()
-            update = fedclient.compute_update(bundle.model, batch, defense=defense, seed=args.seed, training=training)
-            client_seconds = time.perf_counter() - t0
-            del batch
-            result = run_dlg_text(bundle, update, config=config)
-            # Judged on what the model can represent, as DAGER's CLI does.
-            scores = evaluate_text(refs, list(result.sentences), normalize=normalizer_for(bundle))
-            pairs.extend(scores.pairs)
-            total_seconds += result.seconds
-            total_client += client_seconds
-            records.append(_text_record(index, chunk, result, scores, client_seconds))
-            log.info("batch %d: ROUGE-1 %.3f in %.1f s", index, scores.rouge1, result.seconds)
-    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: keep the finished batches
-        interrupted = True
-        print(
-            f"dlg: {interrupt_word(exc)} after {len(records)} of {len(batches)} batch(es); "
-            "writing the finished ones.",
-            file=sys.stderr,
-        )
-
-    report: dict[str, object] = {
-        "method": "dlg-text",
-        "model": args.model,
-        "task": args.task,
-        "batch_size": args.batch_size,
-        **pooled_scores(pairs),
-        "seconds": total_seconds,
-        "client_seconds": total_client,
-        "batches": records,
-        "num_sentences": len(pairs),
-        "num_batches": len(records),
-        "interrupted": interrupted,
-        "iterations": args.iterations,
-        "seed": args.seed,
-        "device": args.device,
-        **defense_keys,
-        **client_keys(training),
-    }
-    ok = write_json(args.output, report, prog="dlg")
-    print(
-        f"DLG-text on {args.model} ({args.task}), batch size {args.batch_size}: ROUGE-1 {report['rouge1']:.3f}, "
-        f"ROUGE-2 {report['rouge2']:.3f}, exact {report['exact_match']:.0%} in {total_seconds:.1f} s"
-        + (f" -> {args.output}" if ok else "")
-    )
-    return EXIT_FAILED if interrupted or not ok else 0
+    return run(args)
 
 
 def run_sweep_images(args: argparse.Namespace) -> int:
