@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 # arguments have been checked.
 import dager
 from dager.config import DagerConfig
-from dager.textio import Sentence, check_sentences, distinct_prefixes, read_sentences, split_batches
+from dager.textio import Sentence, SentenceFile, check_sentences, distinct_prefixes, read_sentences, split_batches
 from fedclient.errors import LabInputError
 from labcli.common import CliUsageError, check_defense_specs, check_device, defense_record, write_json
 from labcli.outputs import check_output_path
@@ -384,6 +384,25 @@ def _print_summary(args: argparse.Namespace, report: Json, outcomes: list[_Batch
                 print(f"  {'':>{len(str(s.line)) + 5}}-> {pred}")
 
 
+def _noted_batches(args: argparse.Namespace, file: SentenceFile) -> list[tuple[Sentence, ...]]:
+    """The file's batches, with a note for skipped blank lines, unattacked sentences and a short last batch."""
+    if file.blank_lines:
+        shown = ", ".join(str(n) for n in file.blank_lines[:10])
+        more = "..." if len(file.blank_lines) > 10 else ""
+        _note(args, f"skipped {len(file.blank_lines)} blank line(s) ({shown}{more}).")
+    batches = split_batches(file.sentences, args.batch_size, args.max_batches)
+    attacked = sum(len(b) for b in batches)
+    if attacked < len(file.sentences):
+        _note(
+            args,
+            f"the file has {len(file.sentences)} sentences; attacking the first {attacked} "
+            f"({len(batches)} batch(es) of {args.batch_size}, --max-batches {args.max_batches}).",
+        )
+    if len(batches[-1]) < args.batch_size:
+        _note(args, f"the last batch holds {len(batches[-1])} sentence(s), fewer than --batch-size; attacked as is.")
+    return batches
+
+
 def run_file(args: argparse.Namespace, *, engine: Engine) -> int:
     """Attack the file batch by batch, write the JSON and print the summary.
 
@@ -401,20 +420,7 @@ def run_file(args: argparse.Namespace, *, engine: Engine) -> int:
     training = client_training(args)
     config = _build_config(args)
     file = read_sentences(args.input)
-    if file.blank_lines:
-        shown = ", ".join(str(n) for n in file.blank_lines[:10])
-        more = "..." if len(file.blank_lines) > 10 else ""
-        _note(args, f"skipped {len(file.blank_lines)} blank line(s) ({shown}{more}).")
-    batches = split_batches(file.sentences, args.batch_size, args.max_batches)
-    attacked = sum(len(b) for b in batches)
-    if attacked < len(file.sentences):
-        _note(
-            args,
-            f"the file has {len(file.sentences)} sentences; attacking the first {attacked} "
-            f"({len(batches)} batch(es) of {args.batch_size}, --max-batches {args.max_batches}).",
-        )
-    if len(batches[-1]) < args.batch_size:
-        _note(args, f"the last batch holds {len(batches[-1])} sentence(s), fewer than --batch-size; attacked as is.")
+    batches = _noted_batches(args, file)
 
     # Heavy from here on (torch, transformers).
     defense, defense_keys = defense_record(args.defense)

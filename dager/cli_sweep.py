@@ -43,6 +43,25 @@ def _row(
     }
 
 
+def _utility(model: object, batch: object, update: object, *, lora: bool) -> dict[str, float]:
+    """How much of its direction the defended update kept; NaN for LoRA (adapters have no
+    full-gradient counterpart to compare with)."""
+    if lora:
+        return {"utility_cosine": float("nan"), "utility_norm_ratio": float("nan")}
+    from fedclient.defenses import utility_cost
+
+    return utility_cost(model, batch, update)  # type: ignore[arg-type]
+
+
+def _title(args: argparse.Namespace, num_batches: int, num_points: int) -> str:
+    """The sweep plot's title."""
+    mode = "noise-tolerant" if args.noise_tolerant else "exact thresholds"
+    return (
+        f"DAGER on {args.model} ({args.task}, {mode}), batch size {args.batch_size}, "
+        f"{num_batches} batch(es), {num_points} point(s) of --grid {args.grid}"
+    )
+
+
 def run_sweep(args: argparse.Namespace, *, engine: Engine) -> int:
     """Attack the same batches once per grid point (see :func:`dager.cli.run_sweep_command`).
 
@@ -65,7 +84,6 @@ def run_sweep(args: argparse.Namespace, *, engine: Engine) -> int:
 
     from dager.metrics import evaluate_text, normalizer_for  # heavy from here on
     from fedclient import compute_update
-    from fedclient.defenses import utility_cost
 
     check_device(args.device)
     points = sweep_points(args)
@@ -90,10 +108,7 @@ def run_sweep(args: argparse.Namespace, *, engine: Engine) -> int:
             update = compute_update(
                 bundle.model, batch, parameters=parameters, defense=defense, seed=args.seed, training=training
             )
-            if training.lora is None:
-                utility.append(utility_cost(bundle.model, batch, update))
-            else:  # adapters have no full-gradient counterpart to compare with
-                utility.append({"utility_cosine": float("nan"), "utility_norm_ratio": float("nan")})
+            utility.append(_utility(bundle.model, batch, update, lora=training.lora is not None))
             try:
                 result = run_dager(server, update, config=config)  # the attacker sees no batch
             except Exception as exc:  # noqa: BLE001 - one failing point must not end the sweep
@@ -110,11 +125,6 @@ def run_sweep(args: argparse.Namespace, *, engine: Engine) -> int:
         any_failed = any_failed or bool(errors)
         return _row(pairs, utility, ranks, errors)
 
-    mode = "noise-tolerant" if args.noise_tolerant else "exact thresholds"
-    title = (
-        f"DAGER on {args.model} ({args.task}, {mode}), batch size {args.batch_size}, "
-        f"{len(batches)} batch(es), {len(points)} point(s) of --grid {args.grid}"
-    )
     try:
         run_cli_sweep(
             points,
@@ -122,7 +132,7 @@ def run_sweep(args: argparse.Namespace, *, engine: Engine) -> int:
             metrics=("rouge1", "rouge2", "exact_match"),
             csv_path=args.csv,
             plot_path=args.plot,
-            title=title,
+            title=_title(args, len(batches), len(points)),
         )
     except OutputsNotWritten as exc:
         print(f"dager: error: {exc}", file=sys.stderr)
