@@ -45,7 +45,7 @@ Output JSON keys (a contract other tools read): ``model``, ``task``, ``batch_siz
 ``predictions``, ``exact``, ``rank``, ``total_tokens``, ``seconds``. ``predictions``
 and ``exact`` are aligned with ``references``: the prediction matched to each
 reference (``""`` if none) and whether it is an exact recovery. Extra keys are
-documented in :func:`_batch_record` and :func:`_report`.
+documented in :func:`dager.cli_batches._batch_record` and :func:`dager.cli_report._report`.
 
 The sentences are printed only on request (``--show-text``) and written only to the
 JSON the user asked for; logs carry counts and timings, never text.
