@@ -13,7 +13,7 @@ from dlg.events import DlgFinished, DlgProgress, DlgStarted, DlgStep, LabelsInfe
 from dlg.images import to_grid
 from dlg.metrics import matched_psnr
 from labui import plots
-from labui.countdown import Countdown
+from labui.countdown import Countdown, EventFold
 
 IMAGE_KEYS = ("status", "preview", "loss", "psnr", "comparison")
 """The DLG view's outputs, in the order the app wires them."""
@@ -23,7 +23,7 @@ HELD_BELOW_DB = 20.0
 
 
 @dataclass
-class DlgView(Countdown):
+class DlgView(Countdown, EventFold):
     """Accumulated state of one DLG run, for display.
 
     Attributes:
@@ -64,17 +64,6 @@ class DlgView(Countdown):
             DlgProgress: lambda e: None,  # a heartbeat inside a long iteration: nothing to redraw
             DlgFinished: self._finished,
         }
-
-    def apply(self, event: object) -> None:
-        """Fold one event into the view.
-
-        Raises:
-            TypeError: for an event type this view does not know.
-        """
-        handler = self._handlers.get(type(event))
-        if handler is None:
-            raise TypeError(f"DlgView cannot display a {type(event).__name__} event")
-        handler(event)
 
     def mark_update_done(self, utility: dict[str, float] | None = None) -> None:
         """The client's update is computed (``utility``: its cost, for a defended run)."""

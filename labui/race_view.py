@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from dlg.events import DlgStarted, TextDlgFinished, TextDlgStep
 from labui import plots
-from labui.countdown import Countdown
+from labui.countdown import Countdown, EventFold
 from labui.text_view import code_value
 from dager.metrics import match_sentences
 from labui.textdiff import diff_html
@@ -18,7 +18,7 @@ TEXT_DLG_KEYS = ("race_status", "race_loss", "race_sentences")
 
 
 @dataclass
-class TextDlgView(Countdown):
+class TextDlgView(Countdown, EventFold):
     """The DLG text baseline's stream, shown next to DAGER's result."""
 
     references: Sequence[str] = ()
@@ -42,17 +42,6 @@ class TextDlgView(Countdown):
         if not self.t0:
             self.t0 = self.clock()
         self._handlers = {DlgStarted: self._started, TextDlgStep: self._step, TextDlgFinished: self._finished}
-
-    def apply(self, event: object) -> None:
-        """Fold one event into the view.
-
-        Raises:
-            TypeError: for an event type this view does not know.
-        """
-        handler = self._handlers.get(type(event))
-        if handler is None:
-            raise TypeError(f"TextDlgView cannot display a {type(event).__name__} event")
-        handler(event)
 
     @staticmethod
     def urgent(event: object) -> bool:

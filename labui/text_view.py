@@ -25,7 +25,7 @@ from dager.events import (
     WarningCode,
 )
 from labui import plots
-from labui.countdown import Countdown
+from labui.countdown import Countdown, EventFold
 from labui.labels import SPAN_FULL, VOCABULARY, WARNINGS
 from dager.metrics import match_sentences
 from labui.textdiff import diff_html
@@ -45,7 +45,7 @@ def _fmt_token(text: str) -> str:
 
 
 @dataclass
-class DagerView(Countdown):
+class DagerView(Countdown, EventFold):
     """Accumulated state of one DAGER run, for display.
 
     Attributes:
@@ -104,17 +104,6 @@ class DagerView(Countdown):
         }
 
     # -- events ------------------------------------------------------------------
-
-    def apply(self, event: object) -> None:
-        """Fold one event into the view.
-
-        Raises:
-            TypeError: for an event type this view does not know.
-        """
-        handler = self._handlers.get(type(event))
-        if handler is None:
-            raise TypeError(f"DagerView cannot display a {type(event).__name__} event")
-        handler(event)
 
     def mark_update_done(self, utility: dict[str, float] | None = None) -> None:
         """The client's update is computed; the attack starts (for the timings).
