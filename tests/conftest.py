@@ -64,3 +64,28 @@ def tiny_bundle(model_type: str, task: str = "classification", *, d: int = 64, l
 @pytest.fixture
 def tiny():
     return tiny_bundle
+
+
+class TinyCNN(torch.nn.Module):
+    """A LeNet-like image classifier, small enough for per-example tests."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, kernel_size=3, padding=1)
+        self.fc = torch.nn.Linear(4 * 4 * 4, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.sigmoid(self.conv(x))  # (B, 4, 8, 8)
+        h = torch.nn.functional.avg_pool2d(h, 2)  # (B, 4, 4, 4)
+        return self.fc(h.flatten(1))  # (B, classes)
+
+
+@pytest.fixture
+def cnn_case():
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    g = torch.Generator().manual_seed(1)
+    from fedclient import ImageBatch
+
+    batch = ImageBatch(images=torch.rand(5, 3, 8, 8, generator=g), labels=torch.tensor([0, 1, 2, 3, 1]))
+    return model, batch
