@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 # Torch-free imports only (issue 13): torch, transformers and the metrics load after the
 # arguments have been checked.
@@ -27,7 +27,7 @@ from labcli.common import CliUsageError, check_defense_specs, check_device, defe
 from labcli.outputs import check_output_path
 from labcli.runtime import EXIT_FAILED, EXIT_OK, interrupt_word, raise_if_interrupted
 from labcli.training import check_minibatch, client_keys, client_training, prepare_client
-from dager.cli_report import _line_span, _print_summary, _report
+from dager.cli_report import Json, _line_span, _print_summary, _report
 
 if TYPE_CHECKING:
     from dager.events import DagerResult
@@ -37,9 +37,6 @@ if TYPE_CHECKING:
     from fedclient.training import ClientTraining
 
 log = logging.getLogger("dager.cli")
-
-Json = dict[str, Any]
-"""A JSON object of the report (values of mixed types, as written)."""
 
 Engine = Callable[[], tuple[Callable[..., "DagerResult"], Callable[["ModelBundle"], list[str]]]]
 """The engine seam: ``() -> (run_dager, required_parameters)`` (see :func:`dager.cli._engine`)."""

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from dager.zoo import ModelBundle
 
 Json = dict[str, Any]
+"""A JSON object of the report (values of mixed types, as written)."""
 
 
 def _line_span(sentences: Sequence[Sentence]) -> str:

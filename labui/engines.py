@@ -72,21 +72,17 @@ def server_bundle(bundle, training):  # noqa: ANN001, ANN201
     """What the server holds for this client setup (checked against the model first).
 
     The bundle itself, or for a LoRA client the base model with the seeded adapters
-    merged (:func:`fedclient.lora.server_model`), which the attack reads.
+    merged, which the attack reads: the CLIs' :func:`labcli.training.prepare_client`.
 
     Raises:
         fedclient.errors.InvalidConfigError: r too large, or a precision this device cannot run.
     """
     import dataclasses
 
-    from fedclient.training import check_training
+    from labcli.training import prepare_client
 
-    check_training(training, bundle.model, device=DEVICE)
-    if training.lora is None:
-        return bundle
-    from fedclient.lora import server_model
-
-    return dataclasses.replace(bundle, model=server_model(bundle.model, training.lora))
+    merged = prepare_client(training, bundle.model, device=DEVICE)
+    return bundle if merged is None else dataclasses.replace(bundle, model=merged)
 
 
 @functools.cache

@@ -117,9 +117,8 @@ def run_text_attack(sentences_text: str, model: str, hub_id: str | None, task: s
         yield ModelReady(bundle)
         server = engines.server_bundle(bundle, training)  # LoRA: the base with the adapters merged
         batch = bundle.encode(sentences, seed=0)
-        extra = {} if training.plain else {"training": training}
         update = engines.compute_update(bundle.model, batch, parameters=engines.dager_parameters(bundle),
-                                        defense=defense, seed=0, **extra)
+                                        defense=defense, seed=0, training=training)
         plain_utility = defense is not None and training.lora is None
         yield UpdateReady(engines.utility(bundle.model, batch, update) if plain_utility else None)
         yield from engines.dager_events(server, update, noise_tolerant=noise_tolerant,

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dager.events import TokensFiltered
 
 ACCEPT = "#16a34a"
 REJECT = "#9ca3af"
@@ -88,7 +92,7 @@ def spectrum_figure(
 
 
 def distances_figure(
-    filters: Sequence[object],
+    filters: Sequence[TokensFiltered],
     decode: Callable[[int], str] | None = None,
     *,
     max_points: int = 60,
@@ -119,7 +123,7 @@ def distances_figure(
         accepted = {int(t) for t in f.token_ids.tolist()}
         dists = f.vocab_distances.tolist()[:max_points]
         ids = f.vocab_token_ids.tolist()[:max_points]
-        bound = getattr(f, "exact_below", None)
+        bound = f.exact_below
         for tid, dist in zip(ids, dists):
             label = repr(decode(int(tid))) if decode else str(tid)
             if bound is not None and dist >= bound:
@@ -141,7 +145,7 @@ def distances_figure(
                              marker=dict(color=CUT, symbol="line-ew-open", size=22, line=dict(width=2)),
                              hovertemplate="threshold %{y:.2e}<extra></extra>"))
     fig.update_layout(**_LAYOUT, title=dict(text=title, font=dict(size=14)))
-    bounds = {getattr(f, "exact_below", None) for f in filters} - {None}
+    bounds = {f.exact_below for f in filters} - {None}
     ytitle = "relative distance to span"
     if bounds:  # the fast filter: the plot says which values are lower bounds
         ytitle += f" (a lower bound above {min(bounds):g})"
