@@ -238,6 +238,7 @@ def _rank_step(run: _Run, names: list[str]) -> Generator[DagerEvent, None, tuple
         rank=span1.rank,
         over_capacity=over,
         parameters=tuple(names),
+        capacity=run.capacity if 0 < run.capacity < d else None,
     )
     yield _spectrum_event(1, span1)
     if over:

@@ -69,6 +69,8 @@ class AttackStarted:
         over_capacity: True when the rank approaches d, so exact recovery cannot be
             guaranteed; the attack still returns a best effort, flagged.
         parameters: the names of the shared parameters the attack reads.
+        capacity: the most distinct inputs the layer-1 span can hold when that is
+            below d (a LoRA update: its adapters' k r); ``None``: d.
     """
 
     model: str
@@ -78,6 +80,7 @@ class AttackStarted:
     rank: int
     over_capacity: bool
     parameters: tuple[str, ...]
+    capacity: int | None = None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,16 @@ VOCABULARY = (
 """The one place the text tab's vocabulary is explained (shown under the results)."""
 
 SPAN_FULL = "**The span is full: this defense stopped the exact attack.**"
+SPAN_FULL_LORA = ("**The span is full: the LoRA adapters' rank caps what the update can hold, "
+                  "which stopped the exact attack.**")
+
+LORA_WARNINGS = {
+    "span_full": SPAN_FULL_LORA + " The adapters' gradient reached its rank cap (rank {value:.0f}), so "
+    "every token passes the span check and none can be rejected; the attack stopped at the rank step.",
+    "over_capacity": "The batch has about as many distinct inputs as the LoRA adapters' rank can hold "
+    "(rank {value:.0f}): exact recovery is no longer guaranteed; this is a best effort.",
+}
+"""The capacity warnings for a LoRA update, whose cap is the adapters' k r, not the model width."""
 
 WARNINGS = {
     "span_full": SPAN_FULL + " The gradient's rank reached the model width (rank {value:.0f}), so "

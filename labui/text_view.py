@@ -26,7 +26,7 @@ from dager.events import (
 )
 from labui import plots
 from labui.countdown import Countdown, EventFold
-from labui.labels import SPAN_FULL, VOCABULARY, WARNINGS
+from labui.labels import LORA_WARNINGS, SPAN_FULL, SPAN_FULL_LORA, VOCABULARY, WARNINGS
 from dager.metrics import match_sentences
 from labui.textdiff import diff_html
 
@@ -298,12 +298,15 @@ class DagerView(Countdown, EventFold):
                 verdict = "⚠️ over capacity: best effort"
             else:
                 verdict = "within capacity: the span check can be exact"
+            room = (f"of d = {s.hidden_size}" if s.capacity is None
+                    else f"of the LoRA adapters' capacity {s.capacity} (d = {s.hidden_size})")
             lines.append(
                 f"**{html.escape(s.model)}** · task *{s.task}* · batch {s.batch_size} · "
-                f"rank **{s.rank}** of d = {s.hidden_size} ({verdict})"
+                f"rank **{s.rank}** {room} ({verdict})"
             )
+        lora = s is not None and s.capacity is not None
         if self.span_full:
-            lines.append(SPAN_FULL)
+            lines.append(SPAN_FULL_LORA if lora else SPAN_FULL)
         if self.finished is None and s is not None:
             progress = f"{len(self.recovered)} sentence(s) recovered"
             if self.prefixes is not None:
@@ -329,7 +332,7 @@ class DagerView(Countdown, EventFold):
             code = code_value(w.code)
             if code == WarningCode.SPAN_FULL.value:
                 continue  # said once, above
-            template = WARNINGS.get(code, "Warning: {code} ({value:g}).")
+            template = (LORA_WARNINGS if lora else {}).get(code) or WARNINGS.get(code, "Warning: {code} ({value:g}).")
             lines.append("⚠️ " + template.format(code=code, value=w.value) if not template.startswith("⏱")
                          else template.format(code=code, value=w.value))
         return "\n\n".join(lines)

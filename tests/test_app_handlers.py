@@ -426,3 +426,18 @@ def test_client_training_bad_choices_get_one_sentence(tiny, monkeypatch):
     # r=256 exceeds the tiny model's width (d=64): refused before any update is computed.
     with pytest.raises(LabInputError, match="r=256 is larger than the adapted layers. width d=64"):
         list(h.run_text_attack("a b c", "tiny", "", "classification", client_setup="LoRA r=256 (adapters only)"))
+
+
+def test_lora_capacity_is_named_as_the_adapters_not_the_model_width(tiny, monkeypatch):
+    """Under LoRA r=16 the span's cap is the adapters' k r (16), and the page must say so."""
+    bundle = tiny("gpt2")  # d = 64: the width alone would leave plenty of room
+    monkeypatch.setattr(engines, "load_model", lambda name, task, device="cpu": bundle)
+    typed = ["Alice owes Bob ten pounds before the end of May.", "The meeting is at noon in room four.",
+             "My card number ends in four two four two.", "Please water the plants on Sunday."]
+    final = list(h.run_text_attack("\n".join(typed), "tiny", "", "classification",
+                                   client_setup="LoRA r=16 (adapters only)"))[-1]
+    status = final[0]
+    assert "of the LoRA adapters' capacity 16 (d = 64)" in status
+    assert "LoRA adapters' rank caps what the update can hold" in status
+    assert "as many distinct tokens as the model is wide" not in status
+    assert "| layer-1 rank / d | 16 / 64 |" in final[5]  # the metrics beside it agree: rank 16
