@@ -36,237 +36,32 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    # Benchmark the code next to this script, installed or not (a bare GPU machine).
-    sys.path.insert(0, str(ROOT))
-SENTENCES = ROOT / "assets" / "sentences"
-GB = 1024**3
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    # The rows and tables live beside this script (run as a script or loaded by path).
+    sys.path.insert(0, str(HERE))
 
-WARMUP_SENTENCE = "A short warm-up line that loads the model before the clock starts."
-"""Attacked once per worker before the measured run (not part of any set)."""
-
-SETS: dict[str, str] = {
-    "short": "short.txt",
-    "medium": "medium.txt",
-    "reviews": "reviews.txt",
-    "documents": "documents.txt",
-    "messages": "messages.txt",
-}
-"""Benchmark sets by short name (files in ``assets/sentences``)."""
-
-
-# ---------------------------------------------------------------------------
-# Rows and targets
-
-
-Check = Callable[[dict[str, object]], bool]
-
-
-@dataclass(frozen=True)
-class Target:
-    """A goal from the issue, checked against one result row.
-
-    Attributes:
-        text: the goal as printed in the table.
-        check: whether a result row meets it.
-    """
-
-    text: str
-    check: Check
-
-
-def _goal(*, exact: float, seconds: float | None = None, memory_gb: float | None = None) -> Target:
-    """A target: at least ``exact`` exact match, at most ``seconds`` per batch, under ``memory_gb``."""
-    parts = ["all exact" if exact >= 1.0 else f">= {exact:.0%} exact"]
-    if seconds is not None:
-        parts.append(f"<= {seconds:g} s")
-    if memory_gb is not None:
-        parts.append(f"< {memory_gb:g} GB")
-
-    def check(r: dict[str, object]) -> bool:
-        ok = float(r["exact_match"]) >= exact  # type: ignore[arg-type]
-        if seconds is not None:
-            ok = ok and float(r["attack_s"]) <= seconds  # type: ignore[arg-type]
-        if memory_gb is not None:
-            ok = ok and int(r["peak_bytes"]) < memory_gb * GB  # type: ignore[call-overload]
-        return ok
-
-    return Target(", ".join(parts), check)
-
-
-@dataclass(frozen=True)
-class Row:
-    """One benchmark row.
-
-    Attributes:
-        id: short name for ``--rows`` (and the key of the JSON output).
-        model: embedded model name.
-        task: ``"classification"`` or ``"next-token"``.
-        set: sentence set (a key of :data:`SETS`).
-        batch_size: sentences per batch.
-        batches: batches attacked by default (``--max-batches`` caps it).
-        target: the CPU goal, if any.
-        gpu_target: the goal on CUDA (default: the CPU goal).
-        default: part of the default run (``make bench``).
-    """
-
-    id: str
-    model: str
-    task: str
-    set: str
-    batch_size: int
-    batches: int
-    target: Target | None = None
-    gpu_target: Target | None = None
-    default: bool = True
-
-    def target_for(self, device: str) -> Target | None:
-        if device == "cuda" and self.gpu_target is not None:
-            return self.gpu_target
-        return self.target
-
-
-GPT2 = "gpt2-small-random"
-LLAMA = "llama-small-random"
-WIDE = "llama2-7b-width-random"
-MINILM = "minilm-l6"
-CLS, NEXT = "classification", "next-token"
-
-ROWS: tuple[Row, ...] = (
-    Row("gpt2-med-8", GPT2, CLS, "medium", 8, 4, _goal(exact=1.0, seconds=0.5)),
-    Row("gpt2-med-32", GPT2, CLS, "medium", 32, 2, _goal(exact=1.0, seconds=3)),
-    Row("gpt2-rev-16", GPT2, CLS, "reviews", 16, 2, _goal(exact=1.0, seconds=4)),
-    Row("gpt2-doc-1", GPT2, CLS, "documents", 1, 2, _goal(exact=1.0, seconds=10)),
-    Row("gpt2-doc-2", GPT2, CLS, "documents", 2, 2, _goal(exact=1.0, seconds=10)),
-    Row("gpt2-short-8", GPT2, CLS, "short", 8, 4),
-    Row("gpt2-next-1", GPT2, NEXT, "medium", 1, 8, _goal(exact=1.0)),
-    Row("gpt2-next-8", GPT2, NEXT, "medium", 8, 2, _goal(exact=1.0)),
-    Row("llama-med-8", LLAMA, CLS, "medium", 8, 2, _goal(exact=1.0)),
-    Row("wide-med-64", WIDE, CLS, "medium", 64, 2, _goal(exact=0.95, seconds=60, memory_gb=16)),
-    Row(
-        "wide-med-128", WIDE, CLS, "medium", 128, 1,
-        _goal(exact=0.95, seconds=180, memory_gb=16),
-        gpu_target=_goal(exact=0.95, seconds=10),
-    ),
-    Row("minilm-med-4", MINILM, CLS, "medium", 4, 8, _goal(exact=0.95, seconds=3)),
-    Row("minilm-med-8", MINILM, CLS, "medium", 8, 4, _goal(exact=0.90, seconds=10)),
+from dager_rows import (  # noqa: E402 - after the path set-up; re-exported for callers and tests
+    ADHOC_SENTENCES, CLS, DEFAULT_GRID, DEFAULT_MODELS, ENCODERS_CLASSIFICATION_ONLY, GB, GPT2, LLAMA,
+    MINILM, NEXT, QUICK_ROWS, ROOT, ROWS, ROWS_BY_ID, SENTENCES, SETS, WARMUP_SENTENCE, WIDE, Row,
+    SetStats, Target, _grid, gpt2_counter, read_set, select_rows, token_stats,
 )
-ROWS_BY_ID = {r.id: r for r in ROWS}
-QUICK_ROWS = ("gpt2-med-8", "minilm-med-4")
-DEFAULT_GRID: tuple[tuple[str, str, int], ...] = tuple((r.model, r.task, r.batch_size) for r in ROWS if r.default)
-"""``(model, task, B)`` of the default rows (kept for callers of the first release's grid)."""
-DEFAULT_MODELS = (GPT2, LLAMA, MINILM)
-ENCODERS_CLASSIFICATION_ONLY = (MINILM,)
-ADHOC_SENTENCES = 8
-"""An ad-hoc row attacks at least this many sentences (several batches at small B)."""
+from dager_tables import _print_table, _table, compare, set_table  # noqa: E402
 
-
-def select_rows(args: argparse.Namespace) -> list[Row]:
-    """The rows to run: ``--rows`` filters, an ad-hoc grid, ``--quick`` or the defaults.
-
-    ``--rows`` takes ids or substrings of ids, models or set names (``gpt2-med``,
-    ``wide``, ``reviews``); an ad-hoc grid (``--models``/``--batch-sizes``/``--tasks``)
-    builds rows on ``--set`` with the issue's target where one exists.
-
-    Raises:
-        SystemExit: a ``--rows`` pattern matches nothing (exit 2, one line).
-    """
-    if args.models is not None or args.batch_sizes is not None or args.tasks is not None:
-        rows = _adhoc_rows(args)
-    elif args.quick:
-        rows = [ROWS_BY_ID[i] for i in QUICK_ROWS]
-    else:
-        rows = [r for r in ROWS if r.default or args.rows]
-    if args.rows:
-        chosen = []
-        for pattern in args.rows:
-            hits = [r for r in rows if r.id == pattern] or [
-                r for r in rows if pattern in r.id or pattern == r.model or pattern == r.set
-            ]
-            if not hits:
-                raise SystemExit(f"dager_bench: error: --rows {pattern!r} matches no row; rows: {', '.join(ROWS_BY_ID)}")
-            chosen.extend(h for h in hits if h not in chosen)
-        rows = chosen
-    return rows
-
-
-def _adhoc_rows(args: argparse.Namespace) -> list[Row]:
-    models = args.models or list(DEFAULT_MODELS)
-    sizes = args.batch_sizes or [8]
-    tasks = args.tasks or [CLS]
-    rows = []
-    for m in models:
-        for t in tasks:
-            if t != CLS and m in ENCODERS_CLASSIFICATION_ONLY:
-                print(f"skipping {m} {t}: an encoder only supports classification", file=sys.stderr)
-                continue
-            for b in sizes:
-                known = next(
-                    (r for r in ROWS if (r.model, r.task, r.batch_size, r.set) == (m, t, b, args.set)), None
-                )
-                batches = max(1, -(-ADHOC_SENTENCES // b))
-                rows.append(known or Row(f"{m}-{args.set}-{t}-{b}", m, t, args.set, b, batches))
-    return rows
-
-
-def _grid(args: argparse.Namespace) -> list[tuple[str, str, int]]:
-    """``(model, task, B)`` of the selected rows."""
-    return [(r.model, r.task, r.batch_size) for r in select_rows(args)]
-
-
-def _row_spec(result: dict[str, object]) -> Row | None:
-    """The named row a result belongs to (by id, else by model, task, B and set)."""
-    if result.get("id") in ROWS_BY_ID:
-        return ROWS_BY_ID[str(result["id"])]
-    for r in ROWS:
-        if (r.model, r.task, r.batch_size) == (result.get("model"), result.get("task"), result.get("batch_size")):
-            if result.get("set", r.set) == r.set:
-                return r
-    return None
-
-
-# ---------------------------------------------------------------------------
-# Set statistics (GPT-2 tokens, whatever the model: one ruler for every table)
-
-
-@dataclass(frozen=True)
-class SetStats:
-    """Length statistics of a list of lines, in GPT-2 tokens (no special tokens)."""
-
-    lines: int
-    mean_tokens: float
-    max_tokens: int
-
-
-def read_set(name: str) -> list[str]:
-    """The non-blank lines of a benchmark set, as the CLI reads them."""
-    path = SENTENCES / SETS[name]
-    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-
-
-def token_stats(lines: Sequence[str], count: Callable[[str], int]) -> SetStats:
-    """Mean and maximum token counts of ``lines``."""
-    counts = [count(ln) for ln in lines]
-    return SetStats(len(counts), statistics.fmean(counts) if counts else 0.0, max(counts, default=0))
-
-
-def gpt2_counter() -> Callable[[str], int]:
-    """Counts GPT-2 tokens with the embedded tokenizer (the zoo's)."""
-    from dager.zoo import gpt2_tokenizer
-
-    tok = gpt2_tokenizer()
-    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
-
+__all__ = [
+    "ADHOC_SENTENCES", "CLS", "DEFAULT_GRID", "DEFAULT_MODELS", "ENCODERS_CLASSIFICATION_ONLY", "GB", "GPT2",
+    "LLAMA", "MINILM", "NEXT", "QUICK_ROWS", "ROOT", "ROWS", "ROWS_BY_ID", "SENTENCES", "SETS",
+    "WARMUP_SENTENCE", "WIDE", "Row", "SetStats", "Target", "build_parser", "compare", "gpt2_counter",
+    "main", "read_set", "run_row", "select_rows", "set_table", "token_stats",
+    "_grid", "_table",  # the tests' handles
+]
 
 # ---------------------------------------------------------------------------
 # Worker: one row, in its own process
@@ -385,82 +180,6 @@ def run_row(row: Row, *, args: argparse.Namespace, workdir: Path, count: Callabl
     return result
 
 
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    return f"{n / GB:.2f} GB" if n >= GB else f"{n / 1024**2:.0f} MB"
-
-
-def _tokens(r: dict[str, object]) -> str:
-    if "mean_tokens" not in r:
-        return "-"
-    return f"{float(r['mean_tokens']):.1f} / {r['max_tokens']}"  # type: ignore[arg-type]
-
-
-def _table(
-    rows: Sequence[dict[str, object]], *, cuda: bool, device: str | None = None
-) -> tuple[list[str], list[list[str]]]:
-    """Column names and cells of the results table (one row per result)."""
-    device = device or ("cuda" if cuda else "cpu")
-    cols = ["id", "model", "task", "set", "tokens mean/max", "B", "batches", "exact", "ROUGE-1", "ROUGE-2",
-            "attack s", "client s", "CPU s", "peak RSS"]
-    if cuda:
-        cols.append("GPU peak")
-    cols += ["target", "met"]
-    body = []
-    for r in rows:
-        spec = _row_spec(r)
-        target = spec.target_for(device) if spec is not None else None
-        head = [str(r.get("id", spec.id if spec else "-")), str(r["model"]), str(r["task"]),
-                str(r.get("set", spec.set if spec else "-")), _tokens(r), str(r["batch_size"])]
-        if "error" in r:
-            what = "timed out" if r.get("timed_out") else "error (below)"
-            cells = [*head, str(r.get("batches", "-")), what, "", "", "", "", "", ""]
-            if cuda:
-                cells.append("")
-            body.append([*cells, target.text if target else "", "no" if target else ""])
-            continue
-        flags = [f for f in ("over_capacity", "budget_exhausted") if r.get(f)]
-        if r.get("failed_batches"):
-            flags.append(f"failed {r['failed_batches']}")
-        exact = f"{100 * float(r['exact_match']):.1f}%" + (f" ({', '.join(flags)})" if flags else "")  # type: ignore[arg-type]
-        cells = [
-            *head, str(r["batches"]), exact,
-            f"{float(r['rouge1']):.3f}", f"{float(r['rouge2']):.3f}",  # type: ignore[arg-type]
-            f"{float(r['attack_s']):.2f}", f"{float(r['client_s']):.2f}",  # type: ignore[arg-type]
-            f"{float(r['cpu_s']):.2f}" if "cpu_s" in r else "-", _fmt_bytes(r["peak_bytes"]),  # type: ignore[arg-type]
-        ]
-        if cuda:
-            cells.append(_fmt_bytes(r.get("cuda_peak_bytes")))  # type: ignore[arg-type]
-        met = ("yes" if target.check(r) else "no") if target is not None else ""  # type: ignore[arg-type]
-        body.append([*cells, target.text if target else "", met])
-    return cols, body
-
-
-def _print_table(cols: list[str], body: list[list[str]], *, markdown: bool) -> None:
-    if markdown:
-        print("| " + " | ".join(cols) + " |")
-        print("|" + "|".join("---" for _ in cols) + "|")
-        for row in body:
-            print("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
-        return
-    widths = [max(len(c), *(len(r[i]) for r in body)) if body else len(c) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
-    for row in body:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-
-
-def set_table(names: Sequence[str], count: Callable[[str], int]) -> tuple[list[str], list[list[str]], dict]:
-    """The input sets' statistics: columns, cells and a JSON-ready dict."""
-    cols = ["set", "file", "lines", "mean GPT-2 tokens", "max GPT-2 tokens"]
-    body, data = [], {}
-    for name in names:
-        s = token_stats(read_set(name), count)
-        data[name] = {"file": SETS[name], "lines": s.lines, "mean_tokens": round(s.mean_tokens, 2), "max_tokens": s.max_tokens}
-        body.append([name, SETS[name], str(s.lines), f"{s.mean_tokens:.1f}", str(s.max_tokens)])
-    return cols, body, data
-
-
 def _engine_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
@@ -493,50 +212,6 @@ def _meta(args: argparse.Namespace) -> dict[str, object]:
     if args.device == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(0)
     return meta
-
-
-# ---------------------------------------------------------------------------
-# Side by side: two JSON outputs (e.g. the old and the new engine)
-
-
-def compare(old_path: Path, new_path: Path, *, markdown: bool) -> int:
-    """Print two result files side by side, joined on row id."""
-    old, new = (json.loads(p.read_text(encoding="utf-8")) for p in (old_path, new_path))
-    name_a = old.get("meta", {}).get("label") or old_path.stem
-    name_b = new.get("meta", {}).get("label") or new_path.stem
-    by_id = {r["id"]: r for r in old.get("rows", [])}
-    cols = ["id", "set", "B", f"exact {name_a}", f"exact {name_b}", f"attack s {name_a}", f"attack s {name_b}",
-            "speed-up", f"peak RSS {name_a}", f"peak RSS {name_b}"]
-    body = []
-
-    def cell(r: dict | None, key: str) -> str:
-        if r is None:
-            return "-"
-        if "error" in r:
-            return "timed out" if r.get("timed_out") else "error"
-        if key == "exact_match":
-            return f"{100 * float(r[key]):.1f}%"
-        if key == "peak_bytes":
-            return _fmt_bytes(r.get(key))
-        return f"{float(r[key]):.2f}"
-
-    for b in new.get("rows", []):
-        a = by_id.pop(b["id"], None)
-        speed = "-"
-        if a is not None and "error" not in a and "error" not in b and float(b["attack_s"]) > 0:
-            speed = f"{float(a['attack_s']) / float(b['attack_s']):.1f}x"
-        body.append([b["id"], str(b.get("set", "")), str(b["batch_size"]), cell(a, "exact_match"),
-                     cell(b, "exact_match"), cell(a, "attack_s"), cell(b, "attack_s"), speed,
-                     cell(a, "peak_bytes"), cell(b, "peak_bytes")])
-    for a in by_id.values():
-        body.append([a["id"], str(a.get("set", "")), str(a["batch_size"]), cell(a, "exact_match"), "-",
-                     cell(a, "attack_s"), "-", "-", cell(a, "peak_bytes"), "-"])
-    for tag, data in ((name_a, old), (name_b, new)):
-        meta = data.get("meta", {})
-        print(f"{tag}: engine {meta.get('engine_commit')}, {meta.get('device')}, {meta.get('cpu_cores')} cores, "
-              f"load {meta.get('load_average_start')}, started {meta.get('started')}")
-    _print_table(cols, body, markdown=markdown)
-    return 0
 
 
 # ---------------------------------------------------------------------------
