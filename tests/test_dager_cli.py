@@ -15,8 +15,7 @@ import dager
 import dager.cli as cli
 from dager.events import DagerResult
 from dager.textio import read_sentences, split_batches
-from fedclient.errors import UnknownModelError
-from tests.conftest import tiny_bundle
+from tests.cli_support import tiny_zoo  # noqa: F401 - a fixture, found by name
 
 CONTRACT_KEYS = {
     "model", "task", "batch_size", "rouge1", "rouge2", "rougeL", "exact_match",
@@ -24,18 +23,6 @@ CONTRACT_KEYS = {
 }
 BATCH_KEYS = {"references", "predictions", "exact", "rank", "total_tokens", "seconds"}
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def tiny_zoo(monkeypatch):
-    """dager.load_model serves tiny seeded models under the name 'tiny-<family>'."""
-
-    def load(name: str, task: str = "classification", *, device: str = "cpu"):
-        if not name.startswith("tiny-"):
-            raise UnknownModelError(f"{name!r} is not a test model.")
-        return tiny_bundle(name.removeprefix("tiny-"), task)
-
-    monkeypatch.setattr(dager, "load_model", load)
 
 
 class FakeEngine:
