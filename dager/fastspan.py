@@ -37,6 +37,13 @@ RESIDUAL_PROBES = 10
 """Gaussian probes of the a-posteriori residual bound (Halko et al. 2011, Lemma 4.1:
 the bound fails with probability at most ``10^-probes``)."""
 
+FLOAT32_PASS_MAX_DIM = 1024
+"""Up to this ``d`` the first pass over the gradient (``B0 = Q0^T M``) runs in float32:
+its round-off only tilts ``W`` a little (the certificate measures the result), and it
+halves that pass. Past it the float32 pass saves less than the ``k s^2`` Gram matrix
+it then needs (float64 gets ``B0 B0^T`` from the second pass for ``d s^2``), and the
+wider tail leaves the certificate less margin."""
+
 _CHUNK_BYTES = 64 * 2**20
 """Float64 bytes of the gradient converted at once by the fast path."""
 
@@ -96,14 +103,17 @@ class _Float64Operator:
         return self.m[:, index.to(self.m.device)].to(torch.float64)
 
 
-def _sketch_rank(tri: torch.Tensor, tolerance: float) -> int:
-    """The rank rule applied to a sketch's spectrum (the singular values of its
-    triangular QR factor ``tri``); it only sizes the sketch."""
-    sv = torch.linalg.svdvals(tri)
-    evals = sv * sv
+def _sketch_rank(y: torch.Tensor, tolerance: float) -> tuple[int, torch.Tensor]:
+    """The rank rule applied to a sketch's spectrum, and the sketch's leading
+    directions: ``(rank, Y V)`` with ``V`` the eigenvectors of ``Y^T Y``, descending.
+    The rank only sizes the sketch, so the Gram matrix's round-off (1e-16 of the
+    largest eigenvalue, far below the float32 gradient's own) does not matter."""
+    evals, vecs = torch.linalg.eigh(y.T @ y)  # ascending
+    evals = evals.flip(0).clamp(min=0.0)
+    lead = y @ vecs.flip(1)  # (d, s): orthogonal columns, norms sqrt(evals)
     if float(evals[0]) <= 0.0:
-        return 0
-    return rank_rule(evals, tolerance)
+        return 0, lead
+    return rank_rule(evals, tolerance), lead
 
 
 def fast_span(
@@ -165,7 +175,8 @@ def fast_span(
     hint = rank_hint if rank_hint is not None else 112
     s = min(limit, max(2 * OVERSAMPLE, hint + hint // 8 + OVERSAMPLE))
     for dense in (False, True):
-        outcome = _attempt(op, s, limit, tolerance, gen, dense=dense)
+        precise = dense or d > FLOAT32_PASS_MAX_DIM
+        outcome = _attempt(op, s, limit, tolerance, gen, dense=dense, precise=precise)
         if isinstance(outcome, Span) or outcome is None:
             return outcome
         s = outcome  # the sketch missed a direction: retry densely at the size it reached
@@ -173,7 +184,7 @@ def fast_span(
 
 
 def _attempt(
-    op: _Float64Operator, s: int, limit: int, tolerance: float, gen: torch.Generator, *, dense: bool
+    op: _Float64Operator, s: int, limit: int, tolerance: float, gen: torch.Generator, *, dense: bool, precise: bool
 ) -> Span | int | None:
     """One sketch: a certified span, ``None`` (decline), or the sketch size reached when
     the residual shows a missed direction (worth a dense sketch)."""
@@ -188,15 +199,26 @@ def _attempt(
             cols = torch.randperm(k, generator=gen)[: 2 * s]
             omega = torch.randn((2 * s, s), generator=gen, dtype=f64).to(dev)
             y0 = op.columns(cols) @ omega  # (d, s) M[:, J] Omega
-        q0, tri = torch.linalg.qr(y0)  # (d, s); its orthogonality does not matter below
-        if _sketch_rank(tri, tolerance) + OVERSAMPLE // 2 <= s:
+        r0, lead = _sketch_rank(y0, tolerance)
+        if r0 + OVERSAMPLE // 2 <= s:
+            # Keep the sketch's leading r0 + p directions (the passes over M cost s
+            # each), as unit columns: their orthogonality does not matter below.
+            q0 = lead[:, : min(s, r0 + OVERSAMPLE + r0 // 16)]
+            q0 = q0 / q0.norm(dim=0).clamp(min=1e-300)
             break
         if s >= limit:
             return None
         s = min(limit, max(s + 2 * OVERSAMPLE, int(1.25 * s)))
-    b0 = op.rows_times(q0.T.contiguous())  # (s, k) B0 = Q0^T M
-    y1 = op.right(b0.T)  # (d, s) Y1 = M B0^T = M M^T Q0
-    gram = q0.T @ y1  # (s, s) = B0 B0^T
+    if precise:
+        b0 = op.rows_times(q0.T.contiguous())  # (s, k) B0 = Q0^T M
+    else:
+        b0 = (q0.T.to(torch.float32) @ op.m.to(torch.float32)).to(f64)  # (s, k) B0 ~ Q0^T M
+    s = q0.shape[1]
+    probes = torch.randn((k, RESIDUAL_PROBES), generator=gen, dtype=f64).to(dev)
+    both = op.right(torch.cat([b0.T, probes], dim=1))  # one pass: M B0^T and M omega
+    y1, m_probes = both[:, :s], both[:, s:]  # (d, s) Y1 = M B0^T = M M^T Q0; (d, p)
+    # B0 B0^T: from Y1 when B0 is exactly Q0^T M (an s x d x s product), else directly.
+    gram = q0.T @ y1 if precise else b0 @ b0.T  # (s, s)
     lam, vec = torch.linalg.eigh(0.5 * (gram + gram.T))  # ascending
     top0 = float(lam[-1])
     if top0 <= 0.0:
@@ -212,11 +234,9 @@ def _attempt(
     r = rank_rule(evals, tolerance)
     if r + OVERSAMPLE // 2 > evals.numel():
         return None  # no spare columns left after all: the full rule must judge
-    # rho: Gaussian probes of M (I - W W^T), with W applied through B0 (no (k, s) W).
-    probes = torch.randn((k, RESIDUAL_PROBES), generator=gen, dtype=f64).to(dev)
-    inside = scale.T @ (b0 @ probes)  # (s', p) W^T omega
-    outside = probes - b0.T @ (scale @ inside)  # (k, p) (I - W W^T) omega
-    res = op.right(outside)  # (d, p)
+    # rho: Gaussian probes of M (I - W W^T) = M omega - F W^T omega, W^T = scale^T B0
+    # (no (k, s) W; the subtraction cancels to 1e-16 of M omega, far below the tail).
+    res = m_probes - f @ (scale.T @ (b0 @ probes))  # (d, p)
     rho = 10.0 * math.sqrt(2.0 / math.pi) * float(res.norm(dim=0).max())
     head = float(evals[r]) if r < evals.numel() else 0.0
     tail = (math.sqrt(head) + rho) ** 2
