@@ -222,7 +222,9 @@ def _attempt(
     lam, vec = torch.linalg.eigh(0.5 * (gram + gram.T))  # ascending
     top0 = float(lam[-1])
     if top0 <= 0.0:
-        return None  # an all-zero gradient: let the full path report rank 0
+        # The sampled columns are all zero (a dense sketch may find others); a dense
+        # sketch that finds nothing: an all-zero gradient, the full path reports rank 0.
+        return None if dense else s
     keep = lam > 1e-20 * top0  # directions B0 does not reach carry nothing
     lam, vec = lam[keep], vec[:, keep]
     scale = vec * lam.rsqrt()  # (s, s') V Lambda^{-1/2}: W = B0^T scale is orthonormal
@@ -233,7 +235,9 @@ def _attempt(
     top = float(evals[0])
     r = rank_rule(evals, tolerance)
     if r + OVERSAMPLE // 2 > evals.numel():
-        return None  # no spare columns left after all: the full rule must judge
+        # No spare columns left after all: the sampled columns reached fewer directions
+        # than M has (a dense sketch may reach them), or the rank is past the sketch.
+        return None if dense or r + OVERSAMPLE > limit else r + OVERSAMPLE
     # rho: Gaussian probes of M (I - W W^T) = M omega - F W^T omega, W^T = scale^T B0
     # (no (k, s) W; the subtraction cancels to 1e-16 of M omega, far below the tail).
     res = m_probes - f @ (scale.T @ (b0 @ probes))  # (d, p)
