@@ -1,10 +1,11 @@
 """The fast span: a certified randomized range finder (issue 10).
 
 :func:`dager.span.span_of` tries :func:`fast_span` first. An undefended gradient's
-rank (the number of distinct inputs) is far below ``d``, so three products with a
-``(d, r + p)`` sketch replace the ``d x d`` Gram matrix and its eigen-decomposition;
-the cut is certified a posteriori, and any spectrum it cannot certify (a defense's
-noise, a rank near ``d``) goes back to the full decomposition.
+rank (the number of distinct inputs) is far below ``d``, so a cheap sketch of sampled
+columns and two passes over the gradient with a ``(d, r + p)`` basis replace the
+``d x d`` Gram matrix and its eigen-decomposition; the cut is certified a posteriori,
+and any spectrum it cannot certify (a defense's noise, a rank near ``d``) goes back
+to the full decomposition.
 """
 
 from __future__ import annotations

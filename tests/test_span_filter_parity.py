@@ -123,10 +123,11 @@ def test_layer1_filter_verdicts_match_the_previous_filter(tiny, case, lower_boun
     assert new.shape == old.shape
     for thr in (1e-5, 1e-4, 1e-3, 1e-2):
         assert torch.equal(new < thr, old < thr)
-    # Below the screen both report the same float64 distance, bit for bit.
+    # Below the screen both report the float64 distance (the new filter factorises its
+    # product over tokens and positions: the same up to float64 round-off of |y|^2).
     near = (new < SCREEN / 2) & (old < SCREEN / 2)
     assert bool(near.any())
-    assert torch.equal(new[near], old[near])
+    assert torch.allclose(new[near], old[near], rtol=1e-6, atol=1e-8)
     if not lower_bounds:  # both are float32 estimates of the same distance above the screen
         assert torch.allclose(new, old, rtol=1e-2, atol=1e-3)
 
