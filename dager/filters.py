@@ -153,41 +153,13 @@ class AdditiveLayerNormFilter:
         approx = ratio.clamp_(min=0.0).sqrt_().to(torch.float64)  # (P, V)
         near = (approx < SCREEN).nonzero()  # (m, 2): (position row, token)
         if near.numel():
-            approx[near[:, 0], near[:, 1]] = self._exact(near, rows)
+            d = rows.shape[1]
+            x = self.tokens[near[:, 1]].to(torch.float64) + rows[near[:, 0]].to(torch.float64)
+            y = torch.nn.functional.layer_norm(
+                x, (d,), self.gamma.to(torch.float64), self.beta.to(torch.float64), self.eps
+            )
+            approx[near[:, 0], near[:, 1]] = exact_relative_distance(y, self.span)
         return approx
-
-    def _exact(self, near: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Float64 distances of the ``(position row, token)`` pairs ``near`` ``(m, 2)``.
-
-        What :func:`dager.span.exact_relative_distance` computes from the LayerNorm
-        outputs, with the one ``d x k`` product per pair factorised like the screen:
-        ``Q^T y = (Q^T (gamma c(w_t)) + Q^T (gamma c(p))) / sigma + Q^T beta``, so the
-        product runs once per distinct token and position (at B=32 about 300 tokens
-        and 30 positions instead of 9k pairs). Float64 throughout: the distances
-        agree with the unfactorised ones to ~1e-9 (float64 round-off of ``|y|^2``).
-        """
-        f64 = torch.float64
-        span = self.span
-        d = span.dim
-        if span.rank == 0:
-            return torch.ones(near.shape[0], dtype=f64, device=near.device)
-        use_basis = span.rank < d // 2  # the side exact_relative_distance reads
-        q = span.cast("basis" if use_basis else "complement", f64, near.device)  # (d, k)
-        g = self.gamma.to(f64)
-        tokens, which = near[:, 1].unique(return_inverse=True)
-        cw = self.tokens[tokens].to(f64)
-        cw = cw - cw.mean(-1, keepdim=True)  # (U, d)
-        cp = rows.to(f64)
-        cp = cp - cp.mean(-1, keepdim=True)  # (P, d)
-        gq = g.unsqueeze(1) * q
-        c = cw[which] + cp[near[:, 0]]  # (m, d) centred layer-1 inputs
-        inv_sigma = torch.rsqrt((c * c).mean(-1) + self.eps)  # (m,)
-        y = g * c * inv_sigma.unsqueeze(1) + self.beta.to(f64)  # (m, d) LayerNorm outputs
-        y_sq = (y * y).sum(-1)
-        qy = ((cw @ gq)[which] + (cp @ gq)[near[:, 0]]) * inv_sigma.unsqueeze(1) + self.beta.to(f64) @ q  # (m, k)
-        qy_sq = (qy * qy).sum(-1)
-        perp2 = (y_sq - qy_sq).clamp(min=0.0) if use_basis else qy_sq
-        return (perp2 / y_sq.clamp(min=1e-300)).sqrt()
 
 
 POSITION_CACHE_BYTES = 64 * 2**20

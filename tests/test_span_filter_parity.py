@@ -123,11 +123,11 @@ def test_layer1_filter_verdicts_match_the_previous_filter(tiny, case, lower_boun
     assert new.shape == old.shape
     for thr in (1e-5, 1e-4, 1e-3, 1e-2):
         assert torch.equal(new < thr, old < thr)
-    # Below the screen both report the float64 distance (the new filter factorises its
-    # product over tokens and positions: the same up to float64 round-off of |y|^2).
+    # Below the screen both report the same float64 distance, bit for bit (the encoder's
+    # search orders candidates by it: a round-off change can change what it recovers).
     near = (new < SCREEN / 2) & (old < SCREEN / 2)
     assert bool(near.any())
-    assert torch.allclose(new[near], old[near], rtol=1e-6, atol=1e-8)
+    assert torch.equal(new[near], old[near])
     if not lower_bounds:  # both are float32 estimates of the same distance above the screen
         assert torch.allclose(new, old, rtol=1e-2, atol=1e-3)
 
@@ -138,14 +138,24 @@ def test_position_terms_follow_a_changed_position_row(tiny):
     span = span_of(hooks.input_matrix(_update(bundle, SENTENCES[:3]), hooks.attention_parameters(0)))
     positions = range(0, 6)
     hooks.layer1_filter(span).distances(positions)  # fills the per-model terms
-    with torch.no_grad():
-        hooks.tf.wpe.weight[2] += 0.5  # the model changed: position 2's terms are stale
-    got = hooks.layer1_filter(span).distances(positions)
+    wpe = hooks.tf.wpe.weight
+    before = wpe[2].detach().clone()
+    try:
+        with torch.no_grad():
+            wpe[2] += 0.05  # the model changed: position 2's terms are stale
+        changed = wpe[2].detach().clone()
+        got = hooks.layer1_filter(span).distances(positions)
+    finally:
+        with torch.no_grad():
+            wpe[2].copy_(before)  # a later tiny model may reuse this memory
     ln = hooks.blocks[0].ln_1
     d = hooks.hidden_size
     vocab = torch.arange(hooks.vocab_size)
     for row, pos in enumerate(positions):
-        x = hooks.token_inputs(vocab, pos).double()
+        if pos == 2:
+            x = hooks.tf.wte.weight.detach().double() + changed.double()
+        else:
+            x = hooks.token_inputs(vocab, pos).double()
         y = torch.nn.functional.layer_norm(x, (d,), ln.weight.double(), ln.bias.double(), ln.eps)
         exact = exact_relative_distance(y, span)
         assert torch.allclose(got[row], exact, rtol=1e-2, atol=1e-3)
@@ -159,18 +169,21 @@ def _attack_record(bundle, update):
     return accepted, result.result.sentences, result.result.rank
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "bert"])
 def test_attack_filters_and_recovers_as_with_the_previous_paths(tiny, model_type, monkeypatch):
     bundle = tiny(model_type, "classification", d=256, layers=3)
     update = _update(bundle)
     new = _attack_record(bundle, update)
     import dager.fastspan
+    import dager.hooks_bert
     import dager.hooks_gpt2
     import dager.hooks_llama
 
     monkeypatch.setattr(dager.fastspan, "fast_span", ref.fast_span)
     monkeypatch.setattr(dager.hooks_gpt2, "AdditiveLayerNormFilter", ref.AdditiveLayerNormFilter)
+    monkeypatch.setattr(dager.hooks_bert, "AdditiveLayerNormFilter", ref.AdditiveLayerNormFilter)
     monkeypatch.setattr(dager.hooks_llama, "ScaleFreeFilter", ref.ScaleFreeFilter)
     old = _attack_record(bundle, update)
-    assert new == old
-    assert sorted(new[1]) == sorted(SENTENCES)  # and both recover the whole batch
+    assert new == old  # the same accepted tokens, text and rank
+    if model_type != "bert":  # the decoders' exact search recovers the whole batch
+        assert sorted(new[1]) == sorted(SENTENCES)
