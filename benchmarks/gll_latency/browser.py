@@ -73,17 +73,37 @@ def text_page(url: str) -> Iterator[object]:
             browser.close()
 
 
-def click_to_first_token(page) -> tuple[float, float]:  # noqa: ANN001
-    """(Playwright's click-to-token seconds, the page's own figure) for one run; waits for the end."""
+def browser_cpu_s() -> float:
+    """CPU seconds used so far by this process's children: Chromium (every process of it)
+    and Playwright's driver. On a loaded machine this moves far less than wall time."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil comes with the app's environment
+        return float("nan")
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:  # exited meanwhile
+            continue
+        total += times.user + times.system
+    return total
+
+
+def click_to_first_token(page) -> tuple[float, float, float]:  # noqa: ANN001
+    """(Playwright's click-to-token seconds, the page's own figure, the browser's CPU seconds
+    from the click to the token) for one run; waits for the end."""
+    cpu0 = browser_cpu_s()
     t0 = time.perf_counter()
     page.locator("#gll-run-text").click()
     page.locator(TOKEN).first.wait_for(timeout=300_000)
     first = time.perf_counter() - t0
+    cpu = browser_cpu_s() - cpu0
     page.locator("#gll-first-token .gll-first-token[data-seconds]").wait_for(timeout=60_000)
     own = float(page.locator("#gll-first-token .gll-first-token").get_attribute("data-seconds"))
     page.locator("#gll-text-status").get_by_text("Done").wait_for(timeout=300_000)
     page.wait_for_timeout(1500)  # Run comes back
-    return first, own
+    return first, own, cpu
 
 
 class ServerStamps:
@@ -146,7 +166,8 @@ class ServerStamps:
         handlers.stream_dager = stream_dager
 
 
-def _stages(page, stamps: ServerStamps, first: float, own: float) -> tuple[dict[str, float], dict[str, float]]:  # noqa: ANN001
+def _stages(page, stamps: ServerStamps, first: float,  # noqa: ANN001
+            own: float) -> tuple[dict[str, float], dict[str, float]]:
     """One run's stages in seconds from the click, and the server's CPU seconds since its handler started."""
     seen = page.evaluate("window.__gll")
     click = seen.pop("click") / 1000
@@ -169,15 +190,17 @@ def first_token_table(url: str, stamps: ServerStamps, repeats: int) -> list[Row]
     """Click to first token in Chromium, ``repeats`` warm runs of the 8 medium sentences, by stage."""
     runs: list[dict[str, float]] = []
     cpus: list[dict[str, float]] = []
+    browser_cpu: list[float] = []
     with text_page(url) as page:
         click_to_first_token(page)  # warm-up: the browser's first plots, the server's first run
         for _ in range(repeats):
             stamps.clear()
             page.evaluate(STAGE_JS)
-            first, own = click_to_first_token(page)
+            first, own, cpu_s = click_to_first_token(page)
             stages, cpu = _stages(page, stamps, first, own)
             runs.append(stages)
             cpus.append(cpu)
+            browser_cpu.append(cpu_s)
     names = sorted({k for r in runs for k in r}, key=lambda k: statistics.median(r.get(k, 1e9) for r in runs))
     rows = []
     for name in names:
@@ -188,6 +211,8 @@ def first_token_table(url: str, stamps: ServerStamps, repeats: int) -> list[Row]
         if cpu and name != "server: handler starts":
             spread += f"; server CPU since the handler started {statistics.median(cpu):.2f} s"
         rows.append((name, f"{statistics.median(values):.2f} s", target, spread))
+    rows.append(("browser CPU: click to first token", f"{statistics.median(browser_cpu):.2f} s", "-",
+                 f"Chromium and Playwright, all processes; min {min(browser_cpu):.2f}, max {max(browser_cpu):.2f}"))
     return rows
 
 
@@ -195,7 +220,7 @@ def browser_measures(url: str) -> list[Row]:
     """First token on screen from the click, and Stop's two states, in headless Chromium."""
     rows = []
     with text_page(url) as page:
-        first, own = click_to_first_token(page)
+        first, own, _ = click_to_first_token(page)
         rows.append(("browser: first token on screen (B=8 medium)", f"{first:.2f} s", "<= 2 s",
                      f"the page's own figure: {own:.2f} s"))
         # Stop: an image run (iDLG on a sample, long budget) stopped mid-way.
