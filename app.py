@@ -151,11 +151,16 @@ def _defense_panel() -> list[gr.components.Component]:
 def _run_stop(run: gr.Button, stop: gr.Button, status: gr.components.Component, kind: str, fn: Callable,
               inputs_: list, outputs: list, api_name: str, lane: str) -> None:
     """Wire Run and Stop: Run is disabled until the worker has let go; Stop says
-    "Stopping…" at once and "Stopped at …" when the worker has stopped."""
-    event = run.click(h.lock_run, outputs=[run, stop], queue=False, api_name=False, show_progress="hidden")
+    "Stopping…" at once and "Stopped at …" when the worker has stopped.
+
+    Locking and unlocking the buttons run in the browser (``js=True``: Gradio
+    transpiles them to JavaScript), so the job's request leaves at the click instead
+    of after a server round trip."""
+    event = run.click(h.lock_run, outputs=[run, stop], queue=False, api_name=False, show_progress="hidden",
+                      js=True)
     job = event.then(h.face(fn), inputs=inputs_, outputs=outputs, api_name=api_name, concurrency_id=lane,
                      concurrency_limit=LANES[lane])
-    job.then(h.unlock_run, outputs=[run, stop], queue=False, api_name=False, show_progress="hidden")
+    job.then(h.unlock_run, outputs=[run, stop], queue=False, api_name=False, show_progress="hidden", js=True)
     stop.click(h.stopping_for(kind), outputs=status, cancels=[job], queue=False, api_name=False,
                show_progress="hidden").then(
         h.stopped_for(kind), outputs=[status, run, stop], queue=False, api_name=False, show_progress="hidden")

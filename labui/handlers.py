@@ -21,11 +21,13 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
 from fedclient import ImageBatch
+from fedclient.client import Defense
 from fedclient.errors import LabInputError
 from labui import engines, inputs, session
 from labui.image_view import IMAGE_KEYS, DlgView
@@ -67,6 +69,9 @@ from labui.text_view import TEXT_KEYS, DagerView
 from labui.textmodel import check_lengths, model_name, model_note, normalize, task_choices, text_scorer, token_text
 from labui.userfiles import purge_user_files, start_purger, user_files_dir, write_gif
 
+if TYPE_CHECKING:  # pragma: no cover
+    from fedclient.training import ClientTraining
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -105,37 +110,17 @@ def run_text_attack(sentences_text: str, model: str, hub_id: str | None, task: s
     training = inputs.client_training(client_setup)
     name = model_name(model, hub_id)
     job = session.JOBS.start(session_of(request), "text")
-    # The first frame clears the previous run's results at once (the plots show
-    # their "waiting" state), so nothing stale is mistaken for this run's tokens.
-    blank = DagerView().render()
-    yield (f"**Preparing:** loading {name} (only the first run of a model takes long)…",
-           *(blank[k] for k in TEXT_KEYS[1:]), gr.skip())
-
-    def produce() -> Iterator[object]:
-        bundle = engines.load_bundle(name, task)
-        check_lengths(bundle, sentences)
-        yield ModelReady(bundle)
-        server = engines.server_bundle(bundle, training)  # LoRA: the base with the adapters merged
-        batch = bundle.encode(sentences, seed=0)
-        update = engines.compute_update(bundle.model, batch, parameters=engines.dager_parameters(bundle),
-                                        defense=defense, seed=0, training=training)
-        plain_utility = defense is not None and training.lora is None
-        yield UpdateReady(engines.utility(bundle.model, batch, update) if plain_utility else None)
-        yield from engines.dager_events(server, update, noise_tolerant=noise_tolerant,
-                                        time_budget_s=TIME_BUDGET_S)
-
-    items = job.run(produce)
+    # The worker starts before the first frame is sent: the client's update is
+    # computed while Gradio delivers it, not after.
+    items = job.run(functools.partial(_text_items, name, task, sentences, defense, training, noise_tolerant))
+    loading = f"**Preparing:** loading {name} (only the first run of a model takes long)…"
     try:
-        loading = f"**Preparing:** loading {name} (only the first run of a model takes long)…"
-        bundle = None
-        for item in items:  # until the model is loaded, the status says so (and Stop works)
-            if isinstance(item, ModelReady):
-                bundle = item.bundle
-                break
-            elif isinstance(item, Tick):
-                yield (f"{loading} ⏱ {time.perf_counter() - t0:.0f} s", *skips(len(TEXT_KEYS)))
-            else:
-                raise TypeError(f"expected the model first, got a {type(item).__name__}")
+        # The first frame clears the previous run's results at once (the plots show
+        # their "waiting" state), so nothing stale is mistaken for this run's tokens.
+        blank = DagerView().render()
+        yield (loading, *(blank[k] for k in TEXT_KEYS[1:]), gr.skip())
+        bundle = yield from _await_model(
+            items, lambda: (f"{loading} ⏱ {time.perf_counter() - t0:.0f} s", *skips(len(TEXT_KEYS))))
         if bundle is None:
             return
         view = DagerView(
@@ -155,6 +140,41 @@ def run_text_attack(sentences_text: str, model: str, hub_id: str | None, task: s
     finally:
         items.close()
         release_memory()
+
+
+def _text_items(name: str, task: str, sentences: list[str], defense: Defense | None, training: ClientTraining,
+                noise_tolerant: bool) -> Iterator[object]:
+    """The text run's worker: the model, the client's update, then DAGER's events."""
+    bundle = engines.load_bundle(name, task)
+    check_lengths(bundle, sentences)
+    yield ModelReady(bundle)
+    server = engines.server_bundle(bundle, training)  # LoRA: the base with the adapters merged
+    batch = bundle.encode(sentences, seed=0)
+    update = engines.compute_update(bundle.model, batch, parameters=engines.dager_parameters(bundle),
+                                    defense=defense, seed=0, training=training)
+    plain_utility = defense is not None and training.lora is None
+    yield UpdateReady(engines.utility(bundle.model, batch, update) if plain_utility else None)
+    yield from engines.dager_events(server, update, noise_tolerant=noise_tolerant, time_budget_s=TIME_BUDGET_S)
+
+
+def _await_model(items: Iterator[object], waiting: Callable[[], tuple]) -> Generator[tuple, None, object | None]:
+    """Until the worker has loaded the model, yield ``waiting()`` on every tick (Stop stays live).
+
+    Returns:
+        The model bundle (:class:`~labui.stream.ModelReady`), or ``None`` when the worker
+        ended first (stopped).
+
+    Raises:
+        TypeError: the worker sent something else first.
+    """
+    for item in items:
+        if isinstance(item, ModelReady):
+            return item.bundle
+        elif isinstance(item, Tick):
+            yield waiting()
+        else:
+            raise TypeError(f"expected the model first, got a {type(item).__name__}")
+    return None
 
 
 WARM_UP_SENTENCES = ("The server warms up before the first visitor arrives.", "Nothing typed is used here.")
@@ -212,15 +232,7 @@ def run_text_baseline(sentences_text: str, model: str, hub_id: str | None, task:
 
     items = job.run(produce)
     try:
-        bundle = None
-        for item in items:
-            if isinstance(item, ModelReady):
-                bundle = item.bundle
-                break
-            elif isinstance(item, Tick):
-                yield (view.render()["race_status"], gr.skip(), gr.skip())
-            else:
-                raise TypeError(f"expected the model first, got a {type(item).__name__}")
+        bundle = yield from _await_model(items, lambda: (view.render()["race_status"], gr.skip(), gr.skip()))
         if bundle is None:
             return
         view.normalize = functools.partial(normalize, bundle)

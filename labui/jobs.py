@@ -74,44 +74,52 @@ class Job:
         """
         return 0 if self._items is None else self._items.qsize()
 
-    def run(self, produce: Callable[[], Iterator[object]], *, poll_s: float = POLL_S) -> Iterator[object]:
-        """Run ``produce()`` in a worker thread; yield its items, or :class:`Tick` when idle.
+    def run(self, produce: Callable[[], Iterator[object]], *, poll_s: float = POLL_S) -> JobStream:
+        """Start ``produce()`` in a worker thread now; return the stream of its items.
 
-        The worker stops between items once :attr:`stop` is set (the generator is
-        closed, so the engine's ``finally`` blocks run). An exception in the worker is
-        re-raised here, in the handler's thread.
+        The worker starts at this call, not at the stream's first ``next()``: a handler
+        starts the work and then yields its first frame, so the client's update is
+        computed while Gradio sends that frame instead of after it. The worker stops
+        between items once :attr:`stop` is set (the generator is closed, so the
+        engine's ``finally`` blocks run). An exception in the worker is re-raised by
+        the stream, in the handler's thread. Closing the stream (even before its first
+        item) stops the worker.
 
-        Yields:
+        Returns:
             The producer's items, and a :class:`Tick` at least every ``poll_s`` seconds
             when the worker is quiet.
         """
         items: queue.Queue[object] = queue.Queue()
         self._items = items
-
-        def work() -> None:
-            error: BaseException | None = None
-            gen = produce()
-            try:
-                for item in gen:
-                    if self.stop.is_set():
-                        break
-                    items.put(item)
-                    if self.stop.is_set():
-                        break
-            except BaseException as exc:  # noqa: BLE001 - handed to the handler thread
-                error = exc
-            finally:
-                close = getattr(gen, "close", None)
-                if close is not None:
-                    try:
-                        close()
-                    except Exception:  # noqa: BLE001 - closing must not mask the run's end
-                        log.exception("closing the %s job's generator failed", self.kind)
-                self.released.set()
-                items.put(_End(error))
-
-        self.thread = threading.Thread(target=work, name=f"gll-{self.kind}", daemon=True)
+        self.thread = threading.Thread(target=self._work, args=(produce, items), name=f"gll-{self.kind}",
+                                       daemon=True)
         self.thread.start()
+        return JobStream(self, self._drain(items, poll_s))
+
+    def _work(self, produce: Callable[[], Iterator[object]], items: queue.Queue[object]) -> None:
+        """The worker thread: ``produce()``'s items into the queue until the end or Stop."""
+        error: BaseException | None = None
+        gen = produce()
+        try:
+            for item in gen:
+                if self.stop.is_set():
+                    break
+                items.put(item)
+                if self.stop.is_set():
+                    break
+        except BaseException as exc:  # noqa: BLE001 - handed to the handler thread
+            error = exc
+        finally:
+            close = getattr(gen, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:  # noqa: BLE001 - closing must not mask the run's end
+                    log.exception("closing the %s job's generator failed", self.kind)
+            self.released.set()
+            items.put(_End(error))
+
+    def _drain(self, items: queue.Queue[object], poll_s: float) -> Iterator[object]:
         try:
             while True:
                 try:
@@ -137,6 +145,31 @@ class Job:
     @property
     def running(self) -> bool:
         return self.thread is not None and not self.released.is_set()
+
+
+class JobStream(Iterator[object]):
+    """A running job's items (:meth:`Job.run`); ``close()`` stops the worker.
+
+    A plain generator would not do: closing one that never started runs none of its
+    code, and the worker, already started, would run on.
+    """
+
+    def __init__(self, job: Job, items: Iterator[object]) -> None:
+        self._job = job
+        self._items = items
+
+    def __iter__(self) -> JobStream:
+        return self
+
+    def __next__(self) -> object:
+        return next(self._items)
+
+    def close(self) -> None:
+        """Stop the worker (at its next item) and end the stream."""
+        self._job.stop.set()
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
 
 
 class JobRegistry:

@@ -441,3 +441,22 @@ def test_lora_capacity_is_named_as_the_adapters_not_the_model_width(tiny, monkey
     assert "LoRA adapters' rank caps what the update can hold" in status
     assert "as many distinct tokens as the model is wide" not in status
     assert "| layer-1 rank / d | 16 / 64 |" in final[5]  # the metrics beside it agree: rank 16
+
+
+def test_run_buttons_lock_and_unlock_in_the_browser():
+    """Run's lock and unlock are JavaScript in the page (transpiled by Gradio at launch):
+    the job's request leaves at the click, not after a server round trip."""
+    demo = app.build_app()
+    demo.transpile_to_js(quiet=True)  # what launch() does
+    deps = demo.get_config_file()["dependencies"]
+    run_ids = {app_id for app_id, block in demo.blocks.items()
+               if getattr(block, "elem_id", None) in {"gll-run-text", "gll-run-image", "gll-run-race",
+                                                      "gll-run-sweep"}}
+    locks = [d for d in deps if any(t[0] in run_ids and t[1] == "click" for t in d["targets"])]
+    assert len(locks) == 4
+    for lock in locks:
+        assert lock["js_implementation"] and "interactive" in lock["js_implementation"]
+        job = next(d for d in deps if d["trigger_after"] == lock["id"])  # the attack, right after
+        assert job["api_name"] in {"dager", "dlg", "dlg_text", "sweep"} and job["js_implementation"] is None
+        unlock = next(d for d in deps if d["trigger_after"] == job["id"])
+        assert unlock["js_implementation"]

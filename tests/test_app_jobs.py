@@ -140,3 +140,44 @@ def test_stop_before_the_run_started():
     session.JOBS.forget("never-ran")
     message, run_button, _ = h.stopped_for("image")(None)
     assert "before the run started" in message and run_button.interactive is True
+
+
+def test_the_worker_starts_at_run_and_closing_the_stream_early_stops_it():
+    started, closed, gate = threading.Event(), threading.Event(), threading.Event()
+
+    def produce():
+        started.set()
+        try:
+            while not gate.is_set():
+                yield "beat"
+                gate.wait(0.01)
+        finally:
+            closed.set()
+
+    job = Job("text")
+    items = job.run(produce, poll_s=0.02)
+    # Working before anyone asked for an item (a handler yields its first frame meanwhile).
+    assert started.wait(5)
+    items.close()  # the handler was cancelled at its first frame: no item was ever taken
+    assert job.stop.is_set() and closed.wait(5)
+    assert job.wait_released(5) and not job.running
+
+
+def test_the_client_update_starts_while_the_first_frame_is_on_its_way(endless_dager, monkeypatch):
+    update_gate, closed = endless_dager
+    entered = threading.Event()
+    slow_update = engines.compute_update
+
+    def update(*args, **kwargs):
+        entered.set()
+        return slow_update(*args, **kwargs)
+
+    monkeypatch.setattr(engines, "compute_update", update)
+    outs = h.run_text_attack("the cat sat", "tiny", "", "classification")
+    assert "Preparing" in next(outs)[0]
+    # Only the first frame was taken, and the worker is already computing the update.
+    assert entered.wait(5)
+    job = session.JOBS.get("local", "text")
+    outs.close()  # the visitor left at the first frame: the worker stops
+    update_gate.set()
+    assert job.stop.is_set() and job.wait_released(5) and not closed.is_set()  # stopped before the attack
