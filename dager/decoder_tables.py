@@ -67,6 +67,7 @@ class _Screen:
             pg = pg - pg.mean(0, keepdim=True)  # P^T diag(g) C h = (C diag(g) P)^T h
         self.pg = pg.to(torch.float32)
         self.r = (weight.T @ pg).to(torch.float32)  # (H * dh, s)
+        self.r_heads = self.r.reshape(hooks.num_heads, -1, self.r.shape[1])  # (H, dh, s)
         bias = terms.out_bias.to(dev, f64) if terms.out_bias is not None else torch.zeros(d, dtype=f64, device=dev)
         self.bias = bias.to(torch.float32)
         self.centred = terms.centred
@@ -102,9 +103,54 @@ class _Screen:
             threshold: the MLP-input acceptance threshold.
         """
         m, t, hd = mix.shape
-        z0, e_norm = side
-        z = mix @ self.r + z0  # (m, t, s)
+        z = mix @ self.r + side[0]  # (m, t, s)
         spread = (mix.reshape(m, t, self.num_heads, -1).norm(dim=-1) * self.head_norm).sum(-1)  # (m, t)
+        return self._passes(z, spread, side[1], threshold)
+
+    def value_side(self, values: torch.Tensor) -> torch.Tensor:
+        """``(M, H, s)``: value rows ``(M, H, dh)`` through ``R`` head by head.
+
+        ``mix @ R`` is linear in the attention weights, ``sum_h sum_j a_hj (v_hj R_h)``,
+        so a value row's ``v_hj R_h`` is computed once, not once per pair.
+        """
+        return torch.einsum("mhd,hds->mhs", values.to(torch.float32), self.r_heads)
+
+    def keep_weights(
+        self,
+        attn: torch.Tensor,
+        prefix_side: tuple[torch.Tensor, torch.Tensor],
+        value_side: tuple[torch.Tensor, torch.Tensor],
+        side: tuple[torch.Tensor, torch.Tensor],
+        threshold: float,
+    ) -> torch.Tensor:
+        """:meth:`keep` from the attention weights alone: the mixes are never formed.
+
+        ``z`` comes from :meth:`value_side` rows (``H l s`` per pair instead of
+        ``d (l + s)``); each head's ``|mix_h|`` is bounded by ``|m_h| + a_self |v_self|``,
+        with the prefix part ``|m_h|^2 = a^T G a`` read from the prefix's value Gram
+        matrix ``G`` (``H l^2`` per pair). Its spread is never below :meth:`keep`'s, so
+        it keeps every pair :meth:`keep` keeps.
+
+        Args:
+            attn: ``(m, t, H, l + 1)`` attention weights (the token's own last).
+            prefix_side: the prefixes' ``(m, H, l, s)`` value rows through ``R`` and
+                ``(m, H, l, l)`` value Gram matrices.
+            value_side: the tokens' ``(t, H, s)`` own value rows through ``R`` and
+                ``(t, H)`` value norms.
+            side: :meth:`token_side` of the t tokens.
+            threshold: the MLP-input acceptance threshold.
+        """
+        vr, gram = prefix_side
+        vr_self, v_norm = value_side
+        a_p, a_s = attn[..., :-1], attn[..., -1]  # (m, t, H, l), (m, t, H)
+        z = torch.einsum("nthl,nhls->nts", a_p, vr) + torch.einsum("nth,ths->nts", a_s, vr_self) + side[0]
+        ga = torch.einsum("nthl,nhlk->nthk", a_p, gram)  # (m, t, H, l)
+        prefix_norm = (ga * a_p).sum(-1).clamp(min=0.0).sqrt() * (1 + 1e-5)  # round-off slack: stays a bound
+        spread = ((prefix_norm + a_s * v_norm) * self.head_norm).sum(-1)  # (m, t)
+        return self._passes(z, spread, side[1], threshold)
+
+    def _passes(self, z: torch.Tensor, spread: torch.Tensor, e_norm: torch.Tensor, threshold: float) -> torch.Tensor:
+        """The bound's test from ``z`` ``(m, t, s)`` and the spread ``(m, t)`` of ``|u|``."""
         u_hi = e_norm + spread
         lam_lo = torch.rsqrt(u_hi * u_hi / self.d + self.eps)
         if self.w is None:
@@ -186,6 +232,34 @@ class _Selection:
         return order // self.t, order % self.t, self.dist[idx], self.k[idx], self.v[idx]
 
 
+class _Pending:
+    """Pairs the screen kept, pooled across chunks until an exact block is full.
+
+    Each chunk keeps few pairs (about one true extension per live prefix in it), and
+    the exact checks read block 0's weights once per call whatever the rows: pooled,
+    the weights are read once per block of ``limit`` pairs instead of once per chunk.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[tuple[torch.Tensor, ...]] = []
+        self.count = 0
+
+    def room(self) -> int:
+        return self.limit - self.count
+
+    def add(self, *rows: torch.Tensor) -> None:
+        """Rows of equal length: inputs, mixes, prefix and token indices, keys, values."""
+        if rows[0].shape[0]:
+            self.parts.append(rows)
+            self.count += int(rows[0].shape[0])
+
+    def take(self) -> tuple[torch.Tensor, ...]:
+        rows = tuple(torch.cat(col) for col in zip(*self.parts))
+        self.parts, self.count = [], 0
+        return rows
+
+
 def _best(order: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     """Indices by distance, ties by (prefix, token): deterministic whatever the chunking."""
     by_order = order.argsort()
@@ -260,15 +334,30 @@ def _start_beam(hooks: DecoderHooks, start: tuple[int, ...]) -> _Beam:
     return beam
 
 
-def _chunk_shape(hooks: DecoderHooks, l: int, n: int, t: int, chunk_macs: float, chunk_bytes: int) -> tuple[int, int]:
+def _by_weights(hooks: DecoderHooks, screen_active: bool, l: int) -> bool:
+    """Whether a position screens from the attention weights (:meth:`_Screen.keep_weights`).
+
+    Its per-pair cost ``H l (s + l)`` beats forming the mixes (``d l``) while the
+    prefixes are shorter than a head (``l < dh``); with no prefix there is nothing to mix.
+    """
+    return screen_active and 0 < l < hooks.head_dim
+
+
+def _chunk_shape(
+    hooks: DecoderHooks, l: int, n: int, t: int, chunk_macs: float, chunk_bytes: int, by_weights: bool = False
+) -> tuple[int, int]:
     """One chunk: ``(tokens, prefixes)`` per block, a block of tokens (projected once)
     times a block of ``n`` prefixes of length ``l``, within the chunk's work and bytes."""
     H, dh = hooks.num_heads, hooks.head_dim
     d = hooks.hidden_size
-    pair_macs = 2 * (l + 1) * H * dh + (SKETCH + 4) * H * dh
-    pair_bytes = 4 * (4 * H * (l + 2) + 3 * H * dh + 2 * SKETCH)
+    if by_weights:
+        pair_macs = (l + 1) * H * dh + H * l * (SKETCH + l + 2)
+        pair_bytes = 4 * (4 * H * (l + 2) + 2 * SKETCH + 4)
+    else:
+        pair_macs = 2 * (l + 1) * H * dh + (SKETCH + 4) * H * dh
+        pair_bytes = 4 * (4 * H * (l + 2) + 3 * H * dh + 2 * SKETCH)
     token_bytes = 4 * (2 * d + 4 * H * dh + SKETCH + 2)
-    prefix_bytes = 4 * 2 * l * H * dh
+    prefix_bytes = 4 * (2 * l * H * dh + H * l * (SKETCH + l))
     pairs = max(1, int(min(chunk_macs / pair_macs, 0.5 * chunk_bytes / pair_bytes)))
     tb = max(1, min(t, pairs, int(0.25 * chunk_bytes / token_bytes)))
     nb = max(1, min(n, pairs // tb, int(0.25 * chunk_bytes / max(1, prefix_bytes))))

@@ -33,11 +33,14 @@ from dager.decoder_tables import (
     _advance,
     _Beam,
     _best,
+    _Pending,
+    _by_weights,
     _chunk_shape,
     _Screen,
     _Selection,
     _start_beam,
 )
+from dager.hooks_decoder import _attention_weights, _mix_pairs
 from dager.layers import DecoderHooks, _softmax_attend
 from dager.search_items import (
     CANDIDATE_CHUNK,
@@ -152,9 +155,9 @@ def decoder_search(
         first = False
         if screen is None:
             screen = _Screen(hooks, span_mlp, gen)
-        tb, nb = _chunk_shape(hooks, l, n, t, chunk_macs, chunk_bytes)
+        tb, nb = _chunk_shape(hooks, l, n, t, chunk_macs, chunk_bytes, _by_weights(hooks, screen.active, l))
         if stats is not None:
-            stats.max_chunk_pairs = max(stats.max_chunk_pairs, tb * nb)
+            stats.max_chunk_pairs = max(stats.max_chunk_pairs, tb * nb, exact_pairs)
         select = _Selection(max_prefixes, t, stats)
         has_ext = torch.zeros(n, dtype=torch.bool, device=dev)
         yield from _scan_position(
@@ -196,56 +199,110 @@ def _scan_position(
 ) -> Iterator[Tick]:
     """Check every (prefix, token) pair of one position, chunk by chunk.
 
-    Each chunk gets the attention mix and the screen's bound; the pairs the screen
-    cannot reject run the exact checks (MLP-input span, then block-1 span) in blocks of
-    ``exact_pairs``. Survivors go to ``select``; ``has_ext`` marks the prefixes that
-    have one.
+    Each chunk gets the attention weights and the screen's bound (from the weights
+    alone while prefixes are short, see :func:`_by_weights`; else from the mixes);
+    only the pairs the screen cannot reject get their mix and the exact checks
+    (:func:`_exact_checks`). Survivors go to ``select``; ``has_ext`` marks the
+    prefixes that have one.
 
     Args:
         spans: ``(span_mlp, span2)``.
         blocks: ``(tokens, prefixes)`` per chunk and the pairs per exact block.
     """
-    span_mlp, span2 = spans
     tb, nb, exact_pairs = blocks
-    dev = hooks.device
     n, t = len(beam.prefixes), int(cand.numel())
+    l = int(beam.rows.shape[1])
+    by_weights = _by_weights(hooks, screen.active, l)
+    value_rows = screen.value_side(beam.values) if by_weights else None  # (M, H, s), once per position
+    pending = _Pending(exact_pairs)
     checked = 0
     for t0 in range(0, t, tb):
         toks = cand[t0 : t0 + tb]
         x, q, k, v = hooks.token_states(toks, pos, memo)
         side = screen.token_side(x) if screen.active else None
+        own = (screen.value_side(v), v.norm(dim=-1)) if by_weights else None  # (t, H, s), (t, H)
         m_t = toks.numel()
         for s0 in range(0, n, nb):
-            kc, vc = beam.caches(slice(s0, s0 + nb))
-            mix = _softmax_attend(q, kc, vc, k, v, hooks.attention_scale)  # (m, tb, H*dh)
-            m = mix.shape[0]
-            if screen.active:
-                idx = screen.keep(mix, side, thresholds.mlp).reshape(-1).nonzero().squeeze(1)
+            kc, vc = beam.caches(slice(s0, s0 + nb))  # (m, H, l, dh)
+            m = kc.shape[0]
+            if by_weights:
+                attn = _attention_weights(q, kc, k, hooks.attention_scale)  # (m, t, H, l+1)
+                prefix_side = (value_rows[beam.rows[s0 : s0 + nb]].transpose(1, 2), vc @ vc.transpose(-1, -2))
+                keep = screen.keep_weights(attn, prefix_side, own, side, thresholds.mlp)
+                flat_attn = attn.reshape(m * m_t, hooks.num_heads, l + 1)
+
+                def mix_of(sub: torch.Tensor) -> torch.Tensor:
+                    return _mix_pairs(flat_attn[sub], vc[sub // m_t], v[sub % m_t])
+
             else:
-                idx = torch.arange(m * m_t, device=dev)
-            flat = mix.reshape(m * m_t, -1)
+                mix = _softmax_attend(q, kc, vc, k, v, hooks.attention_scale)  # (m, t, H*dh)
+                keep = screen.keep(mix, side, thresholds.mlp) if screen.active else None
+                flat = mix.reshape(m * m_t, -1)
+
+                def mix_of(sub: torch.Tensor) -> torch.Tensor:
+                    return flat[sub]
+
+            idx = keep.reshape(-1).nonzero().squeeze(1) if keep is not None else torch.arange(m * m_t, device=x.device)
             if stats is not None:
                 stats.screened += int(idx.numel())
-            for e0 in range(0, int(idx.numel()), exact_pairs):
-                sub = idx[e0 : e0 + exact_pairs]
-                ti = sub % m_t
-                h = x[ti] + hooks.attention_output(flat[sub])  # (p, d)
-                d_mlp = span_mlp.distance(hooks.mlp_input(h))
-                ok = d_mlp < thresholds.mlp
-                if bool(ok.any()):
-                    h2 = hooks.mlp_residual(h[ok])
-                    d2 = span2.distance(hooks.layer2_input(h2))
-                    ok2 = d2 < thresholds.layer2
-                    good = sub[ok][ok2]
-                    if good.numel():
-                        pi = good // m_t + s0
-                        tl = good % m_t
-                        dist = torch.maximum(torch.maximum(d_mlp[ok][ok2], d2[ok2]), beam.dist[pi])
-                        has_ext[pi] = True
-                        select.add(pi * t + t0 + tl, dist, k[tl], v[tl])
-                if e0 + exact_pairs < idx.numel():
+            e0 = 0
+            while e0 < idx.numel():
+                sub = idx[e0 : e0 + pending.room()]
+                e0 += sub.numel()
+                tl = sub % m_t
+                pending.add(x[tl], mix_of(sub), sub // m_t + s0, t0 + tl, k[tl], v[tl])
+                if pending.room() == 0:
+                    _flush(hooks, spans, thresholds, pending, beam.dist, has_ext, select, t)
                     yield Tick(pos, checked)
             checked += m * m_t
             if stats is not None:
                 stats.checked += m * m_t
             yield Tick(pos, checked)
+    if pending.count:
+        _flush(hooks, spans, thresholds, pending, beam.dist, has_ext, select, t)
+        yield Tick(pos, checked)
+
+
+def _flush(
+    hooks: DecoderHooks,
+    spans: tuple[Span, Span],
+    thresholds: Thresholds,
+    pending: _Pending,
+    prefix_dist: torch.Tensor,
+    has_ext: torch.Tensor,
+    select: _Selection,
+    t: int,
+) -> None:
+    """The exact checks of the pooled pairs; survivors go to ``select``."""
+    x, mix, pi, ti, k, v = pending.take()
+    good, dist = _exact_checks(hooks, spans, thresholds, x, mix)
+    if good.numel():
+        pi = pi[good]
+        has_ext[pi] = True
+        select.add(pi * t + ti[good], torch.maximum(dist, prefix_dist[pi]), k[good], v[good])
+
+
+def _exact_checks(
+    hooks: DecoderHooks, spans: tuple[Span, Span], thresholds: Thresholds, x: torch.Tensor, mix: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block 0 run exactly on ``p`` pairs: the MLP-input span check, then (on those
+    that pass) the MLP and the block-1 span check, as the reference search does.
+
+    Args:
+        spans: ``(span_mlp, span2)``.
+        x: ``(p, d)`` the pairs' token inputs.
+        mix: ``(p, H * dh)`` their attention mixes.
+
+    Returns:
+        The indices (into the ``p`` pairs) passing both checks, and their distances
+        (the larger of the two).
+    """
+    span_mlp, span2 = spans
+    h = x + hooks.attention_output(mix)  # (p, d)
+    d_mlp = span_mlp.distance(hooks.mlp_input(h))
+    ok = (d_mlp < thresholds.mlp).nonzero().squeeze(1)
+    if ok.numel() == 0:
+        return ok, d_mlp[ok]
+    d2 = span2.distance(hooks.layer2_input(hooks.mlp_residual(h[ok])))
+    ok2 = d2 < thresholds.layer2
+    return ok[ok2], torch.maximum(d_mlp[ok][ok2], d2[ok2])
