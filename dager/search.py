@@ -19,7 +19,7 @@ slow reference search the tests compare with in :mod:`dager.decoder_reference`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import torch
 
@@ -133,35 +133,26 @@ def decoder_search(
     """
     dev = hooks.device
     gen = probe_generator if probe_generator is not None else torch.Generator().manual_seed(0)
-    table_budget = byte_budget // 2
-    chunk_bytes = byte_budget - table_budget
+    table_budget, chunk_bytes = byte_budget // 2, byte_budget - byte_budget // 2  # tables | one chunk
     memo: dict = {}
     beam = _start_beam(hooks, start)
     exhausted = False
-    first = True
     screen: _Screen | None = None
     exact_pairs = _exact_block(hooks, chunk_macs, chunk_bytes, span_mlp.rank + span2.rank)
     for pos in range(len(start), max_length):
         cand = _candidates_at(candidates, pos, start, dev)
         if cand is None or not beam.prefixes:
             break
-        n, t = len(beam.prefixes), int(cand.numel())
-        l = int(beam.rows.shape[1])
-        if first and (thresholds.mlp is None or thresholds.layer2 is None):
-            kc, vc = beam.caches(slice(0, 1))
-            yield from _calibrate(
-                hooks, cand, pos, kc, vc, span_mlp, span2, thresholds, gen, chunk_macs, chunk_bytes, exact_pairs
-            )
-        first = False
         if screen is None:
-            screen = _Screen(hooks, span_mlp, gen)
-        tb, nb = _chunk_shape(hooks, l, n, t, chunk_macs, chunk_bytes, _by_weights(hooks, screen.active, l))
-        if stats is not None:
-            stats.max_chunk_pairs = max(stats.max_chunk_pairs, tb * nb, exact_pairs)
+            screen = yield from _first_step(
+                hooks, beam, cand, pos, (span_mlp, span2), thresholds, gen, (chunk_macs, chunk_bytes, exact_pairs)
+            )
+        n, t, l = len(beam.prefixes), int(cand.numel()), int(beam.rows.shape[1])
+        blocks = _blocks(hooks, screen, (l, n, t), (chunk_macs, chunk_bytes, exact_pairs), stats)
         select = _Selection(max_prefixes, t, stats)
         has_ext = torch.zeros(n, dtype=torch.bool, device=dev)
         yield from _scan_position(
-            hooks, beam, cand, pos, screen, (span_mlp, span2), thresholds, memo, (tb, nb, exact_pairs), select, has_ext,
+            hooks, beam, cand, pos, screen, (span_mlp, span2), thresholds, memo, blocks, select, has_ext,
             stats,
         )
         yield from _dead_ends(beam.prefixes, beam.dist, has_ext, exhausted, start)
@@ -169,18 +160,65 @@ def decoder_search(
             beam.prefixes = []
             yield Step(pos, (), 0, n * t)
             break
-        if select.overflow:
-            exhausted = True
-            yield Warn("budget_exhausted", float(max_prefixes))
-        pi, ti, dist, kn, vn = select.result()
-        beam, cut = _advance(beam, pi, ti, dist, kn, vn, cand, table_budget)
-        if cut:
-            exhausted = True
-            yield Warn("budget_exhausted", float(len(beam.prefixes)))
-        if stats is not None:
-            stats.max_table_bytes = max(stats.max_table_bytes, beam.table_bytes())
+        beam, cut = yield from _next_beam(beam, select, cand, table_budget, max_prefixes, stats)
+        exhausted = exhausted or cut
         yield Step(pos, tuple(beam.prefixes[:256]), len(beam.prefixes), n * t)
     yield from _survivors(beam.prefixes, beam.dist, exhausted, final_keep, start)
+
+
+def _first_step(
+    hooks: DecoderHooks,
+    beam: _Beam,
+    cand: torch.Tensor,
+    pos: int,
+    spans: tuple[Span, Span],
+    thresholds: Thresholds,
+    gen: torch.Generator,
+    sizes: tuple[float, int, int],
+) -> Generator[Tick, None, _Screen]:
+    """The first position: missing thresholds (:func:`_calibrate`), then the screen.
+
+    Args:
+        sizes: multiply-adds and bytes per chunk, pairs per exact block.
+    """
+    if thresholds.mlp is None or thresholds.layer2 is None:
+        kc, vc = beam.caches(slice(0, 1))
+        yield from _calibrate(hooks, cand, pos, kc, vc, *spans, thresholds, gen, *sizes)
+    return _Screen(hooks, spans[0], gen)
+
+
+def _blocks(
+    hooks: DecoderHooks, screen: _Screen, shape: tuple[int, int, int], sizes: tuple[float, int, int],
+    stats: SearchStats | None,
+) -> tuple[int, int, int]:
+    """``(tokens, prefixes)`` per chunk and pairs per exact block, for ``n`` prefixes of
+    length ``l`` and ``t`` tokens (``shape = (l, n, t)``; ``sizes`` as :func:`_first_step`'s)."""
+    l, n, t = shape
+    chunk_macs, chunk_bytes, exact_pairs = sizes
+    tb, nb = _chunk_shape(hooks, l, n, t, chunk_macs, chunk_bytes, _by_weights(hooks, screen.active, l))
+    if stats is not None:
+        stats.max_chunk_pairs = max(stats.max_chunk_pairs, tb * nb, exact_pairs)
+    return tb, nb, exact_pairs
+
+
+def _next_beam(
+    beam: _Beam, select: _Selection, cand: torch.Tensor, table_budget: int, max_prefixes: int, stats: SearchStats | None
+) -> Generator[Warn, None, tuple[_Beam, bool]]:
+    """The next position's beam from the selection; warns when a budget bit.
+
+    Returns:
+        The beam, and whether the prefix or table budget dropped extensions.
+    """
+    exhausted = select.overflow
+    if exhausted:
+        yield Warn("budget_exhausted", float(max_prefixes))
+    pi, ti, dist, kn, vn = select.result()
+    beam, cut = _advance(beam, pi, ti, dist, kn, vn, cand, table_budget)
+    if cut:
+        yield Warn("budget_exhausted", float(len(beam.prefixes)))
+    if stats is not None:
+        stats.max_table_bytes = max(stats.max_table_bytes, beam.table_bytes())
+    return beam, exhausted or cut
 
 
 def _scan_position(
