@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     from fedclient import compute_update
 
     torch.set_num_threads(1)
-    lines = [s.strip() for s in (ROOT / "assets" / "sentences" / f"{args.set}.txt").read_text().splitlines() if s.strip()]
+    text = (ROOT / "assets" / "sentences" / f"{args.set}.txt").read_text(encoding="utf-8")
+    lines = [s.strip() for s in text.splitlines() if s.strip()]
     bundle = _bundle(args)
     names = required_parameters(bundle)
     calls: list[tuple[tuple, dict]] = []

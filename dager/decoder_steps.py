@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from dager.hooks_decoder import DecoderHooks
+from dager.hooks_decoder import DecoderHooks, _softmax_attend
 from dager.search_items import CHUNK_MACS, NUM_PROBES, SEARCH_BYTES, Found, Thresholds, Tick, split_threshold
 from dager.span import Span, gap_threshold
 
@@ -102,6 +102,7 @@ def _calibrate(
     chunk_macs: float = CHUNK_MACS,
     chunk_bytes: int = SEARCH_BYTES // 2,
     block: int | None = None,
+    memo: dict | None = None,
 ) -> Iterator[Tick]:
     """Set missing thresholds from the first step: candidates vs random probes.
 
@@ -119,6 +120,8 @@ def _calibrate(
     Args:
         kc, vc: ``(1, H, l, dh)`` the first prefix's key/value cache.
         generator: draws the probe tokens.
+        memo: the search's per-token projections (:meth:`DecoderHooks.token_states`),
+            so the candidates' are computed once for calibration and search.
     """
     if block is None:
         block = _exact_block(hooks, chunk_macs, chunk_bytes, span_mlp.rank + span2.rank)
@@ -128,8 +131,8 @@ def _calibrate(
     tokens = torch.cat([cand, probes])
     parts = []
     for t0 in range(0, tokens.numel(), block):
-        h, _, _ = hooks.extend(tokens[t0 : t0 + block], pos, kc, vc)
-        parts.append(span_mlp.distance(hooks.mlp_input(h[0])))
+        h = _one_prefix(hooks, tokens[t0 : t0 + block], pos, kc, vc, memo)
+        parts.append(span_mlp.distance(hooks.mlp_input(h)))
         yield Tick(pos, 0)
     d_mlp = torch.cat(parts)
     if thresholds.mlp is None:
@@ -139,12 +142,21 @@ def _calibrate(
         rows = torch.cat([passing, probes])
         parts = []
         for t0 in range(0, rows.numel(), block):
-            h, _, _ = hooks.extend(rows[t0 : t0 + block], pos, kc, vc)
-            parts.append(span2.distance(hooks.layer2_input(hooks.mlp_residual(h[0]))))
+            h = _one_prefix(hooks, rows[t0 : t0 + block], pos, kc, vc, memo)
+            parts.append(span2.distance(hooks.layer2_input(hooks.mlp_residual(h))))
             yield Tick(pos, 0)
         d2 = torch.cat(parts)
         thresholds.layer2 = _split_at_gap(d2[: passing.numel()], d2[passing.numel() :])
     log.debug("decoder thresholds: mlp %.3g, layer2 %.3g", thresholds.mlp, thresholds.layer2)
+
+
+def _one_prefix(
+    hooks: DecoderHooks, tokens: torch.Tensor, pos: int, kc: torch.Tensor, vc: torch.Tensor, memo: dict | None
+) -> torch.Tensor:
+    """``(t, d)`` residual stream after block 0's attention: one prefix extended by
+    each token (:meth:`DecoderHooks.extend` through the search's projections memo)."""
+    x, q, k, v = hooks.token_states(tokens, pos, memo)
+    return x + hooks.attention_output(_softmax_attend(q, kc, vc, k, v, hooks.attention_scale)[0])
 
 
 def _split_at_gap(dc: torch.Tensor, dp: torch.Tensor) -> float:

@@ -145,7 +145,7 @@ def decoder_search(
             break
         if screen is None:
             screen = yield from _first_step(
-                hooks, beam, cand, pos, (span_mlp, span2), thresholds, gen, (chunk_macs, chunk_bytes, exact_pairs)
+                hooks, beam, cand, pos, (span_mlp, span2), thresholds, gen, (chunk_macs, chunk_bytes, exact_pairs), memo
             )
         n, t, l = len(beam.prefixes), int(cand.numel()), int(beam.rows.shape[1])
         blocks = _blocks(hooks, screen, (l, n, t), (chunk_macs, chunk_bytes, exact_pairs), stats)
@@ -175,15 +175,17 @@ def _first_step(
     thresholds: Thresholds,
     gen: torch.Generator,
     sizes: tuple[float, int, int],
+    memo: dict,
 ) -> Generator[Tick, None, _Screen]:
     """The first position: missing thresholds (:func:`_calibrate`), then the screen.
 
     Args:
         sizes: multiply-adds and bytes per chunk, pairs per exact block.
+        memo: the search's per-token projections, shared with the calibration.
     """
     if thresholds.mlp is None or thresholds.layer2 is None:
         kc, vc = beam.caches(slice(0, 1))
-        yield from _calibrate(hooks, cand, pos, kc, vc, *spans, thresholds, gen, *sizes)
+        yield from _calibrate(hooks, cand, pos, kc, vc, *spans, thresholds, gen, *sizes, memo)
     return _Screen(hooks, spans[0], gen)
 
 

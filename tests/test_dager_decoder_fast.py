@@ -109,7 +109,8 @@ def test_pooled_exact_checks_match_the_reference_whatever_the_chunking(tiny, mod
     kwargs = dict(start=start, max_prefixes=256, max_length=longest + 2)
     with torch.no_grad():
         _, ref = _drain(
-            _reference_decoder_search(hooks, lambda p: bag, span_mlp, span2, thresholds=Thresholds(None, None), **kwargs)
+            _reference_decoder_search(hooks, lambda p: bag, span_mlp, span2, thresholds=Thresholds(None, None),
+                                      **kwargs)
         )
         for chunk_macs in (2e3, 3e4):
             items, fast = _drain(
