@@ -78,12 +78,7 @@ class _Screen:
         self.y_max = float(gamma.abs().max()) * math.sqrt(d) + (float(beta.norm()) if beta is not None else 0.0)
         H = hooks.num_heads
         cw = weight - weight.mean(0, keepdim=True) if terms.centred else weight
-        heads = cw.reshape(d, H, -1).permute(1, 0, 2)  # (H, d, dh)
-        gram = heads.transpose(1, 2) @ heads  # (H, dh, dh)
-        # Spectral norms from each head's Gram matrix, with slack for its round-off.
-        self.head_norm = (torch.linalg.eigvalsh(gram)[:, -1].clamp(min=0).sqrt() * (1 + 1e-6) + 1e-12).to(
-            torch.float32
-        )  # (H,)
+        self.head_norm = _head_norms(cw, H)  # (H,)
         self.num_heads = H
 
     def token_side(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +157,26 @@ class _Screen:
             lam = (-(z @ self.w) / zz).clamp(min=lam_lo, max=lam_hi)  # argmin of |lam z + w|
             lower = (lam.unsqueeze(-1) * z + self.w).norm(dim=-1)
         return lower / self.y_max <= threshold + SCREEN_MARGIN
+
+
+def _head_norms(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(H,)`` float32 upper bounds on the spectral norms of ``weight``'s head blocks.
+
+    From each head's ``(dh, dh)`` Gram matrix, formed in float32 (at d = 4096 the float64
+    products cost a second per search) with rigorous slack: a float32 product is within
+    ``d u |W|^T |W|`` of the exact one entrywise (Higham 2002, Sec. 3.5), so the top
+    eigenvalue is within ``d u |W_h|_F^2``; rounding ``W`` to float32 adds ``u |W_h|_F``.
+
+    Args:
+        weight: ``(d, H * dh)`` float64.
+    """
+    d = weight.shape[0]
+    u = 2.0**-24
+    w32 = weight.to(torch.float32).reshape(d, heads, -1).permute(1, 0, 2)  # (H, d, dh)
+    gram = (w32.transpose(1, 2) @ w32).to(torch.float64)  # (H, dh, dh)
+    frob2 = weight.reshape(d, heads, -1).pow(2).sum(dim=(0, 2))  # (H,) float64
+    top = torch.linalg.eigvalsh(gram)[:, -1].clamp(min=0) + 1.01 * d * u * frob2
+    return (top.sqrt() * (1 + 1e-6) + 2 * u * frob2.sqrt() + 1e-12).to(torch.float32)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dager.attack import required_parameters
-from dager.decoder_tables import _by_weights
+from dager.decoder_tables import _by_weights, _head_norms
 from dager.hooks_decoder import _attention_weights
 from dager.layers import _softmax_attend, hooks_for
 from dager.search import (
@@ -235,3 +235,14 @@ def test_key_value_tables_stay_within_the_byte_budget(tiny, one_thread):
     assert 0 < stats.max_table_bytes <= budget // 2
     assert any(isinstance(w, Warn) and w.code == "budget_exhausted" for w in items)
     assert all(s.num_prefixes <= 64 for s in items if isinstance(s, Step))
+
+
+def test_head_norms_bound_each_heads_spectral_norm_tightly():
+    # Float32 Gram matrices with rigorous slack: never below the float64 spectral norm.
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn((512, 8 * 32), generator=gen, dtype=torch.float64) * 0.02
+    weight[:, :32] *= 100.0  # one head far larger than the others
+    bound = _head_norms(weight, 8).to(torch.float64)
+    exact = torch.linalg.matrix_norm(weight.reshape(512, 8, 32).permute(1, 0, 2), ord=2)  # (8,)
+    assert bool((bound >= exact).all())
+    assert bool((bound <= exact * 1.02).all())
