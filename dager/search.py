@@ -105,10 +105,11 @@ def decoder_search(
 
     Block 0's keys and values depend only on a token and its position, so each
     position's candidates are projected once, and a prefix is a row of indices into
-    per-position key/value tables. Every (prefix, token) pair gets the attention mix
-    (scores and weighted sum) and the :class:`_Screen` bound; only pairs the screen
-    cannot reject run the output projection, the exact MLP-input span check, the MLP
-    and the block-1 span check, exactly as in :func:`_reference_decoder_search`.
+    per-position key/value tables. Every (prefix, token) pair gets its attention
+    weights and the :class:`_Screen` bound (from the weights alone while prefixes are
+    short); only pairs the screen cannot reject get their mix, the output projection,
+    the exact MLP-input span check, the MLP and the block-1 span check (pooled in
+    blocks), exactly as in :func:`_reference_decoder_search`.
 
     Args:
         hooks: the family's decoder hooks.
@@ -124,14 +125,13 @@ def decoder_search(
         probe_generator: seeds the probe tokens and the screen's directions.
         final_keep: after an exhausted budget, yield at most this many survivors.
         byte_budget: bytes for key/value tables plus one chunk (:data:`SEARCH_BYTES`).
-        chunk_macs: multiply-adds per chunk between heartbeats.
+        chunk_macs: multiply-adds per chunk between heartbeats (exact blocks: >= ``EXACT_MIN_ROWS`` pairs).
         stats: filled with what the search held at most, when given.
 
     Yields:
         :class:`Step` after every position, :class:`Found` per sentence,
         :class:`Warn` when the budget is exhausted, :class:`Tick` after every chunk.
     """
-    dev = hooks.device
     gen = probe_generator if probe_generator is not None else torch.Generator().manual_seed(0)
     table_budget, chunk_bytes = byte_budget // 2, byte_budget - byte_budget // 2  # tables | one chunk
     memo: dict = {}
@@ -140,7 +140,7 @@ def decoder_search(
     screen: _Screen | None = None
     exact_pairs = _exact_block(hooks, chunk_macs, chunk_bytes, span_mlp.rank + span2.rank)
     for pos in range(len(start), max_length):
-        cand = _candidates_at(candidates, pos, start, dev)
+        cand = _candidates_at(candidates, pos, start, hooks.device)
         if cand is None or not beam.prefixes:
             break
         if screen is None:
@@ -150,7 +150,7 @@ def decoder_search(
         n, t, l = len(beam.prefixes), int(cand.numel()), int(beam.rows.shape[1])
         blocks = _blocks(hooks, screen, (l, n, t), (chunk_macs, chunk_bytes, exact_pairs), stats)
         select = _Selection(max_prefixes, t, stats)
-        has_ext = torch.zeros(n, dtype=torch.bool, device=dev)
+        has_ext = torch.zeros(n, dtype=torch.bool, device=hooks.device)
         yield from _scan_position(
             hooks, beam, cand, pos, screen, (span_mlp, span2), thresholds, memo, blocks, select, has_ext,
             stats,
