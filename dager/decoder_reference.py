@@ -60,19 +60,7 @@ def _reference_decoder_search(
         :class:`Warn` when the budget is exhausted, :class:`Tick` after every chunk.
     """
     dev = hooks.device
-    H, dh = hooks.num_heads, hooks.head_dim
-    beam = _RefBeam(
-        prefixes=[()],
-        k=torch.zeros((1, H, 0, dh), device=dev),
-        v=torch.zeros((1, H, 0, dh), device=dev),
-        dist=torch.zeros(1, dtype=torch.float64, device=dev),
-    )
-    # Feed the given start tokens (they are known, not searched).
-    for pos, tok in enumerate(start):
-        h, k, v = hooks.extend(torch.tensor([tok], device=dev), pos, beam.k, beam.v)
-        beam.k = torch.cat([beam.k, k.unsqueeze(2)], dim=2)  # k: (1, H, dh)
-        beam.v = torch.cat([beam.v, v.unsqueeze(2)], dim=2)
-        beam.prefixes = [(*beam.prefixes[0], tok)]
+    beam = _ref_start(hooks, start)
     exhausted = False
     first = True
     for pos in range(len(start), max_length):
@@ -88,31 +76,54 @@ def _reference_decoder_search(
         keep: tuple[list[torch.Tensor], ...] = ([], [], [], [], [])
         has_ext = torch.zeros(n, dtype=torch.bool, device=dev)
         yield from _reference_scan(hooks, beam, cand, pos, (span_mlp, span2), thresholds, has_ext, keep)
-        keep_pref, keep_tok, keep_dist, new_k, new_v = keep
+        keep_pref = keep[0]
         yield from _dead_ends(beam.prefixes, beam.dist, has_ext, exhausted, start)
         if not keep_pref:
             beam.prefixes = []
             yield Step(pos, (), 0, n * t)
             break
-        pi = torch.cat(keep_pref)
-        ti = torch.cat(keep_tok)
-        dist = torch.cat(keep_dist)
-        ks = torch.cat(new_k)
-        vs = torch.cat(new_v)
-        if pi.numel() > max_prefixes:
+        if sum(int(p.numel()) for p in keep_pref) > max_prefixes:
             exhausted = True
             yield Warn("budget_exhausted", float(max_prefixes))
-            order = dist.argsort()[:max_prefixes]
-            pi, ti, dist, ks, vs = pi[order], ti[order], dist[order], ks[order], vs[order]
-        cand_list = cand.tolist()
-        beam = _RefBeam(
-            prefixes=[(*beam.prefixes[p], cand_list[q]) for p, q in zip(pi.tolist(), ti.tolist())],
-            k=ks,
-            v=vs,
-            dist=dist,
-        )
+        beam = _ref_next(beam, keep, cand, max_prefixes)
         yield Step(pos, tuple(beam.prefixes[:256]), len(beam.prefixes), n * t)
     yield from _survivors(beam.prefixes, beam.dist, exhausted, final_keep, start)
+
+
+def _ref_start(hooks: DecoderHooks, start: tuple[int, ...]) -> _RefBeam:
+    """The first beam: the given start tokens fed through block 0 (known, not searched)."""
+    dev = hooks.device
+    H, dh = hooks.num_heads, hooks.head_dim
+    beam = _RefBeam(
+        prefixes=[()],
+        k=torch.zeros((1, H, 0, dh), device=dev),
+        v=torch.zeros((1, H, 0, dh), device=dev),
+        dist=torch.zeros(1, dtype=torch.float64, device=dev),
+    )
+    for pos, tok in enumerate(start):
+        h, k, v = hooks.extend(torch.tensor([tok], device=dev), pos, beam.k, beam.v)
+        beam.k = torch.cat([beam.k, k.unsqueeze(2)], dim=2)  # k: (1, H, dh)
+        beam.v = torch.cat([beam.v, v.unsqueeze(2)], dim=2)
+        beam.prefixes = [(*beam.prefixes[0], tok)]
+    return beam
+
+
+def _ref_next(
+    beam: _RefBeam, keep: tuple[list[torch.Tensor], ...], cand: torch.Tensor, max_prefixes: int
+) -> _RefBeam:
+    """The next beam from a position's survivors: the nearest ``max_prefixes`` when
+    there are more (ties in the order found)."""
+    pi, ti, dist, ks, vs = (torch.cat(part) for part in keep)
+    if pi.numel() > max_prefixes:
+        order = dist.argsort()[:max_prefixes]
+        pi, ti, dist, ks, vs = pi[order], ti[order], dist[order], ks[order], vs[order]
+    cand_list = cand.tolist()
+    return _RefBeam(
+        prefixes=[(*beam.prefixes[p], cand_list[q]) for p, q in zip(pi.tolist(), ti.tolist())],
+        k=ks,
+        v=vs,
+        dist=dist,
+    )
 
 
 def _reference_scan(

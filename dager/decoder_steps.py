@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from dager.hooks_decoder import DecoderHooks
+from dager.hooks_decoder import DecoderHooks, _softmax_attend
 from dager.search_items import CHUNK_MACS, NUM_PROBES, SEARCH_BYTES, Found, Thresholds, Tick, split_threshold
 from dager.span import Span, gap_threshold
 
@@ -53,11 +53,21 @@ def _survivors(
             yield Found(prefix, not exhausted, float(dist[i]))
 
 
+EXACT_MIN_ROWS = 64
+"""Fewest pairs one exact block runs through block 0 (unless fewer are waiting).
+
+With few rows block 0's MLP only streams its weights: at d = 4096 (541 MB of SwiGLU
+weights) one row costs 27 ms on one CPU core and a row of a 64-row block 6.6 ms. A
+64-row block there takes ~0.4 s, still a prompt heartbeat."""
+
+
 def _exact_block(hooks: DecoderHooks, chunk_macs: float, chunk_bytes: int, rank: int) -> int:
-    """How many (prefix, token) pairs one chunk runs through block 0 exactly."""
+    """How many (prefix, token) pairs one block runs through block 0 exactly: a chunk's
+    work, but at least :data:`EXACT_MIN_ROWS` (within the chunk's bytes)."""
     d, f = hooks.hidden_size, hooks.mlp_width
     macs = d * hooks.num_heads * hooks.head_dim + 3 * d * f + 2 * d * min(d, rank + 2)
-    return max(1, int(min(chunk_macs / macs, chunk_bytes / (4 * (8 * d + 3 * f)))))
+    by_bytes = max(1, int(chunk_bytes / (4 * (8 * d + 3 * f))))
+    return min(by_bytes, max(EXACT_MIN_ROWS, int(chunk_macs / macs)))
 
 
 def _layer2_distances(
@@ -92,40 +102,65 @@ def _calibrate(
     chunk_macs: float = CHUNK_MACS,
     chunk_bytes: int = SEARCH_BYTES // 2,
     block: int | None = None,
+    memo: dict | None = None,
 ) -> Iterator[Tick]:
     """Set missing thresholds from the first step: candidates vs random probes.
 
     True extensions sit at round-off level; random tokens are off-span by orders of
-    magnitude. The threshold is the geometric mean of the low cluster's top and the
+    magnitude. Each threshold is the geometric mean of the low cluster's top and the
     lowest off-span distance (probes and the candidates above the largest gap).
-    Runs the first prefix's extensions in blocks (the candidates may be the whole
-    vocabulary) and yields a :class:`Tick` after each.
+
+    The MLP-input distances of every candidate need only block 0's attention. The
+    block-1 distances need the MLP (at d = 4096 the bulk of the cost), so they are
+    measured on the pairs that threshold can matter for: the candidates that pass
+    the MLP-input check (the search rejects the others before their MLP) and the
+    probes. Runs in blocks (the candidates may be the whole vocabulary) and yields a
+    :class:`Tick` after each.
 
     Args:
         kc, vc: ``(1, H, l, dh)`` the first prefix's key/value cache.
         generator: draws the probe tokens.
+        memo: the search's per-token projections (:meth:`DecoderHooks.token_states`),
+            so the candidates' are computed once for calibration and search.
     """
     if block is None:
         block = _exact_block(hooks, chunk_macs, chunk_bytes, span_mlp.rank + span2.rank)
     probes = torch.randint(0, hooks.vocab_size, (NUM_PROBES,), generator=generator).to(cand.device)
     probes = probes[~torch.isin(probes, cand)]
-    tokens = torch.cat([cand, probes])
-    mlp_parts, l2_parts = [], []
-    for t0 in range(0, tokens.numel(), block):
-        h, _, _ = hooks.extend(tokens[t0 : t0 + block], pos, kc, vc)
-        h = h[0]
-        mlp_parts.append(span_mlp.distance(hooks.mlp_input(h)))
-        l2_parts.append(span2.distance(hooks.layer2_input(hooks.mlp_residual(h))))
-        yield Tick(pos, 0)
-    d_mlp = torch.cat(mlp_parts)
-    d2 = torch.cat(l2_parts)
     nc = cand.numel()
-    for attr, d in (("mlp", d_mlp), ("layer2", d2)):
-        if getattr(thresholds, attr) is not None:
-            continue
-        dc, dp = d[:nc], d[nc:]
-        cut = gap_threshold(torch.cat([dc, dp]), min_keep=1)
-        low = dc[dc < cut]
-        high = torch.cat([dc[dc >= cut], dp])
-        setattr(thresholds, attr, split_threshold(low, high))
+    tokens = torch.cat([cand, probes])
+    parts = []
+    for t0 in range(0, tokens.numel(), block):
+        h = _one_prefix(hooks, tokens[t0 : t0 + block], pos, kc, vc, memo)
+        parts.append(span_mlp.distance(hooks.mlp_input(h)))
+        yield Tick(pos, 0)
+    d_mlp = torch.cat(parts)
+    if thresholds.mlp is None:
+        thresholds.mlp = _split_at_gap(d_mlp[:nc], d_mlp[nc:])
+    if thresholds.layer2 is None:
+        passing = cand[d_mlp[:nc] < thresholds.mlp]
+        rows = torch.cat([passing, probes])
+        parts = []
+        for t0 in range(0, rows.numel(), block):
+            h = _one_prefix(hooks, rows[t0 : t0 + block], pos, kc, vc, memo)
+            parts.append(span2.distance(hooks.layer2_input(hooks.mlp_residual(h))))
+            yield Tick(pos, 0)
+        d2 = torch.cat(parts)
+        thresholds.layer2 = _split_at_gap(d2[: passing.numel()], d2[passing.numel() :])
     log.debug("decoder thresholds: mlp %.3g, layer2 %.3g", thresholds.mlp, thresholds.layer2)
+
+
+def _one_prefix(
+    hooks: DecoderHooks, tokens: torch.Tensor, pos: int, kc: torch.Tensor, vc: torch.Tensor, memo: dict | None
+) -> torch.Tensor:
+    """``(t, d)`` residual stream after block 0's attention: one prefix extended by
+    each token (:meth:`DecoderHooks.extend` through the search's projections memo)."""
+    x, q, k, v = hooks.token_states(tokens, pos, memo)
+    return x + hooks.attention_output(_softmax_attend(q, kc, vc, k, v, hooks.attention_scale)[0])
+
+
+def _split_at_gap(dc: torch.Tensor, dp: torch.Tensor) -> float:
+    """A threshold from candidate distances ``dc`` and probe distances ``dp``: below
+    the largest gap is the true cluster, above it (with every probe) the off-span."""
+    cut = gap_threshold(torch.cat([dc, dp]), min_keep=1)
+    return split_threshold(dc[dc < cut], torch.cat([dc[dc >= cut], dp]))

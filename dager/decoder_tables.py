@@ -67,6 +67,7 @@ class _Screen:
             pg = pg - pg.mean(0, keepdim=True)  # P^T diag(g) C h = (C diag(g) P)^T h
         self.pg = pg.to(torch.float32)
         self.r = (weight.T @ pg).to(torch.float32)  # (H * dh, s)
+        self.r_heads = self.r.reshape(hooks.num_heads, -1, self.r.shape[1])  # (H, dh, s)
         bias = terms.out_bias.to(dev, f64) if terms.out_bias is not None else torch.zeros(d, dtype=f64, device=dev)
         self.bias = bias.to(torch.float32)
         self.centred = terms.centred
@@ -77,12 +78,7 @@ class _Screen:
         self.y_max = float(gamma.abs().max()) * math.sqrt(d) + (float(beta.norm()) if beta is not None else 0.0)
         H = hooks.num_heads
         cw = weight - weight.mean(0, keepdim=True) if terms.centred else weight
-        heads = cw.reshape(d, H, -1).permute(1, 0, 2)  # (H, d, dh)
-        gram = heads.transpose(1, 2) @ heads  # (H, dh, dh)
-        # Spectral norms from each head's Gram matrix, with slack for its round-off.
-        self.head_norm = (torch.linalg.eigvalsh(gram)[:, -1].clamp(min=0).sqrt() * (1 + 1e-6) + 1e-12).to(
-            torch.float32
-        )  # (H,)
+        self.head_norm = _head_norms(cw, H)  # (H,)
         self.num_heads = H
 
     def token_side(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,9 +98,54 @@ class _Screen:
             threshold: the MLP-input acceptance threshold.
         """
         m, t, hd = mix.shape
-        z0, e_norm = side
-        z = mix @ self.r + z0  # (m, t, s)
+        z = mix @ self.r + side[0]  # (m, t, s)
         spread = (mix.reshape(m, t, self.num_heads, -1).norm(dim=-1) * self.head_norm).sum(-1)  # (m, t)
+        return self._passes(z, spread, side[1], threshold)
+
+    def value_side(self, values: torch.Tensor) -> torch.Tensor:
+        """``(M, H, s)``: value rows ``(M, H, dh)`` through ``R`` head by head.
+
+        ``mix @ R`` is linear in the attention weights, ``sum_h sum_j a_hj (v_hj R_h)``,
+        so a value row's ``v_hj R_h`` is computed once, not once per pair.
+        """
+        return torch.einsum("mhd,hds->mhs", values.to(torch.float32), self.r_heads)
+
+    def keep_weights(
+        self,
+        attn: torch.Tensor,
+        prefix_side: tuple[torch.Tensor, torch.Tensor],
+        value_side: tuple[torch.Tensor, torch.Tensor],
+        side: tuple[torch.Tensor, torch.Tensor],
+        threshold: float,
+    ) -> torch.Tensor:
+        """:meth:`keep` from the attention weights alone: the mixes are never formed.
+
+        ``z`` comes from :meth:`value_side` rows (``H l s`` per pair instead of
+        ``d (l + s)``); each head's ``|mix_h|`` is bounded by ``|m_h| + a_self |v_self|``,
+        with the prefix part ``|m_h|^2 = a^T G a`` read from the prefix's value Gram
+        matrix ``G`` (``H l^2`` per pair). Its spread is never below :meth:`keep`'s, so
+        it keeps every pair :meth:`keep` keeps.
+
+        Args:
+            attn: ``(m, t, H, l + 1)`` attention weights (the token's own last).
+            prefix_side: the prefixes' ``(m, H, l, s)`` value rows through ``R`` and
+                ``(m, H, l, l)`` value Gram matrices.
+            value_side: the tokens' ``(t, H, s)`` own value rows through ``R`` and
+                ``(t, H)`` value norms.
+            side: :meth:`token_side` of the t tokens.
+            threshold: the MLP-input acceptance threshold.
+        """
+        vr, gram = prefix_side
+        vr_self, v_norm = value_side
+        a_p, a_s = attn[..., :-1], attn[..., -1]  # (m, t, H, l), (m, t, H)
+        z = torch.einsum("nthl,nhls->nts", a_p, vr) + torch.einsum("nth,ths->nts", a_s, vr_self) + side[0]
+        ga = torch.einsum("nthl,nhlk->nthk", a_p, gram)  # (m, t, H, l)
+        prefix_norm = (ga * a_p).sum(-1).clamp(min=0.0).sqrt() * (1 + 1e-5)  # round-off slack: stays a bound
+        spread = ((prefix_norm + a_s * v_norm) * self.head_norm).sum(-1)  # (m, t)
+        return self._passes(z, spread, side[1], threshold)
+
+    def _passes(self, z: torch.Tensor, spread: torch.Tensor, e_norm: torch.Tensor, threshold: float) -> torch.Tensor:
+        """The bound's test from ``z`` ``(m, t, s)`` and the spread ``(m, t)`` of ``|u|``."""
         u_hi = e_norm + spread
         lam_lo = torch.rsqrt(u_hi * u_hi / self.d + self.eps)
         if self.w is None:
@@ -116,6 +157,26 @@ class _Screen:
             lam = (-(z @ self.w) / zz).clamp(min=lam_lo, max=lam_hi)  # argmin of |lam z + w|
             lower = (lam.unsqueeze(-1) * z + self.w).norm(dim=-1)
         return lower / self.y_max <= threshold + SCREEN_MARGIN
+
+
+def _head_norms(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(H,)`` float32 upper bounds on the spectral norms of ``weight``'s head blocks.
+
+    From each head's ``(dh, dh)`` Gram matrix, formed in float32 (at d = 4096 the float64
+    products cost a second per search) with rigorous slack: a float32 product is within
+    ``d u |W|^T |W|`` of the exact one entrywise (Higham 2002, Sec. 3.5), so the top
+    eigenvalue is within ``d u |W_h|_F^2``; rounding ``W`` to float32 adds ``u |W_h|_F``.
+
+    Args:
+        weight: ``(d, H * dh)`` float64.
+    """
+    d = weight.shape[0]
+    u = 2.0**-24
+    w32 = weight.to(torch.float32).reshape(d, heads, -1).permute(1, 0, 2)  # (H, d, dh)
+    gram = (w32.transpose(1, 2) @ w32).to(torch.float64)  # (H, dh, dh)
+    frob2 = weight.reshape(d, heads, -1).pow(2).sum(dim=(0, 2))  # (H,) float64
+    top = torch.linalg.eigvalsh(gram)[:, -1].clamp(min=0) + 1.01 * d * u * frob2
+    return (top.sqrt() * (1 + 1e-6) + 2 * u * frob2.sqrt() + 1e-12).to(torch.float32)
 
 
 @dataclass
@@ -184,6 +245,34 @@ class _Selection:
         idx = _best(self.order, self.dist) if self.overflow else self.order.argsort()
         order = self.order[idx]
         return order // self.t, order % self.t, self.dist[idx], self.k[idx], self.v[idx]
+
+
+class _Pending:
+    """Pairs the screen kept, pooled across chunks until an exact block is full.
+
+    Each chunk keeps few pairs (about one true extension per live prefix in it), and
+    the exact checks read block 0's weights once per call whatever the rows: pooled,
+    the weights are read once per block of ``limit`` pairs instead of once per chunk.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[tuple[torch.Tensor, ...]] = []
+        self.count = 0
+
+    def room(self) -> int:
+        return self.limit - self.count
+
+    def add(self, *rows: torch.Tensor) -> None:
+        """Rows of equal length: inputs, mixes, prefix and token indices, keys, values."""
+        if rows[0].shape[0]:
+            self.parts.append(rows)
+            self.count += int(rows[0].shape[0])
+
+    def take(self) -> tuple[torch.Tensor, ...]:
+        rows = tuple(torch.cat(col) for col in zip(*self.parts))
+        self.parts, self.count = [], 0
+        return rows
 
 
 def _best(order: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
@@ -260,15 +349,30 @@ def _start_beam(hooks: DecoderHooks, start: tuple[int, ...]) -> _Beam:
     return beam
 
 
-def _chunk_shape(hooks: DecoderHooks, l: int, n: int, t: int, chunk_macs: float, chunk_bytes: int) -> tuple[int, int]:
+def _by_weights(hooks: DecoderHooks, screen_active: bool, l: int) -> bool:
+    """Whether a position screens from the attention weights (:meth:`_Screen.keep_weights`).
+
+    Its per-pair cost ``H l (s + l)`` beats forming the mixes (``d l``) while the
+    prefixes are shorter than a head (``l < dh``); with no prefix there is nothing to mix.
+    """
+    return screen_active and 0 < l < hooks.head_dim
+
+
+def _chunk_shape(
+    hooks: DecoderHooks, l: int, n: int, t: int, chunk_macs: float, chunk_bytes: int, by_weights: bool = False
+) -> tuple[int, int]:
     """One chunk: ``(tokens, prefixes)`` per block, a block of tokens (projected once)
     times a block of ``n`` prefixes of length ``l``, within the chunk's work and bytes."""
     H, dh = hooks.num_heads, hooks.head_dim
     d = hooks.hidden_size
-    pair_macs = 2 * (l + 1) * H * dh + (SKETCH + 4) * H * dh
-    pair_bytes = 4 * (4 * H * (l + 2) + 3 * H * dh + 2 * SKETCH)
+    if by_weights:
+        pair_macs = (l + 1) * H * dh + H * l * (SKETCH + l + 2)
+        pair_bytes = 4 * (4 * H * (l + 2) + 2 * SKETCH + 4)
+    else:
+        pair_macs = 2 * (l + 1) * H * dh + (SKETCH + 4) * H * dh
+        pair_bytes = 4 * (4 * H * (l + 2) + 3 * H * dh + 2 * SKETCH)
     token_bytes = 4 * (2 * d + 4 * H * dh + SKETCH + 2)
-    prefix_bytes = 4 * 2 * l * H * dh
+    prefix_bytes = 4 * (2 * l * H * dh + H * l * (SKETCH + l))
     pairs = max(1, int(min(chunk_macs / pair_macs, 0.5 * chunk_bytes / pair_bytes)))
     tb = max(1, min(t, pairs, int(0.25 * chunk_bytes / token_bytes)))
     nb = max(1, min(n, pairs // tb, int(0.25 * chunk_bytes / max(1, prefix_bytes))))

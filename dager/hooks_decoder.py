@@ -60,16 +60,43 @@ def _softmax_attend(
     """
     n = k_cache.shape[0]
     t, H, dh = q.shape
-    self_score = (q * k_self).sum(-1) * scale  # (t, H)
     if k_cache.shape[2] == 0:
         out = v_self.unsqueeze(0).expand(n, t, H, dh)
         return out.reshape(n, t, H * dh)
-    scores = torch.einsum("thd,nhld->nthl", q, k_cache) * scale  # (n, t, H, l)
-    scores = torch.cat([scores, self_score.unsqueeze(0).expand(n, t, H).unsqueeze(-1)], dim=-1)
-    attn = scores.softmax(-1)  # (n, t, H, l+1)
+    attn = _attention_weights(q, k_cache, k_self, scale)  # (n, t, H, l+1)
     mix = torch.einsum("nthl,nhld->nthd", attn[..., :-1], v_cache)  # (n, t, H, dh)
     mix = mix + attn[..., -1:] * v_self.unsqueeze(0)
     return mix.reshape(n, t, H * dh)
+
+
+def _attention_weights(q: torch.Tensor, k_cache: torch.Tensor, k_self: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(n, t, H, l + 1)`` softmax weights of :func:`_softmax_attend` (the token's own last).
+
+    Args:
+        q, k_self: ``(t, H, dh)`` the candidates' queries and keys.
+        k_cache: ``(n, H, l, dh)`` the prefixes' keys.
+    """
+    n = k_cache.shape[0]
+    t, H, _ = q.shape
+    self_score = (q * k_self).sum(-1) * scale  # (t, H)
+    scores = torch.einsum("thd,nhld->nthl", q, k_cache) * scale  # (n, t, H, l)
+    scores = torch.cat([scores, self_score.unsqueeze(0).expand(n, t, H).unsqueeze(-1)], dim=-1)
+    return scores.softmax(-1)
+
+
+def _mix_pairs(
+    attn: torch.Tensor, v_cache: torch.Tensor, v_self: torch.Tensor
+) -> torch.Tensor:
+    """``(p, H * dh)`` attention outputs of ``p`` chosen pairs, as :func:`_softmax_attend`.
+
+    Args:
+        attn: ``(p, H, l + 1)`` their weights (:func:`_attention_weights` rows).
+        v_cache: ``(p, H, l, dh)`` their prefixes' values.
+        v_self: ``(p, H, dh)`` their tokens' values.
+    """
+    p, H, _ = attn.shape
+    mix = torch.einsum("phl,phld->phd", attn[..., :-1], v_cache) + attn[..., -1:] * v_self  # (p, H, dh)
+    return mix.reshape(p, -1)
 
 
 def _memo_rows(

@@ -85,7 +85,7 @@ class GPT2Hooks(DecoderHooks):
         blk = self.blocks[0]
         w = self.tf.wte.weight[tokens]
         cw = w - w.mean(-1, keepdim=True)
-        a = cw @ (blk.ln_1.weight.unsqueeze(1) * blk.attn.c_attn.weight)  # (t, 3d)
+        a = (cw * blk.ln_1.weight) @ blk.attn.c_attn.weight  # (t, 3d); no (d, 3d) temporary
         return torch.cat([a, (cw * cw).sum(-1, keepdim=True)], dim=1)
 
     def place_tokens(
@@ -97,8 +97,10 @@ class GPT2Hooks(DecoderHooks):
         w = self.tf.wte.weight[tokens]
         p = self.tf.wpe.weight[position]
         cp = p - p.mean()
-        a_p = cp @ (ln.weight.unsqueeze(1) * attn.weight)  # (3d,)
-        const = ln.bias @ attn.weight + attn.bias  # (3d,)
+        # Both vectors in one pass over the (d, 3d) weight (at a few dozen tokens, reading
+        # it is the cost); no (d, 3d) temporary.
+        a_p, const = torch.stack([cp * ln.weight, ln.bias]) @ attn.weight  # (3d,) each
+        const = const + attn.bias
         var = (proj[:, -1] + 2 * (w @ cp) + (cp * cp).sum()) / d + ln.eps  # (t,)
         qkv = (proj[:, :-1] + a_p) * torch.rsqrt(var).unsqueeze(1) + const
         q, k, v = qkv.split(d, dim=-1)

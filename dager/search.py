@@ -19,7 +19,7 @@ slow reference search the tests compare with in :mod:`dager.decoder_reference`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import torch
 
@@ -33,11 +33,14 @@ from dager.decoder_tables import (
     _advance,
     _Beam,
     _best,
+    _Pending,
+    _by_weights,
     _chunk_shape,
     _Screen,
     _Selection,
     _start_beam,
 )
+from dager.hooks_decoder import _attention_weights, _mix_pairs
 from dager.layers import DecoderHooks, _softmax_attend
 from dager.search_items import (
     CANDIDATE_CHUNK,
@@ -102,10 +105,11 @@ def decoder_search(
 
     Block 0's keys and values depend only on a token and its position, so each
     position's candidates are projected once, and a prefix is a row of indices into
-    per-position key/value tables. Every (prefix, token) pair gets the attention mix
-    (scores and weighted sum) and the :class:`_Screen` bound; only pairs the screen
-    cannot reject run the output projection, the exact MLP-input span check, the MLP
-    and the block-1 span check, exactly as in :func:`_reference_decoder_search`.
+    per-position key/value tables. Every (prefix, token) pair gets its attention
+    weights and the :class:`_Screen` bound (from the weights alone while prefixes are
+    short); only pairs the screen cannot reject get their mix, the output projection,
+    the exact MLP-input span check, the MLP and the block-1 span check (pooled in
+    blocks), exactly as in :func:`_reference_decoder_search`.
 
     Args:
         hooks: the family's decoder hooks.
@@ -121,44 +125,34 @@ def decoder_search(
         probe_generator: seeds the probe tokens and the screen's directions.
         final_keep: after an exhausted budget, yield at most this many survivors.
         byte_budget: bytes for key/value tables plus one chunk (:data:`SEARCH_BYTES`).
-        chunk_macs: multiply-adds per chunk between heartbeats.
+        chunk_macs: multiply-adds per chunk between heartbeats (exact blocks: >= ``EXACT_MIN_ROWS`` pairs).
         stats: filled with what the search held at most, when given.
 
     Yields:
         :class:`Step` after every position, :class:`Found` per sentence,
         :class:`Warn` when the budget is exhausted, :class:`Tick` after every chunk.
     """
-    dev = hooks.device
     gen = probe_generator if probe_generator is not None else torch.Generator().manual_seed(0)
-    table_budget = byte_budget // 2
-    chunk_bytes = byte_budget - table_budget
+    table_budget, chunk_bytes = byte_budget // 2, byte_budget - byte_budget // 2  # tables | one chunk
     memo: dict = {}
     beam = _start_beam(hooks, start)
     exhausted = False
-    first = True
     screen: _Screen | None = None
     exact_pairs = _exact_block(hooks, chunk_macs, chunk_bytes, span_mlp.rank + span2.rank)
     for pos in range(len(start), max_length):
-        cand = _candidates_at(candidates, pos, start, dev)
+        cand = _candidates_at(candidates, pos, start, hooks.device)
         if cand is None or not beam.prefixes:
             break
-        n, t = len(beam.prefixes), int(cand.numel())
-        l = int(beam.rows.shape[1])
-        if first and (thresholds.mlp is None or thresholds.layer2 is None):
-            kc, vc = beam.caches(slice(0, 1))
-            yield from _calibrate(
-                hooks, cand, pos, kc, vc, span_mlp, span2, thresholds, gen, chunk_macs, chunk_bytes, exact_pairs
-            )
-        first = False
         if screen is None:
-            screen = _Screen(hooks, span_mlp, gen)
-        tb, nb = _chunk_shape(hooks, l, n, t, chunk_macs, chunk_bytes)
-        if stats is not None:
-            stats.max_chunk_pairs = max(stats.max_chunk_pairs, tb * nb)
+            screen = yield from _first_step(
+                hooks, beam, cand, pos, (span_mlp, span2), thresholds, gen, (chunk_macs, chunk_bytes, exact_pairs), memo
+            )
+        n, t, l = len(beam.prefixes), int(cand.numel()), int(beam.rows.shape[1])
+        blocks = _blocks(hooks, screen, (l, n, t), (chunk_macs, chunk_bytes, exact_pairs), stats)
         select = _Selection(max_prefixes, t, stats)
-        has_ext = torch.zeros(n, dtype=torch.bool, device=dev)
+        has_ext = torch.zeros(n, dtype=torch.bool, device=hooks.device)
         yield from _scan_position(
-            hooks, beam, cand, pos, screen, (span_mlp, span2), thresholds, memo, (tb, nb, exact_pairs), select, has_ext,
+            hooks, beam, cand, pos, screen, (span_mlp, span2), thresholds, memo, blocks, select, has_ext,
             stats,
         )
         yield from _dead_ends(beam.prefixes, beam.dist, has_ext, exhausted, start)
@@ -166,18 +160,67 @@ def decoder_search(
             beam.prefixes = []
             yield Step(pos, (), 0, n * t)
             break
-        if select.overflow:
-            exhausted = True
-            yield Warn("budget_exhausted", float(max_prefixes))
-        pi, ti, dist, kn, vn = select.result()
-        beam, cut = _advance(beam, pi, ti, dist, kn, vn, cand, table_budget)
-        if cut:
-            exhausted = True
-            yield Warn("budget_exhausted", float(len(beam.prefixes)))
-        if stats is not None:
-            stats.max_table_bytes = max(stats.max_table_bytes, beam.table_bytes())
+        beam, cut = yield from _next_beam(beam, select, cand, table_budget, max_prefixes, stats)
+        exhausted = exhausted or cut
         yield Step(pos, tuple(beam.prefixes[:256]), len(beam.prefixes), n * t)
     yield from _survivors(beam.prefixes, beam.dist, exhausted, final_keep, start)
+
+
+def _first_step(
+    hooks: DecoderHooks,
+    beam: _Beam,
+    cand: torch.Tensor,
+    pos: int,
+    spans: tuple[Span, Span],
+    thresholds: Thresholds,
+    gen: torch.Generator,
+    sizes: tuple[float, int, int],
+    memo: dict,
+) -> Generator[Tick, None, _Screen]:
+    """The first position: missing thresholds (:func:`_calibrate`), then the screen.
+
+    Args:
+        sizes: multiply-adds and bytes per chunk, pairs per exact block.
+        memo: the search's per-token projections, shared with the calibration.
+    """
+    if thresholds.mlp is None or thresholds.layer2 is None:
+        kc, vc = beam.caches(slice(0, 1))
+        yield from _calibrate(hooks, cand, pos, kc, vc, *spans, thresholds, gen, *sizes, memo)
+    return _Screen(hooks, spans[0], gen)
+
+
+def _blocks(
+    hooks: DecoderHooks, screen: _Screen, shape: tuple[int, int, int], sizes: tuple[float, int, int],
+    stats: SearchStats | None,
+) -> tuple[int, int, int]:
+    """``(tokens, prefixes)`` per chunk and pairs per exact block, for ``n`` prefixes of
+    length ``l`` and ``t`` tokens (``shape = (l, n, t)``; ``sizes`` as :func:`_first_step`'s)."""
+    l, n, t = shape
+    chunk_macs, chunk_bytes, exact_pairs = sizes
+    tb, nb = _chunk_shape(hooks, l, n, t, chunk_macs, chunk_bytes, _by_weights(hooks, screen.active, l))
+    if stats is not None:
+        stats.max_chunk_pairs = max(stats.max_chunk_pairs, tb * nb, exact_pairs)
+    return tb, nb, exact_pairs
+
+
+def _next_beam(
+    beam: _Beam, select: _Selection, cand: torch.Tensor, table_budget: int, max_prefixes: int, stats: SearchStats | None
+) -> Generator[Warn, None, tuple[_Beam, bool]]:
+    """The next position's beam from the selection; warns when a budget bit.
+
+    Returns:
+        The beam, and whether the prefix or table budget dropped extensions.
+    """
+    exhausted = select.overflow
+    if exhausted:
+        yield Warn("budget_exhausted", float(max_prefixes))
+    pi, ti, dist, kn, vn = select.result()
+    beam, cut = _advance(beam, pi, ti, dist, kn, vn, cand, table_budget)
+    if cut:
+        yield Warn("budget_exhausted", float(len(beam.prefixes)))
+    if stats is not None:
+        stats.max_table_bytes = max(stats.max_table_bytes, beam.table_bytes())
+    return beam, exhausted or cut
 
 
 def _scan_position(
@@ -196,56 +239,110 @@ def _scan_position(
 ) -> Iterator[Tick]:
     """Check every (prefix, token) pair of one position, chunk by chunk.
 
-    Each chunk gets the attention mix and the screen's bound; the pairs the screen
-    cannot reject run the exact checks (MLP-input span, then block-1 span) in blocks of
-    ``exact_pairs``. Survivors go to ``select``; ``has_ext`` marks the prefixes that
-    have one.
+    Each chunk gets the attention weights and the screen's bound (from the weights
+    alone while prefixes are short, see :func:`_by_weights`; else from the mixes);
+    only the pairs the screen cannot reject get their mix and the exact checks
+    (:func:`_exact_checks`). Survivors go to ``select``; ``has_ext`` marks the
+    prefixes that have one.
 
     Args:
         spans: ``(span_mlp, span2)``.
         blocks: ``(tokens, prefixes)`` per chunk and the pairs per exact block.
     """
-    span_mlp, span2 = spans
     tb, nb, exact_pairs = blocks
-    dev = hooks.device
     n, t = len(beam.prefixes), int(cand.numel())
+    l = int(beam.rows.shape[1])
+    by_weights = _by_weights(hooks, screen.active, l)
+    value_rows = screen.value_side(beam.values) if by_weights else None  # (M, H, s), once per position
+    pending = _Pending(exact_pairs)
     checked = 0
     for t0 in range(0, t, tb):
         toks = cand[t0 : t0 + tb]
         x, q, k, v = hooks.token_states(toks, pos, memo)
         side = screen.token_side(x) if screen.active else None
+        own = (screen.value_side(v), v.norm(dim=-1)) if by_weights else None  # (t, H, s), (t, H)
         m_t = toks.numel()
         for s0 in range(0, n, nb):
-            kc, vc = beam.caches(slice(s0, s0 + nb))
-            mix = _softmax_attend(q, kc, vc, k, v, hooks.attention_scale)  # (m, tb, H*dh)
-            m = mix.shape[0]
-            if screen.active:
-                idx = screen.keep(mix, side, thresholds.mlp).reshape(-1).nonzero().squeeze(1)
+            kc, vc = beam.caches(slice(s0, s0 + nb))  # (m, H, l, dh)
+            m = kc.shape[0]
+            if by_weights:
+                attn = _attention_weights(q, kc, k, hooks.attention_scale)  # (m, t, H, l+1)
+                prefix_side = (value_rows[beam.rows[s0 : s0 + nb]].transpose(1, 2), vc @ vc.transpose(-1, -2))
+                keep = screen.keep_weights(attn, prefix_side, own, side, thresholds.mlp)
+                flat_attn = attn.reshape(m * m_t, hooks.num_heads, l + 1)
+
+                def mix_of(sub: torch.Tensor) -> torch.Tensor:
+                    return _mix_pairs(flat_attn[sub], vc[sub // m_t], v[sub % m_t])
+
             else:
-                idx = torch.arange(m * m_t, device=dev)
-            flat = mix.reshape(m * m_t, -1)
+                mix = _softmax_attend(q, kc, vc, k, v, hooks.attention_scale)  # (m, t, H*dh)
+                keep = screen.keep(mix, side, thresholds.mlp) if screen.active else None
+                flat = mix.reshape(m * m_t, -1)
+
+                def mix_of(sub: torch.Tensor) -> torch.Tensor:
+                    return flat[sub]
+
+            idx = keep.reshape(-1).nonzero().squeeze(1) if keep is not None else torch.arange(m * m_t, device=x.device)
             if stats is not None:
                 stats.screened += int(idx.numel())
-            for e0 in range(0, int(idx.numel()), exact_pairs):
-                sub = idx[e0 : e0 + exact_pairs]
-                ti = sub % m_t
-                h = x[ti] + hooks.attention_output(flat[sub])  # (p, d)
-                d_mlp = span_mlp.distance(hooks.mlp_input(h))
-                ok = d_mlp < thresholds.mlp
-                if bool(ok.any()):
-                    h2 = hooks.mlp_residual(h[ok])
-                    d2 = span2.distance(hooks.layer2_input(h2))
-                    ok2 = d2 < thresholds.layer2
-                    good = sub[ok][ok2]
-                    if good.numel():
-                        pi = good // m_t + s0
-                        tl = good % m_t
-                        dist = torch.maximum(torch.maximum(d_mlp[ok][ok2], d2[ok2]), beam.dist[pi])
-                        has_ext[pi] = True
-                        select.add(pi * t + t0 + tl, dist, k[tl], v[tl])
-                if e0 + exact_pairs < idx.numel():
+            e0 = 0
+            while e0 < idx.numel():
+                sub = idx[e0 : e0 + pending.room()]
+                e0 += sub.numel()
+                tl = sub % m_t
+                pending.add(x[tl], mix_of(sub), sub // m_t + s0, t0 + tl, k[tl], v[tl])
+                if pending.room() == 0:
+                    _flush(hooks, spans, thresholds, pending, beam.dist, has_ext, select, t)
                     yield Tick(pos, checked)
             checked += m * m_t
             if stats is not None:
                 stats.checked += m * m_t
             yield Tick(pos, checked)
+    if pending.count:
+        _flush(hooks, spans, thresholds, pending, beam.dist, has_ext, select, t)
+        yield Tick(pos, checked)
+
+
+def _flush(
+    hooks: DecoderHooks,
+    spans: tuple[Span, Span],
+    thresholds: Thresholds,
+    pending: _Pending,
+    prefix_dist: torch.Tensor,
+    has_ext: torch.Tensor,
+    select: _Selection,
+    t: int,
+) -> None:
+    """The exact checks of the pooled pairs; survivors go to ``select``."""
+    x, mix, pi, ti, k, v = pending.take()
+    good, dist = _exact_checks(hooks, spans, thresholds, x, mix)
+    if good.numel():
+        pi = pi[good]
+        has_ext[pi] = True
+        select.add(pi * t + ti[good], torch.maximum(dist, prefix_dist[pi]), k[good], v[good])
+
+
+def _exact_checks(
+    hooks: DecoderHooks, spans: tuple[Span, Span], thresholds: Thresholds, x: torch.Tensor, mix: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block 0 run exactly on ``p`` pairs: the MLP-input span check, then (on those
+    that pass) the MLP and the block-1 span check, as the reference search does.
+
+    Args:
+        spans: ``(span_mlp, span2)``.
+        x: ``(p, d)`` the pairs' token inputs.
+        mix: ``(p, H * dh)`` their attention mixes.
+
+    Returns:
+        The indices (into the ``p`` pairs) passing both checks, and their distances
+        (the larger of the two).
+    """
+    span_mlp, span2 = spans
+    h = x + hooks.attention_output(mix)  # (p, d)
+    d_mlp = span_mlp.distance(hooks.mlp_input(h))
+    ok = (d_mlp < thresholds.mlp).nonzero().squeeze(1)
+    if ok.numel() == 0:
+        return ok, d_mlp[ok]
+    d2 = span2.distance(hooks.layer2_input(hooks.mlp_residual(h[ok])))
+    ok2 = d2 < thresholds.layer2
+    return ok[ok2], torch.maximum(d_mlp[ok][ok2], d2[ok2])

@@ -13,12 +13,15 @@ import pytest
 import torch
 
 from dager.attack import required_parameters
+from dager.decoder_tables import _by_weights, _head_norms
+from dager.hooks_decoder import _attention_weights
 from dager.layers import _softmax_attend, hooks_for
 from dager.search import (
     Found,
     SearchStats,
     Step,
     Thresholds,
+    Tick,
     Warn,
     _reference_decoder_search,
     _Screen,
@@ -98,13 +101,38 @@ def test_screened_search_matches_the_per_pair_reference(tiny, model_type):
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_pooled_exact_checks_match_the_reference_whatever_the_chunking(tiny, model_type):
+    # Tiny chunks: the pairs the screen keeps are pooled across many chunks (and
+    # exact blocks of a few pairs) before their exact checks; the result is the same.
+    bundle = tiny(model_type, "classification", d=64, layers=3)
+    hooks, span_mlp, span2, start, bag, longest = _setup(bundle, SENTENCES[:3])
+    kwargs = dict(start=start, max_prefixes=256, max_length=longest + 2)
+    with torch.no_grad():
+        _, ref = _drain(
+            _reference_decoder_search(hooks, lambda p: bag, span_mlp, span2, thresholds=Thresholds(None, None),
+                                      **kwargs)
+        )
+        for chunk_macs in (2e3, 3e4):
+            items, fast = _drain(
+                decoder_search(
+                    hooks, lambda p: bag, span_mlp, span2, thresholds=Thresholds(None, None), chunk_macs=chunk_macs,
+                    **kwargs,
+                )
+            )
+            assert fast == ref
+            steps = sum(isinstance(i, Step) for i in items)
+            assert sum(isinstance(i, Tick) for i in items) > 3 * steps  # several chunks per position
+    assert sorted(ids for ids, _ in ref) == sorted(tuple(bundle.tokenize(s)) for s in SENTENCES[:3])
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_screen_never_discards_a_pair_the_exact_check_accepts(tiny, model_type):
     bundle = tiny(model_type, "classification", d=64, layers=3)
     hooks, span_mlp, span2, start, bag, longest = _setup(bundle, SENTENCES)
     gen = torch.Generator().manual_seed(0)
     screen = _Screen(hooks, span_mlp, gen)
     assert screen.active
-    accepted_total = kept_total = 0
+    accepted_total = kept_total = weights_checked = 0
     with torch.no_grad():
         for sentence in SENTENCES:
             ids = bundle.tokenize(sentence)
@@ -121,15 +149,35 @@ def test_screen_never_discards_a_pair_the_exact_check_accepts(tiny, model_type):
                     mix = _softmax_attend(q, kc, vc, k, v, hooks.attention_scale)  # (1, t, d)
                     h = x + hooks.attention_output(mix[0])
                     exact = span_mlp.distance(hooks.mlp_input(h))
+                    by_weights = _weights_screen(screen, hooks, q, k, v, kc, vc, x)
                     for threshold in (1e-4, 1e-3, 1e-2, 0.1):
                         kept = screen.keep(mix, screen.token_side(x), threshold)[0]
                         accepted = exact < threshold
                         assert bool(kept[accepted].all()), (pos, threshold)
+                        if by_weights is not None:
+                            # The screen from the weights alone keeps every pair the mix screen keeps.
+                            kept_w = by_weights(threshold)
+                            assert bool(kept_w[kept].all()), (pos, threshold)
+                            weights_checked += 1
                         accepted_total += int(accepted.sum())
                         kept_total += int(kept.sum())
     # True pairs were among those tested, and the screen is selective at tight thresholds.
-    assert accepted_total > 0
+    assert accepted_total > 0 and weights_checked > 0
     assert kept_total < 4 * 64 * len(SENTENCES) * 20
+
+
+def _weights_screen(screen, hooks, q, k, v, kc, vc, x):
+    """``threshold -> (t,)`` kept mask of :meth:`_Screen.keep_weights` for one prefix,
+    or ``None`` where the search screens from the mixes (no prefix, or a long one)."""
+    l = kc.shape[2]
+    if not _by_weights(hooks, screen.active, l):
+        return None
+    attn = _attention_weights(q, kc, k, hooks.attention_scale)  # (1, t, H, l+1)
+    values = vc[0].transpose(0, 1)  # (l, H, dh): table rows of this prefix
+    prefix_side = (screen.value_side(values).transpose(0, 1).unsqueeze(0), vc @ vc.transpose(-1, -2))
+    own = (screen.value_side(v), v.norm(dim=-1))
+    side = screen.token_side(x)
+    return lambda threshold: screen.keep_weights(attn, prefix_side, own, side, threshold)[0]
 
 
 def _cache(hooks, prefix):
@@ -187,3 +235,14 @@ def test_key_value_tables_stay_within_the_byte_budget(tiny, one_thread):
     assert 0 < stats.max_table_bytes <= budget // 2
     assert any(isinstance(w, Warn) and w.code == "budget_exhausted" for w in items)
     assert all(s.num_prefixes <= 64 for s in items if isinstance(s, Step))
+
+
+def test_head_norms_bound_each_heads_spectral_norm_tightly():
+    # Float32 Gram matrices with rigorous slack: never below the float64 spectral norm.
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn((512, 8 * 32), generator=gen, dtype=torch.float64) * 0.02
+    weight[:, :32] *= 100.0  # one head far larger than the others
+    bound = _head_norms(weight, 8).to(torch.float64)
+    exact = torch.linalg.matrix_norm(weight.reshape(512, 8, 32).permute(1, 0, 2), ord=2)  # (8,)
+    assert bool((bound >= exact).all())
+    assert bool((bound <= exact * 1.02).all())
