@@ -60,7 +60,11 @@ What the measurements showed (minilm-l6, pretrained, d=384; medium set, B=8, bat
   brother leo, who ...", "the second half drags, but ..."). Those are found in the
   first pass, so later passes (:data:`MAX_PASSES`) drop every near copy of a found
   sentence (:data:`BAN_FRACTION`) and the freed beam reaches others: 10 -> 17 of 32
-  without repairs, 15 -> 19 with them (4 passes), at 2-3x the time. What did not
+  without repairs, 15 -> 19 with them, at 2-3x the time. Checked on batches not used
+  for development (B=8, batches 8-11): 21 -> 22 of 32 (65.6% -> 68.8%), CPU s per
+  batch 12.3 -> 25.9 (loaded machine, load ~12). Bench with 3 passes, batches 0-3
+  (``dager_bench.py --rows minilm-med-4 minilm-med-8 --max-batches 4``, load ~12):
+  B=4 87.5% at 7.0 CPU s, B=8 59.4% at 31 CPU s. Targets still not met. What did not
   help (10/32 without repairs before): a prefix's score relative to its siblings
   (the sibling median: 8, robust z: 6), its rows rescored whole with ``[SEP]`` (7,
   6), families of 1-2 or a wider radius (4-11), a wider beam (64: 13/32 with
