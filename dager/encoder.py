@@ -53,6 +53,29 @@ What the measurements showed (minilm-l6, pretrained, d=384; medium set, B=8, bat
   33% at 20 s and 0% at 33 s. Targets not met (B=4 >= 95% in 3 s, B=8 >= 90% in 10 s).
   The misses are prefixes lost at positions 1-3. The cost is mostly the feed-forward
   block on ``BEAM_WIDTH x candidates`` rows per position.
+* Passes (issue 10, item 4; B=8 batches 0-3, 32 sentences, counted with the
+  true sentences beside the beam): the true prefix is lost at every depth, not only
+  at positions 1-3, and mostly across parents: at the cut it ranks 37..300 of all
+  children, below the variants of a few easy sentences ("happy birthday to my little
+  brother leo, who ...", "the second half drags, but ..."). Those are found in the
+  first pass, so later passes (:data:`MAX_PASSES`) drop every near copy of a found
+  sentence (:data:`BAN_FRACTION`) and the freed beam reaches others: 10 -> 17 of 32
+  without repairs, 15 -> 19 with them, at 2-3x the time. Checked on batches not used
+  for development (B=8, batches 8-11): 21 -> 22 of 32 (65.6% -> 68.8%), CPU s per
+  batch 12.3 -> 25.9 (loaded machine, load ~12). Bench with 3 passes, batches 0-3
+  (``dager_bench.py --rows minilm-med-4 minilm-med-8 --max-batches 4``, load ~12):
+  B=4 87.5% at 7.0 CPU s, B=8 59.4% at 31 CPU s. Targets still not met. What did not
+  help (10/32 without repairs before): a prefix's score relative to its siblings
+  (the sibling median: 8, robust z: 6), its rows rescored whole with ``[SEP]`` (7,
+  6), families of 1-2 or a wider radius (4-11), a wider beam (64: 13/32 with
+  repairs). Rows are less local than the first note says: with the right context
+  unknown, a true prefix's rows sit at 0.06..0.16, a wrong token's own row at
+  0.2..0.3. With the true left context, the true token ranks first among 96 in 83%
+  of positions with one filler and ``[SEP]`` (top 8: 97%), 87% with ``[MASK]``
+  ``[SEP]`` or ``[SEP]`` alone, 88% (top 8: 98.5%) averaged over four fillers, 92%
+  (99%) adding the row before it, 93% (100%) with the true next token (265
+  positions, batches 0-1); the cross-parent cut, not the per-parent rank, loses
+  most sentences.
 * Whole-sequence coordinate descent from random assemblies (the earlier search)
   recovered 0/32 sentences at B=8 in 33 s per batch. The layer-2 score is flat far
   from a sentence, and each move costs ``c`` whole sequences.
@@ -70,6 +93,7 @@ import torch
 
 from dager.encoder_assembly import _Descent, _EncoderSearch
 from dager.encoder_beam import (
+    BAN_FRACTION,
     BEAM_CHILDREN,
     BEAM_WIDTH,
     BEAM_Z,
@@ -77,6 +101,7 @@ from dager.encoder_beam import (
     EARLY_WIDTH,
     FAMILY_FRACTION,
     FAMILY_SIZE,
+    MAX_PASSES,
     MAX_REPAIRS_PER_STEP,
     PAIR_SHORTLIST,
     REPAIR_POSITIONS,
@@ -107,6 +132,7 @@ from dager.search import Found, Step, Tick, Warn
 from dager.span import Span
 
 __all__ = [
+    "BAN_FRACTION",
     "BEAM_CHILDREN",
     "BEAM_WIDTH",
     "BEAM_Z",
@@ -119,6 +145,7 @@ __all__ = [
     "FAMILY_FRACTION",
     "FAMILY_SIZE",
     "IMPROVEMENT",
+    "MAX_PASSES",
     "MAX_REPAIRS_PER_STEP",
     "MAX_SWEEPS",
     "NUM_PROBES",

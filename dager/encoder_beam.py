@@ -66,6 +66,14 @@ sequences per pair."""
 MAX_REPAIRS_PER_STEP = 4
 """Near endings repaired at one beam step (best [SEP] rows first)."""
 
+MAX_PASSES = 3
+"""Beam passes; each later pass drops the variants of the sentences found before it
+(their near copies crowd the beam: one easy sentence fills it with variants)."""
+
+BAN_FRACTION = 0.2
+"""A prefix that differs from a found sentence's prefix in at most this fraction of its
+positions (at least one) is that sentence's variant."""
+
 
 @dataclass
 class _Prefix:
@@ -164,6 +172,16 @@ class _BeamStage:
         return self.s.span2.distance(rows).clamp(min=DISTANCE_FLOOR).log()
 
     def run(self) -> Iterator[Found | Step | Tick]:
+        """Beam passes until the batch is found, a pass finds nothing new, or
+        :data:`MAX_PASSES` (each pass bans the variants of the sentences found so far)."""
+        s = self.s
+        for _pass in range(MAX_PASSES):
+            before = len(s.found)
+            yield from self.one_pass()
+            if s.done or len(s.found) == before:
+                return
+
+    def one_pass(self) -> Iterator[Found | Step | Tick]:
         """Grow prefixes from ``[CLS]`` to the last occupied position; at each
         position first close every prefix with ``[SEP]`` (exact check), then extend."""
         s = self.s
@@ -228,7 +246,7 @@ class _BeamStage:
             for n, j in enumerate(keep):
                 children.append(_Prefix((*b.ids, int(cand[j])), b.settled + float(settled[n]), float(r[i, j])))
         yield s.tick(L)
-        return _by_family(children, p, width)
+        return _by_family(children, p, width, found=[tuple(f.tolist()) for f in s.found])
 
     def endings(self, beam: list[_Prefix], p: int) -> Iterator[Found | Tick]:
         """Every prefix closed by ``[SEP]`` at ``p``, checked whole; near ones repaired."""
@@ -323,9 +341,15 @@ class _BeamStage:
         return best[1], True
 
 
-def _by_family(children: list[_Prefix], p: int, width: int) -> list[_Prefix]:
-    """The best ``width`` children, at most :data:`FAMILY_SIZE` per family."""
+def _by_family(
+    children: list[_Prefix], p: int, width: int, found: list[tuple[int, ...]] | None = None
+) -> list[_Prefix]:
+    """The best ``width`` children, at most :data:`FAMILY_SIZE` per family, none a
+    variant of a found sentence (:func:`_variant`)."""
     children.sort(key=lambda c: c.score)
+    if found:
+        heads = [f[: p + 1] for f in found if len(f) > p + 1]
+        children = [c for c in children if not any(_variant(c.ids, h, p) for h in heads)]
     radius = int(FAMILY_FRACTION * p)
     leaders: list[torch.Tensor] = []
     counts: list[int] = []
@@ -347,3 +371,14 @@ def _by_family(children: list[_Prefix], p: int, width: int) -> list[_Prefix]:
         if len(kept) >= width:
             break
     return kept
+
+
+def _variant(ids: tuple[int, ...], head: tuple[int, ...], p: int) -> bool:
+    """Whether prefix ``ids`` is a near copy of a found sentence's prefix ``head``: it
+    differs from it in at most :data:`BAN_FRACTION` of its positions, and already
+    before its newest token (a prefix that follows a found sentence and leaves it only
+    at its newest token may be another sentence sharing that beginning)."""
+    if ids[:-1] == head[:-1]:
+        return False
+    differ = sum(a != b for a, b in zip(ids, head))
+    return differ <= max(1, int(BAN_FRACTION * p))

@@ -14,7 +14,7 @@ import torch
 
 import dager.attack_search as attack_module  # where the attack calls the encoder search
 from dager.attack import iter_dager, required_parameters
-from dager.encoder import PAIR_POOL, SCORE_CHUNK, _RowModel, encoder_search
+from dager.encoder import PAIR_POOL, SCORE_CHUNK, _by_family, _Prefix, _RowModel, encoder_search
 from dager.events import AttackWarning
 from dager.layers import BertHooks
 from dager.search import Found, Step, Tick, Warn
@@ -173,6 +173,30 @@ def test_enumeration_charges_every_combination(tiny_bert):
         assert any(s.position == L - 1 for s in steps)
     assert steps[-1].num_checked == combos
     assert sorted(i.token_ids for i in items if isinstance(i, Found) and i.exact) == sorted(truth)
+
+
+
+def test_later_passes_drop_the_variants_of_found_sentences():
+    """A beam pass after a sentence was found keeps no near copy of it (they crowded the
+    first pass), but keeps a prefix that shares the found sentence's beginning and
+    leaves it at its newest token, and every unrelated prefix."""
+    found = (101, 11, 12, 13, 14, 15, 102)
+    variant = _Prefix((101, 11, 99, 13, 14), -9.0, 0.0)  # one early token changed
+    sharing = _Prefix((101, 11, 12, 13, 77), -8.0, 0.0)  # same beginning, then its own way
+    other = _Prefix((101, 21, 22, 23, 24), -7.0, 0.0)
+    kept = _by_family([variant, sharing, other], 4, 32, found=[found])
+    assert [k.ids for k in kept] == [sharing.ids, other.ids]
+    assert [k.ids for k in _by_family([variant, sharing, other], 4, 32)] == [variant.ids, sharing.ids, other.ids]
+
+
+def test_a_pass_that_finds_every_sentence_is_the_only_one(tiny_bert):
+    """Further passes run only while sentences are missing (one pass recovers this batch)."""
+    problem = _problem(tiny_bert, SENTENCES[:2])
+    items = _run(encoder_search, problem)
+    assert sorted(i.token_ids for i in items if isinstance(i, Found) and i.exact) == sorted(
+        tuple(tiny_bert.tokenize(s)) for s in SENTENCES[:2]
+    )
+    assert sum(1 for i in items if isinstance(i, Step) and i.position == 1) == 1
 
 
 @pytest.mark.parametrize("batch_size", [2, 4])
