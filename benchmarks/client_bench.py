@@ -3,7 +3,8 @@
 Every row drives the real command line (``python -m dager``) in a fresh subprocess on the
 medium-length sample set (``assets/sentences/medium.txt``, mean 13+ GPT-2 tokens) at B=8
 and reads its result JSON. Columns: exact match, ROUGE-1, the attacker's capacity
-verdict (``over_capacity``), client and attack wall seconds per batch (from the JSON),
+verdict (``over_capacity``), ``false exact`` (sentences the attack flagged exact that are
+not: the flag must stay trustworthy), client and attack wall seconds per batch (from the JSON),
 and the subprocess's CPU seconds (``RUSAGE_CHILDREN``: loading, client and attack;
 steadier than wall time on a shared machine). A row that runs past ``--row-timeout``
 is printed as ``timeout``.
@@ -83,6 +84,10 @@ def run_row(model: str, extra: list[str], *, batch_size: int, max_batches: int, 
         "rouge1": report["rouge1"],
         "over": report["over_capacity"],
         "ranks": [b.get("rank") for b in report["batches"]],
+        # sentences the attack flagged exact that are not (the flag must be trustworthy)
+        "false_exact": sum(
+            bool(v) and not bool(e) for b in report["batches"] for v, e in zip(b.get("verified") or [], b.get("exact") or [])
+        ),
         "client_s": report["client_seconds"] / n,
         "attack_s": report["seconds"] / n,
         "cpu": cpu,
@@ -91,10 +96,11 @@ def run_row(model: str, extra: list[str], *, batch_size: int, max_batches: int, 
 
 def _cells(r: dict[str, object]) -> list[str]:
     if r.get("status") != "ok":
-        return [str(r.get("status")), "-", "-", "-", "-", "-", "-"]
+        return [str(r.get("status")), "-", "-", "-", "-", "-", "-", "-"]
     return [
         f"{r['num_exact']}/{r['num']} ({100 * float(r['exact']):.0f}%)",
         f"{float(r['rouge1']):.3f}",
+        str(r["false_exact"]),
         ",".join(str(x) for x in r["ranks"]),  # type: ignore[union-attr]
         "over capacity" if r["over"] else "within capacity",
         f"{float(r['client_s']):.1f}",
@@ -104,7 +110,7 @@ def _cells(r: dict[str, object]) -> list[str]:
 
 
 def _table(title: str, head: list[str], rows: list[list[str]]) -> None:
-    cols = [*head, "exact", "ROUGE-1", "rank", "verdict", "client s", "attack s", "CPU s"]
+    cols = [*head, "exact", "ROUGE-1", "false exact", "rank", "verdict", "client s", "attack s", "CPU s"]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     print(f"\n{title}")
     print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")

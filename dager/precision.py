@@ -57,6 +57,32 @@ NOISE_CEILING = 12.0
 NOISE_CUT = 6.0
 """Without a straddling gap: count the eigenvalues above this many ``nu``."""
 
+DELTA_TOLERANCE = 1e-10
+"""Relative eigenvalue cut for a FedAvg weight delta (instead of the fp32 rule's 1e-6).
+
+Over several local steps the weights drift, so the client's inputs at step s differ
+from the attacker's (computed with the weights it sent) by ~lr * s of a gradient: the
+delta's spectrum decays smoothly from the true inputs into weak drift directions,
+without the clean gap a FedSGD gradient has at float32 round-off. Measured on
+gpt2-small-random (medium set, B=8, 2 epochs of minibatches of 2, lr 1e-4): with the
+1e-6 cut block 1's span had rank 126 and true inputs lay up to 0.33 from it (two
+sentences cut short, 6/8); with 1e-10, rank 158, they lay within ~1e-2 (random vectors
+at ~0.87) and 8/8 came back; with 1e-13 (rank 245) the true inputs' distances spread
+over three decades and the search's automatic layer-2 threshold split them (1/8). The
+lr x epochs table of ``benchmarks/client_bench.py`` checks the one value elsewhere."""
+
+
+def span_tolerance(kind: str, tolerance: float) -> float:
+    """The relative eigenvalue cut for an update of ``kind`` (see :data:`DELTA_TOLERANCE`).
+
+    Args:
+        kind: the update's kind (``"fedsgd-gradient"`` or ``"fedavg-delta"``).
+        tolerance: the configured cut (kept for gradients, and when it is lower).
+    """
+    if kind == "fedavg-delta":
+        return min(tolerance, DELTA_TOLERANCE)
+    return tolerance
+
 
 def round_off(dtype: torch.dtype) -> float:
     """The unit round-off of ``dtype``.
@@ -144,6 +170,7 @@ def half_precision_span(matrix: torch.Tensor, *, tolerance: float) -> Span:
 
 
 __all__ = [
+    "DELTA_TOLERANCE",
     "HALF_DTYPES",
     "NOISE_CEILING",
     "NOISE_CUT",
@@ -154,4 +181,5 @@ __all__ = [
     "is_half",
     "noise_level",
     "round_off",
+    "span_tolerance",
 ]
