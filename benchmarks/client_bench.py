@@ -22,6 +22,7 @@ Examples::
     nice -n 5 python benchmarks/client_bench.py                      # every table, both models
     python benchmarks/client_bench.py --tables setups --models gpt2-small-random --max-batches 1
     python benchmarks/client_bench.py --tables lora --json lora.json
+    python benchmarks/client_bench.py --tables fedavg --lrs 1e-4 --epochs 2 --max-batches 1
 """
 
 from __future__ import annotations
@@ -119,6 +120,11 @@ def _table(title: str, head: list[str], rows: list[list[str]]) -> None:
         print("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |", flush=True)
 
 
+def _progress(model: str, row: str, r: dict[str, object]) -> None:
+    """One line per finished row (stderr), so a long run shows its results as they come."""
+    print(f"  done: {model} | {row} | " + " | ".join(_cells(r)), file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS))
@@ -127,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batches", type=int, default=2, help="batches of the medium set per row (default 2)")
     p.add_argument("--row-timeout", type=float, default=600.0, help="seconds before a row is called a timeout")
     p.add_argument("--json", type=Path, default=None, help="also write every row's numbers here")
+    p.add_argument("--lrs", nargs="+", default=list(FEDAVG_LRS), help="FedAvg table: learning rates")
+    p.add_argument("--epochs", nargs="+", type=int, default=list(FEDAVG_EPOCHS), help="FedAvg table: epochs")
+    p.add_argument("--ranks", nargs="+", type=int, default=list(LORA_RANKS), help="LoRA table: ranks r")
+    p.add_argument("--setups", nargs="+", default=None,
+                   help="setups table: only the rows whose name starts with one of these (e.g. bf16 fp16)")
     args = p.parse_args(argv)
     print(
         f"client_bench: medium set, B={args.batch_size}, {args.max_batches} batch(es) per row, "
@@ -138,23 +149,28 @@ def main(argv: list[str] | None = None) -> int:
         if "setups" in args.tables:
             rows = []
             for name, extra, target in SETUPS:
+                if args.setups and not any(name.startswith(w) for w in args.setups):
+                    continue
                 r = run_row(model, extra, **kw)
+                _progress(model, name, r)
                 dump.append({"table": "setups", "model": model, "row": name, **r})
                 rows.append([name, target, *_cells(r)])
             _table(f"Client setups on {model} (cost: compare CPU s with plain FedSGD)", ["client", "target"], rows)
         if "lora" in args.tables:
             rows = []
-            for rank in LORA_RANKS:
+            for rank in args.ranks:
                 r = run_row(model, ["--client", f"lora:r={rank}"], **kw)
+                _progress(model, f"lora r={rank}", r)
                 dump.append({"table": "lora", "model": model, "r": rank, **r})
                 rows.append([str(rank), *_cells(r)])
             _table(f"LoRA rank r on {model} (exact needs r >= distinct inputs per A matrix)", ["r"], rows)
         if "fedavg" in args.tables:
             rows = []
-            for lr in FEDAVG_LRS:
-                for epochs in FEDAVG_EPOCHS:
+            for lr in args.lrs:
+                for epochs in args.epochs:
                     spec = f"fedavg:epochs={epochs},minibatch=2,lr={lr}"
                     r = run_row(model, ["--defense", spec], **kw)
+                    _progress(model, spec, r)
                     dump.append({"table": "fedavg", "model": model, "lr": lr, "epochs": epochs, **r})
                     rows.append([lr, str(epochs), str(epochs * -(-args.batch_size // 2)), *_cells(r)])
             _table(f"FedAvg over minibatches of 2 on {model}", ["lr", "epochs", "steps"], rows)
