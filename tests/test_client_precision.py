@@ -92,3 +92,12 @@ def test_half_precision_span_is_what_the_attack_reads(tiny, monkeypatch):
     run_dager(bundle, compute_update(bundle.model, bundle.encode(SENTS[:2], seed=0),
                                      parameters=required_parameters(bundle)))
     assert seen == []  # fp32: the default rule
+
+
+def test_a_fedavg_delta_keeps_its_weak_drift_directions():
+    """FedAvg's drift spreads the true inputs over weak directions: the delta's cut is lower."""
+    from dager.precision import DELTA_TOLERANCE, span_tolerance
+
+    assert span_tolerance("fedavg-delta", 1e-6) == DELTA_TOLERANCE < 1e-6
+    assert span_tolerance("fedsgd-gradient", 1e-6) == 1e-6
+    assert span_tolerance("fedavg-delta", 1e-12) == 1e-12  # a lower configured cut is kept
