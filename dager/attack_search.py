@@ -26,7 +26,6 @@ from dager.events import (
     WarningCode,
 )
 from dager.layers import BertHooks, DecoderHooks
-from dager.precision import delta_threshold
 from dager.search import Found, Step, Thresholds, Tick, Warn, decoder_greedy, decoder_search
 from dager.span import Span
 from dager.zoo import ModelBundle
@@ -76,8 +75,7 @@ def _search_stream(
             span_mlp,
             span2,
             start=start,
-            # A FedAvg delta's inputs drift along the prefix: a fixed cut (dager.precision).
-            thresholds=Thresholds(mlp=(t2 := delta_threshold(run.update.kind, config.layer2_threshold)), layer2=t2),
+            thresholds=Thresholds(mlp=config.layer2_threshold, layer2=config.layer2_threshold),
             max_prefixes=config.max_prefixes,
             max_length=max_length,
             final_keep=run.update.batch_size,

@@ -73,25 +73,6 @@ over three decades and the search's automatic layer-2 threshold split them (1/8)
 lr x epochs table of ``benchmarks/client_bench.py`` checks the one value elsewhere."""
 
 
-DELTA_LAYER2_THRESHOLD = 0.05
-"""Layer-2 acceptance threshold for a FedAvg delta (the search's own calibration otherwise).
-
-The decoder search calibrates its layer-2 thresholds at the first position, where a
-true input has drifted least (lr 1e-5, one epoch: ~1e-6); later inputs drift more
-(~1e-3 .. 1e-2) and a calibrated cut at 1.4e-5 rejected them (gpt2-small-random,
-medium set, B=8: 2/8 exact, six sentences cut short). Off-span inputs stay at ~0.8-0.9
-at these ranks (d = 768), so a fixed 0.05 keeps a 16x margin on both sides: 8/8 at
-lr 1e-5 x 1 epoch and lr 1e-4 x 2 epochs."""
-
-
-def delta_threshold(kind: str, configured: float | None) -> float | None:
-    """The layer-2 threshold for an update of ``kind``: the configured one, else
-    :data:`DELTA_LAYER2_THRESHOLD` for a FedAvg delta, else ``None`` (calibrated)."""
-    if configured is not None:
-        return configured
-    return DELTA_LAYER2_THRESHOLD if kind == "fedavg-delta" else None
-
-
 def span_tolerance(kind: str, tolerance: float) -> float:
     """The relative eigenvalue cut for an update of ``kind`` (see :data:`DELTA_TOLERANCE`).
 
@@ -192,14 +173,12 @@ def half_precision_span(matrix: torch.Tensor, *, tolerance: float) -> Span:
 
 
 __all__ = [
-    "DELTA_LAYER2_THRESHOLD",
     "DELTA_TOLERANCE",
     "HALF_DTYPES",
     "NOISE_CEILING",
     "NOISE_CUT",
     "ROUND_OFF",
     "SIGNAL_FLOOR",
-    "delta_threshold",
     "half_precision_rank",
     "half_precision_span",
     "is_half",

@@ -101,11 +101,3 @@ def test_a_fedavg_delta_keeps_its_weak_drift_directions():
     assert span_tolerance("fedavg-delta", 1e-6) == DELTA_TOLERANCE < 1e-6
     assert span_tolerance("fedsgd-gradient", 1e-6) == 1e-6
     assert span_tolerance("fedavg-delta", 1e-12) == 1e-12  # a lower configured cut is kept
-
-
-def test_a_fedavg_delta_gets_a_fixed_layer2_threshold_unless_one_is_configured():
-    from dager.precision import DELTA_LAYER2_THRESHOLD, delta_threshold
-
-    assert delta_threshold("fedavg-delta", None) == DELTA_LAYER2_THRESHOLD
-    assert delta_threshold("fedavg-delta", 0.01) == 0.01
-    assert delta_threshold("fedsgd-gradient", None) is None
