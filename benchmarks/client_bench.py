@@ -3,7 +3,8 @@
 Every row drives the real command line (``python -m dager``) in a fresh subprocess on the
 medium-length sample set (``assets/sentences/medium.txt``, mean 13+ GPT-2 tokens) at B=8
 and reads its result JSON. Columns: exact match, ROUGE-1, the attacker's capacity
-verdict (``over_capacity``), client and attack wall seconds per batch (from the JSON),
+verdict (``over_capacity``), ``false exact`` (sentences the attack flagged exact that are
+not: the flag must stay trustworthy), client and attack wall seconds per batch (from the JSON),
 and the subprocess's CPU seconds (``RUSAGE_CHILDREN``: loading, client and attack;
 steadier than wall time on a shared machine). A row that runs past ``--row-timeout``
 is printed as ``timeout``.
@@ -21,6 +22,7 @@ Examples::
     nice -n 5 python benchmarks/client_bench.py                      # every table, both models
     python benchmarks/client_bench.py --tables setups --models gpt2-small-random --max-batches 1
     python benchmarks/client_bench.py --tables lora --json lora.json
+    python benchmarks/client_bench.py --tables fedavg --lrs 1e-4 --epochs 2 --max-batches 1
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ def run_row(model: str, extra: list[str], *, batch_size: int, max_batches: int, 
         "rouge1": report["rouge1"],
         "over": report["over_capacity"],
         "ranks": [b.get("rank") for b in report["batches"]],
+        # sentences the attack flagged exact that are not (the flag must be trustworthy)
+        "false_exact": sum(
+            bool(v) and not bool(e) for b in report["batches"] for v, e in zip(b.get("verified") or [], b.get("exact") or [])
+        ),
         "client_s": report["client_seconds"] / n,
         "attack_s": report["seconds"] / n,
         "cpu": cpu,
@@ -91,10 +97,11 @@ def run_row(model: str, extra: list[str], *, batch_size: int, max_batches: int, 
 
 def _cells(r: dict[str, object]) -> list[str]:
     if r.get("status") != "ok":
-        return [str(r.get("status")), "-", "-", "-", "-", "-", "-"]
+        return [str(r.get("status")), "-", "-", "-", "-", "-", "-", "-"]
     return [
         f"{r['num_exact']}/{r['num']} ({100 * float(r['exact']):.0f}%)",
         f"{float(r['rouge1']):.3f}",
+        str(r["false_exact"]),
         ",".join(str(x) for x in r["ranks"]),  # type: ignore[union-attr]
         "over capacity" if r["over"] else "within capacity",
         f"{float(r['client_s']):.1f}",
@@ -104,13 +111,18 @@ def _cells(r: dict[str, object]) -> list[str]:
 
 
 def _table(title: str, head: list[str], rows: list[list[str]]) -> None:
-    cols = [*head, "exact", "ROUGE-1", "rank", "verdict", "client s", "attack s", "CPU s"]
+    cols = [*head, "exact", "ROUGE-1", "false exact", "rank", "verdict", "client s", "attack s", "CPU s"]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     print(f"\n{title}")
     print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
         print("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |", flush=True)
+
+
+def _progress(model: str, row: str, r: dict[str, object]) -> None:
+    """One line per finished row (stderr), so a long run shows its results as they come."""
+    print(f"  done: {model} | {row} | " + " | ".join(_cells(r)), file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batches", type=int, default=2, help="batches of the medium set per row (default 2)")
     p.add_argument("--row-timeout", type=float, default=600.0, help="seconds before a row is called a timeout")
     p.add_argument("--json", type=Path, default=None, help="also write every row's numbers here")
+    p.add_argument("--lrs", nargs="+", default=list(FEDAVG_LRS), help="FedAvg table: learning rates")
+    p.add_argument("--epochs", nargs="+", type=int, default=list(FEDAVG_EPOCHS), help="FedAvg table: epochs")
+    p.add_argument("--ranks", nargs="+", type=int, default=list(LORA_RANKS), help="LoRA table: ranks r")
+    p.add_argument("--setups", nargs="+", default=None,
+                   help="setups table: only the rows whose name starts with one of these (e.g. bf16 fp16)")
     args = p.parse_args(argv)
     print(
         f"client_bench: medium set, B={args.batch_size}, {args.max_batches} batch(es) per row, "
@@ -132,23 +149,28 @@ def main(argv: list[str] | None = None) -> int:
         if "setups" in args.tables:
             rows = []
             for name, extra, target in SETUPS:
+                if args.setups and not any(name.startswith(w) for w in args.setups):
+                    continue
                 r = run_row(model, extra, **kw)
+                _progress(model, name, r)
                 dump.append({"table": "setups", "model": model, "row": name, **r})
                 rows.append([name, target, *_cells(r)])
             _table(f"Client setups on {model} (cost: compare CPU s with plain FedSGD)", ["client", "target"], rows)
         if "lora" in args.tables:
             rows = []
-            for rank in LORA_RANKS:
+            for rank in args.ranks:
                 r = run_row(model, ["--client", f"lora:r={rank}"], **kw)
+                _progress(model, f"lora r={rank}", r)
                 dump.append({"table": "lora", "model": model, "r": rank, **r})
                 rows.append([str(rank), *_cells(r)])
             _table(f"LoRA rank r on {model} (exact needs r >= distinct inputs per A matrix)", ["r"], rows)
         if "fedavg" in args.tables:
             rows = []
-            for lr in FEDAVG_LRS:
-                for epochs in FEDAVG_EPOCHS:
+            for lr in args.lrs:
+                for epochs in args.epochs:
                     spec = f"fedavg:epochs={epochs},minibatch=2,lr={lr}"
                     r = run_row(model, ["--defense", spec], **kw)
+                    _progress(model, spec, r)
                     dump.append({"table": "fedavg", "model": model, "lr": lr, "epochs": epochs, **r})
                     rows.append([lr, str(epochs), str(epochs * -(-args.batch_size // 2)), *_cells(r)])
             _table(f"FedAvg over minibatches of 2 on {model}", ["lr", "epochs", "steps"], rows)

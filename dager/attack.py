@@ -41,6 +41,7 @@ from dager.events import (
 from dager.attack_search import _Decoding, _greedy_step, _partial_prefixes, _search_step, _search_stream
 from dager.layers import SCREEN, FamilyHooks, hooks_for
 from dager.lora import as_base_update, capacity
+from dager.precision import half_precision_span, is_half, span_tolerance
 from dager.search import Found
 from dager.span import Span, gap_threshold, span_of
 from dager.zoo import ModelBundle
@@ -169,9 +170,11 @@ class _Run:
         """The span of the named weights' input space (``rank_hint`` sizes the fast path's
         first sketch: a related layer's rank)."""
         matrix = self.hooks.input_matrix(self.update, names).to(self.config.device)
-        return span_of(
-            matrix, tolerance=self.config.rank_tolerance, by_gap=self.config.noise_tolerant, rank_hint=rank_hint
-        )
+        if is_half(matrix.dtype) and not self.config.noise_tolerant:
+            # A bf16/fp16 update: cut above its rounding bulk, not at the fp32 rule (dager.precision).
+            return half_precision_span(matrix, tolerance=self.config.rank_tolerance)
+        tolerance = span_tolerance(self.update.kind, self.config.rank_tolerance)  # FedAvg: drift directions too
+        return span_of(matrix, tolerance=tolerance, by_gap=self.config.noise_tolerant, rank_hint=rank_hint)
 
     def out_of_time(self) -> AttackWarning | None:
         """The ``time_budget`` warning the first time the deadline has passed, else ``None``."""

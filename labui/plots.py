@@ -43,12 +43,15 @@ def _empty(title: str, message: str) -> go.Figure:
 def spectrum_figure(
     spectra: dict[int, tuple[Sequence[float], int]],
     hidden_size: int | None,
+    capacity: int | None = None,
 ) -> go.Figure:
-    """Singular values of the layer gradients (log scale), the rank cut and capacity d.
+    """Singular values of the layer gradients (log scale), the rank cut and the capacity.
 
     Args:
         spectra: layer -> (singular values descending, chosen rank).
         hidden_size: model width d (the span can hold at most d vectors), or None.
+        capacity: a smaller cap than d (a LoRA update: the adapters' k r), drawn
+            instead of d; ``None``: the capacity is d.
     """
     title = "Singular values of the shared gradient"
     if not spectra:
@@ -83,7 +86,9 @@ def spectrum_figure(
         vline(rank + 0.5, CUT if layer == 1 else "#f59e0b", "dash",
               f"rank {rank}" + ("" if layer == 1 else f" (L{layer})"), top_edge=True, left_of=False,
               row=max(int(layer) - 1, 0))
-    if hidden_size:
+    if capacity:  # LoRA: the A gradients' rank is capped by the adapters, not by d
+        vline(capacity, CAPACITY, "dot", f"LoRA capacity {capacity}", top_edge=False, left_of=True)
+    elif hidden_size:
         vline(hidden_size, CAPACITY, "dot", f"capacity d={hidden_size}", top_edge=False, left_of=True)
     layout = dict(_LAYOUT, title=dict(text=title, font=dict(size=14)), shapes=shapes, annotations=notes,
                   yaxis=dict(type="log", title=dict(text="singular value"), exponentformat="power"),

@@ -202,7 +202,8 @@ class DagerView(Countdown, EventFold):
         if "spectrum" in wanted:
             if "spectrum" in self.dirty or "spectrum" not in self._figs:
                 self._figs["spectrum"] = plots.spectrum_figure(
-                    self.spectra, self.started.hidden_size if self.started else None
+                    self.spectra, self.started.hidden_size if self.started else None,
+                    self.started.capacity if self.started else None,
                 )
             out["spectrum"] = self._figs["spectrum"]
         if "distances" in wanted:
