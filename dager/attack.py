@@ -166,6 +166,12 @@ class _Run:
     capacity: int = 0  # distinct inputs the span can hold: d, or k r for a LoRA update (0: d)
     capacity2: int = 0  # the same for block 1's span (LoRA: its own adapters' k r)
 
+    @property
+    def certifiable(self) -> bool:
+        """Whether the exact check can certify a sentence: not on an update trained with
+        dropout, whose layer inputs carry masks the server cannot know (issue 11)."""
+        return float(self.update.info.get("dropout_rate", 0.0)) <= 0.0
+
     def span(self, names: list[str], rank_hint: int | None = None) -> Span:
         """The span of the named weights' input space (``rank_hint`` sizes the fast path's
         first sketch: a related layer's rank)."""
@@ -248,6 +254,8 @@ def _rank_step(run: _Run, names: list[str]) -> Generator[DagerEvent, None, tuple
         yield AttackWarning(WarningCode.OVER_CAPACITY, float(span1.rank))
     if run.update.padding_side != "right":
         yield AttackWarning(WarningCode.LEFT_PADDING, 0.0)
+    if not run.certifiable:
+        yield AttackWarning(WarningCode.DROPOUT, float(run.update.info["dropout_rate"]))
     return span1, over
 
 

@@ -39,6 +39,9 @@ class WarningCode(str, Enum):
     """Some recovered sentences did not pass the exact check."""
     LEFT_PADDING = "left_padding"
     """The client padded on the left (positions shift)."""
+    DROPOUT = "dropout"
+    """The client trained with dropout on (rate > 0): its layer inputs carry unknown
+    masks, so no sentence can be certified exact; every one is reported inexact."""
 
 
 class StopReason(str, Enum):

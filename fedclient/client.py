@@ -351,4 +351,18 @@ def _trained_update(
         )
     if training.lora is not None:
         gradients = {shared_key(n): g for n, g in gradients.items()}
-    return update.replace(gradients=gradients, info={**update.info, **info_of(training)})
+    info = {**update.info, **info_of(training)}
+    if training.dropout:
+        info["dropout_rate"] = dropout_rate(work)  # the server set the rates: it knows them
+    return update.replace(gradients=gradients, info=info)
+
+
+def dropout_rate(model: torch.nn.Module) -> float:
+    """The highest dropout rate in ``model`` (``nn.Dropout`` modules and attention dropout)."""
+    rates = [0.0]
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            rates.append(float(module.p))
+        elif isinstance(getattr(module, "attention_dropout", None), float):
+            rates.append(float(module.attention_dropout))
+    return max(rates)

@@ -38,4 +38,6 @@ WARNINGS = {
     "combinations_capped": "The encoder search hit its cap on combinations ({value:.0f}).",
     "incomplete": "Some sentences could not be completed exactly ({value:.0f}).",
     "left_padding": "The update was computed on left-padded batches; positions are shifted.",
+    "dropout": "The client trained with dropout (rate {value:g}): every layer input carries a random mask "
+    "the server cannot know, so no sentence can be certified exact; what is shown is a best effort.",
 }

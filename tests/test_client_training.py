@@ -14,7 +14,7 @@ import dager
 from conftest import tiny_bundle
 from dager import cli
 from dager.attack import iter_dager, required_parameters, run_dager
-from dager.events import TokensFiltered
+from dager.events import AttackWarning, SentenceRecovered, TokensFiltered, WarningCode
 from fedclient import compute_update
 from fedclient.defenses import FedAvg, parse_defense
 from fedclient.errors import InvalidConfigError
@@ -162,8 +162,7 @@ def test_lora_rank_below_the_inputs_is_the_capacity_verdict(tiny):
 def test_half_precision_update_is_in_that_dtype_and_layer1_still_finds_the_tokens(tiny, precision):
     """The shared update is in the client's dtype; the layer-1 filter still accepts the
     batch's tokens (their distance is at the dtype's round-off, the vocabulary's far above).
-    Exact sentences are not claimed: see the README (the layer-2 span's weak directions
-    drown in the rounding)."""
+    Whole sentences are checked in tests/test_client_precision.py."""
     bundle = tiny("gpt2")
     batch = _batch(bundle)
     update = compute_update(bundle.model, batch, parameters=required_parameters(bundle),
@@ -212,10 +211,33 @@ def test_dropout_on_llama_keeps_the_layer1_token_bag(tiny):
     update = compute_update(bundle.model, batch, parameters=required_parameters(bundle),
                             training=ClientTraining(dropout=True))
     accepted: set[int] = set()
+    warnings, recovered = [], []
     for event in iter_dager(bundle, update):
         if isinstance(event, TokensFiltered):
             accepted |= set(event.token_ids.tolist())
+        elif isinstance(event, AttackWarning):
+            warnings.append(event)
+        elif isinstance(event, SentenceRecovered):
+            recovered.append(event)
     assert set(batch.input_ids[batch.attention_mask.bool()].tolist()) <= accepted
+    # The server knows the rate it set; the exact check cannot certify masked inputs.
+    assert update.info["dropout_rate"] == pytest.approx(0.1)
+    assert [(w.code, w.value) for w in warnings if w.code == WarningCode.DROPOUT] == [(WarningCode.DROPOUT, pytest.approx(0.1))]
+    assert recovered and not any(r.exact for r in recovered)
+
+
+def test_dropout_at_the_models_own_rate_of_zero_stays_certified(tiny):
+    """The embedded models train with dropout 0: train mode changes nothing, and the
+    exact flags stand (no dropout warning)."""
+    bundle = tiny("gpt2")
+    batch = _batch(bundle)
+    update = compute_update(bundle.model, batch, parameters=required_parameters(bundle),
+                            training=ClientTraining(dropout=True))
+    assert update.info["dropout_rate"] == 0.0
+    events = list(iter_dager(bundle, update))
+    assert not any(isinstance(e, AttackWarning) and e.code == WarningCode.DROPOUT for e in events)
+    texts = {e.text for e in events if isinstance(e, SentenceRecovered) and e.exact}
+    assert texts == set(bundle.decode(row[m.bool()].tolist()) for row, m in zip(batch.input_ids, batch.attention_mask))
 
 
 # -------------------------------------------------------------------------------- FedAvg
