@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fedclient.errors import InvalidConfigError
+from fedclient.specvalues import format_number, spec_integer, spec_number
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -183,28 +184,15 @@ class ClientTraining:
         return f"Client training: {what}; {self.precision}; {mode}."
 
 
-def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(float(x))
+_fmt = format_number
 
 
 def _integer(key: str, text: str, spec: str) -> int:
-    try:
-        value = float(text)
-    except ValueError:
-        raise InvalidConfigError(f"In client spec {spec!r}, {key} must be a whole number, got {text!r}.") from None
-    if not (math.isfinite(value) and value.is_integer()):
-        raise InvalidConfigError(f"In client spec {spec!r}, {key} must be a whole number, got {text!r}.")
-    return int(value)
+    return spec_integer(key, text, f"client spec {spec!r}")
 
 
 def _number(key: str, text: str, spec: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise InvalidConfigError(f"In client spec {spec!r}, {key} must be a number, got {text!r}.") from None
-    if not math.isfinite(value):
-        raise InvalidConfigError(f"In client spec {spec!r}, {key} must be a finite number, got {text!r}.")
-    return value
+    return spec_number(key, text, f"client spec {spec!r}")
 
 
 _LORA_KEYS = {"r": "r", "rank": "r", "alpha": "alpha", "targets": "targets", "target": "targets",

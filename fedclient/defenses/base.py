@@ -16,6 +16,7 @@ from fedclient.batch import Batch
 from fedclient.client import Defense, fedsgd_gradient
 from fedclient.errors import InvalidConfigError
 from fedclient.update import SharedUpdate
+from fedclient.specvalues import format_number
 
 # Sane ranges of the numbers in defense specs (issue 14): beyond them a value is a typo
 # or would only exhaust the machine (a million PRV-accounted DP steps asked Opacus for
@@ -41,9 +42,7 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _fmt(x: float) -> str:
-    """A float that reads back exactly (``repr``), without a needless ``.0``."""
-    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(float(x))
+_fmt = format_number  # the one formatter of spec numbers (fedclient.specvalues)
 
 
 def fedsgd_update(model: torch.nn.Module, batch: Batch, *, parameters: list[str]) -> SharedUpdate:

@@ -8,7 +8,6 @@ privacy budget, for the CLIs' reports and the app.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 
 from fedclient.batch import Batch
@@ -19,6 +18,7 @@ from fedclient.defenses.compose import Compose, _role, compose
 from fedclient.defenses.computing import DPSGD, FedAvg
 from fedclient.defenses.transforms import PRECISIONS, GaussianNoise, Prune, Quantize, RandomMask
 from fedclient.errors import InvalidConfigError
+from fedclient.specvalues import spec_integer, spec_number
 
 SPEC_FORMS = (
     "noise:SIGMA | noise:sigma=SIGMA | noise:var=VARIANCE",
@@ -37,20 +37,11 @@ def _forms() -> str:
 
 
 def _number(key: str, text: str, spec: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise InvalidConfigError(f"In defense {spec!r}, {key} must be a number, got {text!r}.") from None
-    if not math.isfinite(value):
-        raise InvalidConfigError(f"In defense {spec!r}, {key} must be a finite number, got {text!r}.")
-    return value
+    return spec_number(key, text, f"defense {spec!r}")
 
 
 def _integer(key: str, text: str, spec: str) -> int:
-    value = _number(key, text, spec)
-    if not value.is_integer():
-        raise InvalidConfigError(f"In defense {spec!r}, {key} must be a whole number, got {text!r}.")
-    return int(value)
+    return spec_integer(key, text, f"defense {spec!r}")
 
 
 # kind -> (aliases of kind, positional key, key aliases -> canonical key)
