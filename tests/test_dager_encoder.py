@@ -189,8 +189,12 @@ def test_later_passes_drop_the_variants_of_found_sentences():
     assert [k.ids for k in _by_family([variant, sharing, other], 4, 32)] == [variant.ids, sharing.ids, other.ids]
 
 
-def test_a_pass_that_finds_every_sentence_is_the_only_one(tiny_bert):
-    """Further passes run only while sentences are missing (one pass recovers this batch)."""
+def test_a_pass_that_finds_every_sentence_is_the_only_one(tiny_bert, monkeypatch):
+    """Further passes (when more are allowed) run only while sentences are missing (one
+    pass recovers this batch)."""
+    import dager.encoder_beam
+
+    monkeypatch.setattr(dager.encoder_beam, "MAX_PASSES", 3)
     problem = _problem(tiny_bert, SENTENCES[:2])
     items = _run(encoder_search, problem)
     assert sorted(i.token_ids for i in items if isinstance(i, Found) and i.exact) == sorted(
