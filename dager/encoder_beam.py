@@ -70,8 +70,8 @@ MAX_PASSES = 1
 """Beam passes; each later pass drops the variants of the sentences found before it
 (their near copies crowd the beam: one easy sentence fills it with variants). One by
 default: on a quiet 2-core CPU (medium set, 4 batches) three passes took minilm-l6 at B=8
-from 50.0% to 59.4% exact but from 8.6 s to 18.4 s a batch, past the 10 s target, and at
-B=4 cost 17% more time for no sentence more. Raise it to trade time for recall."""
+from 40.6% to 59.4% exact but from 8.5 s to 18.4 s a batch, past the 10 s target, and at
+B=4 (8 batches) cost 25% more time for no sentence more. Raise it to trade time for recall."""
 
 BAN_FRACTION = 0.2
 """A prefix that differs from a found sentence's prefix in at most this fraction of its
