@@ -75,7 +75,10 @@ def _search_stream(
             span_mlp,
             span2,
             start=start,
-            thresholds=Thresholds(mlp=config.layer2_threshold, layer2=config.layer2_threshold),
+            thresholds=Thresholds(
+                mlp=config.layer2_threshold, layer2=config.layer2_threshold,
+                drift=run.update.kind == "fedavg-delta",
+            ),
             max_prefixes=config.max_prefixes,
             max_length=max_length,
             final_keep=run.update.batch_size,

@@ -60,6 +60,10 @@ class Thresholds:
 
     mlp: float | None
     layer2: float | None
+    drift: bool = False
+    """A FedAvg delta: true inputs spread from round-off (examples seen at the initial
+    weights) to the drift level (seen after local steps), so calibration cuts at the gap
+    next to the off-span level, not at the largest gap (which can split the true ones)."""
 
 
 def split_threshold(accepted: torch.Tensor, rejected: torch.Tensor, ceiling: float = 0.1) -> float:

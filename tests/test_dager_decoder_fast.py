@@ -246,3 +246,22 @@ def test_head_norms_bound_each_heads_spectral_norm_tightly():
     exact = torch.linalg.matrix_norm(weight.reshape(512, 8, 32).permute(1, 0, 2), ord=2)  # (8,)
     assert bool((bound >= exact).all())
     assert bool((bound <= exact * 1.02).all())
+
+
+def test_a_fedavg_delta_calibrates_at_the_gap_next_to_the_off_span_level():
+    """Measured first-position MLP distances of a one-epoch FedAvg delta (lr 1e-4): two
+    true tokens seen at the initial weights at round-off, five seen after local steps at
+    the drift level, probes from 0.6. The largest gap splits the true ones; with drift the
+    cut lies between the drift level and the probes."""
+    import torch
+
+    from dager.decoder_steps import _split_at_gap
+
+    dc = torch.tensor([4.6e-7, 4.8e-7, 2.4e-3, 7.7e-3, 8.8e-3, 1.2e-2, 1.6e-2], dtype=torch.float64)
+    dp = torch.tensor([0.60, 0.71, 0.93], dtype=torch.float64)
+    assert _split_at_gap(dc, dp) < 2.4e-3  # a gradient's rule: only the round-off pair
+    drift = _split_at_gap(dc, dp, drift=True)
+    assert 1.6e-2 < drift < 0.60  # every true token, no probe
+    # No gap of 10x below the probes: the largest-gap rule stands.
+    flat = torch.tensor([0.05, 0.1, 0.2], dtype=torch.float64)
+    assert _split_at_gap(flat, dp, drift=True) == _split_at_gap(flat, dp)
