@@ -36,15 +36,7 @@ import math
 
 import torch
 
-from dager.span import Span, gram_spectrum
-
-ROUND_OFF: dict[torch.dtype, float] = {
-    torch.float64: 2.0**-53,
-    torch.float32: 2.0**-24,
-    torch.bfloat16: 2.0**-8,
-    torch.float16: 2.0**-11,
-}
-"""Unit round-off ``u`` of each floating dtype (half the distance from 1 to the next value)."""
+from dager.span import Span, gram_spectrum, span_from_spectrum
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 """Dtypes whose round-off DAGER's fp32 rank rule cannot absorb."""
@@ -91,9 +83,9 @@ def round_off(dtype: torch.dtype) -> float:
     Raises:
         ValueError: for a dtype that is not a floating type DAGER reads.
     """
-    if dtype not in ROUND_OFF:
+    if not dtype.is_floating_point:
         raise ValueError(f"no round-off known for {dtype}")
-    return ROUND_OFF[dtype]
+    return torch.finfo(dtype).eps / 2  # eps: the distance from 1 to the next value
 
 
 def is_half(dtype: torch.dtype) -> bool:
@@ -159,17 +151,8 @@ def half_precision_span(matrix: torch.Tensor, *, tolerance: float) -> Span:
     if not is_half(matrix.dtype):
         raise ValueError(f"half_precision_span needs a bf16 or fp16 matrix, got {matrix.dtype}")
     evals, evecs = gram_spectrum(matrix)  # float64
-    d = int(evals.shape[0])
-    r = half_precision_rank(evals, matrix.dtype) if d and float(evals[0]) > 0 else 0
-    gap = float(evals[r - 1] / max(float(evals[r]), 1e-300)) if 0 < r < d else math.inf
-    return Span(
-        basis=evecs[:, :r].contiguous(),
-        complement_=evecs[:, r:].contiguous(),
-        singular_values=evals.sqrt(),
-        rank=r,
-        tolerance=tolerance,
-        gap=gap,
-    )
+    r = half_precision_rank(evals, matrix.dtype) if evals.numel() and float(evals[0]) > 0 else 0
+    return span_from_spectrum(evals, evecs, r, tolerance=tolerance)
 
 
 __all__ = [
@@ -177,7 +160,6 @@ __all__ = [
     "HALF_DTYPES",
     "NOISE_CEILING",
     "NOISE_CUT",
-    "ROUND_OFF",
     "SIGNAL_FLOOR",
     "half_precision_rank",
     "half_precision_span",

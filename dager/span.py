@@ -196,10 +196,20 @@ def span_of(
         r = min(r_exact, r_noise) if floor > GAP_FLOOR * top else r_exact
     else:
         r = rank_rule(evals, tolerance)
-    if 0 < r < d:
-        gap = float(evals[r - 1] / max(float(evals[r]), 1e-300))
-    else:
-        gap = math.inf
+    return span_from_spectrum(evals, evecs, r, tolerance=tolerance)
+
+
+def span_from_spectrum(evals: torch.Tensor, evecs: torch.Tensor, r: int, *, tolerance: float) -> Span:
+    """The :class:`Span` of the top ``r`` eigenvectors of a full Gram decomposition.
+
+    Args:
+        evals: ``(d,)`` eigenvalues, descending (as :func:`gram_spectrum` returns them).
+        evecs: ``(d, d)`` their eigenvectors, in columns.
+        r: the rank cut.
+        tolerance: recorded on the span.
+    """
+    d = evals.shape[0]
+    gap = float(evals[r - 1] / max(float(evals[r]), 1e-300)) if 0 < r < d else math.inf
     return Span(
         basis=evecs[:, :r].contiguous(),
         complement_=evecs[:, r:].contiguous(),

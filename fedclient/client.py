@@ -279,11 +279,8 @@ def client_model(model: torch.nn.Module, training: ClientTraining) -> torch.nn.M
     work = work.to(torch_dtype(training.precision))
     if training.dropout_rate is not None:
         # The embedded random models are built with dropout 0: a rate makes train mode bite.
-        for module in work.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = training.dropout_rate
-            elif isinstance(getattr(module, "attention_dropout", None), float):
-                module.attention_dropout = training.dropout_rate  # Llama's functional attention dropout
+        for module, attr in _dropout_sites(work):
+            setattr(module, attr, training.dropout_rate)
     work.train(training.dropout)
     with _PREPARED_LOCK:
         _PREPARED[model] = (training, work)
@@ -357,12 +354,16 @@ def _trained_update(
     return update.replace(gradients=gradients, info=info)
 
 
-def dropout_rate(model: torch.nn.Module) -> float:
-    """The highest dropout rate in ``model`` (``nn.Dropout`` modules and attention dropout)."""
-    rates = [0.0]
+def _dropout_sites(model: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, str]]:
+    """Every dropout rate in ``model``: ``(module, attribute)`` of ``nn.Dropout`` modules
+    (``p``) and of Llama's functional attention dropout (``attention_dropout``)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
-            rates.append(float(module.p))
+            yield module, "p"
         elif isinstance(getattr(module, "attention_dropout", None), float):
-            rates.append(float(module.attention_dropout))
-    return max(rates)
+            yield module, "attention_dropout"
+
+
+def dropout_rate(model: torch.nn.Module) -> float:
+    """The highest dropout rate in ``model`` (0 when it has none)."""
+    return max((float(getattr(m, attr)) for m, attr in _dropout_sites(model)), default=0.0)
