@@ -39,7 +39,8 @@ from dager.events import (
     WarningCode,
 )
 from dager.attack_search import _Decoding, _greedy_step, _partial_prefixes, _search_step, _search_stream
-from dager.layers import SCREEN, FamilyHooks, hooks_for
+from dager.dropout_search import Input, distance_cut, dropout_search, masked_candidates
+from dager.layers import SCREEN, DecoderHooks, FamilyHooks, hooks_for
 from dager.lora import as_base_update, capacity
 from dager.precision import half_precision_span, is_half, span_tolerance
 from dager.search import Found
@@ -166,11 +167,18 @@ class _Run:
     capacity: int = 0  # distinct inputs the span can hold: d, or k r for a LoRA update (0: d)
     capacity2: int = 0  # the same for block 1's span (LoRA: its own adapters' k r)
 
+    masks_solved: bool = False  # dropout: the search solved for the masks (dager.dropout_search)
+
+    @property
+    def dropout_rate(self) -> float:
+        return float(self.update.info.get("dropout_rate", 0.0))
+
     @property
     def certifiable(self) -> bool:
         """Whether the exact check can certify a sentence: not on an update trained with
-        dropout, whose layer inputs carry masks the server cannot know (issue 11)."""
-        return float(self.update.info.get("dropout_rate", 0.0)) <= 0.0
+        dropout (its layer inputs carry masks the server cannot know, issue 11) unless
+        the dropout search solved for the masks."""
+        return self.dropout_rate <= 0.0 or self.masks_solved
 
     def span(self, names: list[str], rank_hint: int | None = None) -> Span:
         """The span of the named weights' input space (``rank_hint`` sizes the fast path's
@@ -204,6 +212,12 @@ def _attack(run: _Run, names: list[str]) -> Iterator[DagerEvent]:
         yield AttackWarning(WarningCode.SPAN_FULL, float(span1.rank))
         yield _finished(run, span1, over)
         return
+    if run.dropout_rate > 0.0:
+        if _dropout_ready(run):
+            yield from _dropout_step(run, span1)
+            yield _finished(run, span1, over)
+            return
+        yield AttackWarning(WarningCode.DROPOUT, run.dropout_rate)
     # Block 1 sees every token with its own prefix: more inputs than layer 1, where
     # repeated tokens coincide (at one position; anywhere under RoPE, about half).
     more = span1.rank // 4 if run.hooks.positional else span1.rank
@@ -231,6 +245,52 @@ def _attack(run: _Run, names: list[str]) -> Iterator[DagerEvent]:
     yield _finished(run, span1, over)
 
 
+def _dropout_ready(run: _Run) -> bool:
+    """Whether the dropout search can run: a decoder whose attention-output gradient is shared."""
+    hooks = run.hooks
+    return isinstance(hooks, DecoderHooks) and all(n in run.update for n in hooks.attention_output_parameters(0))
+
+
+def _dropout_step(run: _Run, span1: Span) -> Iterator[DagerEvent]:
+    """Steps 2-3 on a client that trained with dropout: masked inputs, then certified
+    prefixes through block 0's attention output (:mod:`dager.dropout_search`)."""
+    hooks, rate = run.hooks, run.dropout_rate
+    basis1 = span1.basis.double().cpu()
+    span_o = run.span(hooks.attention_output_parameters(0), rank_hint=span1.rank)
+    run.masks_solved = True
+    start: list[Input] = []
+    bos = run.bundle.bos_token_id if run.bundle.family.prepend_bos else None
+    if hooks.embedding_dropout:
+        dists, first_pos = _layer1(hooks, span1, run.deadline, lower_bounds=False)
+        by_pos = masked_candidates(hooks, dists, first_pos, basis1, rate, span1.rank)
+        for pos in sorted(by_pos):
+            ids = torch.tensor([c.token for c in by_pos[pos]])
+            row = dists[pos - first_pos]
+            top_d, top_i = torch.topk(row, k=min(run.config.top_k_plot, row.shape[0]), largest=False)
+            yield TokensFiltered(position=pos, token_ids=ids, distances=row[ids], threshold=distance_cut(rate),
+                                 vocab_distances=top_d, vocab_token_ids=top_i)
+        max_length = max(by_pos, default=-1) + 1
+
+        def candidates(pos: int) -> list[Input]:
+            return by_pos.get(pos, [])
+    else:
+        accepted = yield from _filter_step(run, span1)
+        bag = accepted.get(None, torch.zeros(0, dtype=torch.long))
+        inputs = [Input(int(t), z) for t, z in zip(bag.tolist(), hooks.normed_inputs(bag, 0))]
+        if bos is not None:
+            start = [Input(bos, hooks.normed_inputs(torch.tensor([bos]), 0)[0])]
+            inputs = [i for i in inputs if i.token != bos]
+        max_length = min(hooks.num_positions(), span1.rank + len(start) + 1) if span1.rank else 0
+
+        def candidates(pos: int) -> list[Input]:
+            return inputs
+    stream = dropout_search(hooks, span_o.basis.double().cpu(), rate, candidates, start=start,
+                            max_length=max_length, max_prefixes=run.config.max_prefixes)
+    yield from _search_step(run, stream)
+    if not run.found or not all(f.exact for f in run.found):
+        yield AttackWarning(WarningCode.INCOMPLETE, float(sum(not f.exact for f in run.found)))
+
+
 def _rank_step(run: _Run, names: list[str]) -> Generator[DagerEvent, None, tuple[Span, bool]]:
     """Step 1: the layer-1 rank and the capacity verdict (a fraction of a second)."""
     d = run.hooks.hidden_size
@@ -254,8 +314,6 @@ def _rank_step(run: _Run, names: list[str]) -> Generator[DagerEvent, None, tuple
         yield AttackWarning(WarningCode.OVER_CAPACITY, float(span1.rank))
     if run.update.padding_side != "right":
         yield AttackWarning(WarningCode.LEFT_PADDING, 0.0)
-    if not run.certifiable:
-        yield AttackWarning(WarningCode.DROPOUT, float(run.update.info["dropout_rate"]))
     return span1, over
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dager.dropout_masks import LayerNormTerms
 from dager.hooks_base import FamilyHooks
 
 QKV_MEMO_BYTES = 128 * 2**20
@@ -251,6 +252,29 @@ class DecoderHooks(FamilyHooks):
         mix = _softmax_attend(q, k_cache, v_cache, k, v, self.attention_scale)  # (n, t, d)
         h = x.unsqueeze(0) + self.attention_output(mix)
         return h, k, v
+
+    # -- dropout (dager.dropout_search) ---------------------------------------------------
+    embedding_dropout: bool = False
+    """True when the client's dropout masks block 0's input before its norm (GPT-2's
+    embedding dropout): the layer-1 inputs are then recovered by sparse fitting."""
+
+    def attention_output_parameters(self, layer: int) -> list[str]:
+        """Names of the weights whose gradients span block ``layer``'s attention output
+        (the heads' mix before the output projection, after attention dropout)."""
+        raise NotImplementedError
+
+    def input_norm(self) -> LayerNormTerms:
+        """Block 0's input norm (for the sparse fit of masked inputs)."""
+        raise NotImplementedError
+
+    def normed_inputs(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """``(t, d)`` float64 block-0 attention inputs (after the norm) of unmasked tokens."""
+        raise NotImplementedError
+
+    def projections_of(self, z: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Float64 queries, keys and values ``(t, H, dh)`` of normed inputs ``z`` ``(t, d)`` at
+        ``position`` (RoPE applied, key/value heads repeated)."""
+        raise NotImplementedError
 
     def forward_sequence(self, ids: torch.Tensor) -> torch.Tensor:
         """Block 1's input (``hidden_states[1]``) for one sequence, position by position.

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fedclient.errors import UnsupportedModelError
+from dager.dropout_masks import LayerNormTerms
 from dager.filters import AdditiveLayerNormFilter
 from dager.hooks_base import register_hooks
 from dager.hooks_decoder import DecoderHooks, MlpNormTerms
@@ -53,6 +54,24 @@ class GPT2Hooks(DecoderHooks):
 
     def token_embedding_matrix(self) -> torch.Tensor:
         return self.tf.wte.weight
+
+    embedding_dropout = True  # drop(wte + wpe) feeds ln_1
+
+    def attention_output_parameters(self, layer: int) -> list[str]:
+        return [self.name_of(self.blocks[layer].attn.c_proj.weight)]
+
+    def input_norm(self) -> LayerNormTerms:
+        ln = self.blocks[0].ln_1
+        return LayerNormTerms(ln.weight.detach().double(), ln.bias.detach().double(), float(ln.eps))
+
+    def normed_inputs(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        return self.input_norm().apply(self.token_inputs(tokens, position).detach().double())
+
+    def projections_of(self, z: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn = self.blocks[0].attn.c_attn  # Conv1D: weight (in, out)
+        q, k, v = (z @ attn.weight.detach().double() + attn.bias.detach().double()).split(self.hidden_size, dim=-1)
+        shape = (z.shape[0], self.num_heads, self.head_dim)
+        return q.reshape(shape), k.reshape(shape), v.reshape(shape)
 
     def num_positions(self) -> int:
         return int(self.tf.wpe.weight.shape[0])

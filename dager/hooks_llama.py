@@ -119,6 +119,25 @@ class LlamaHooks(DecoderHooks):
     def attention_output(self, mix: torch.Tensor) -> torch.Tensor:
         return self.blocks[0].self_attn.o_proj(mix)
 
+    def attention_output_parameters(self, layer: int) -> list[str]:
+        return [self.name_of(self.blocks[layer].self_attn.o_proj.weight)]
+
+    def normed_inputs(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        return self.blocks[0].input_layernorm(self.token_inputs(tokens, position)).detach().double()
+
+    def projections_of(self, z: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = self.blocks[0].self_attn
+        t = z.shape[0]
+
+        def proj(layer: nn.Linear) -> torch.Tensor:
+            out = z @ layer.weight.detach().double().T
+            if layer.bias is not None:
+                out = out + layer.bias.detach().double()
+            return out.reshape(t, -1, self.head_dim)
+
+        q, k, v = self._place(proj(a.q_proj), proj(a.k_proj), proj(a.v_proj), position)
+        return q, k, v
+
     @property
     def mlp_width(self) -> int:
         return int(self.config.intermediate_size)
