@@ -41,7 +41,7 @@ from dager.events import (
 from dager.attack_search import _Decoding, _greedy_step, _partial_prefixes, _search_step, _search_stream
 from dager.layers import SCREEN, FamilyHooks, hooks_for
 from dager.lora import as_base_update, capacity
-from dager.precision import half_precision_span, is_half, span_tolerance
+from dager.precision import clear_cut, half_precision_span, is_half, span_tolerance
 from dager.search import Found
 from dager.span import Span, gap_threshold, span_of
 from dager.zoo import ModelBundle
@@ -165,12 +165,19 @@ class _Run:
     last_prefixes: tuple[tuple[int, ...], ...] = ()
     capacity: int = 0  # distinct inputs the span can hold: d, or k r for a LoRA update (0: d)
     capacity2: int = 0  # the same for block 1's span (LoRA: its own adapters' k r)
+    unclear_gap: float | None = None  # a half-precision span's ratio at an unclear cut (dager.precision.CLEAR_CUT)
+
+    @property
+    def dropout(self) -> bool:
+        """Whether the client trained with dropout at a rate above 0 (the server set it)."""
+        return float(self.update.info.get("dropout_rate", 0.0)) > 0.0
 
     @property
     def certifiable(self) -> bool:
         """Whether the exact check can certify a sentence: not on an update trained with
-        dropout, whose layer inputs carry masks the server cannot know (issue 11)."""
-        return float(self.update.info.get("dropout_rate", 0.0)) <= 0.0
+        dropout, whose layer inputs carry masks the server cannot know, nor on a
+        half-precision one whose span has no clear edge above the rounding (issue 11)."""
+        return not self.dropout and self.unclear_gap is None
 
     def span(self, names: list[str], rank_hint: int | None = None) -> Span:
         """The span of the named weights' input space (``rank_hint`` sizes the fast path's
@@ -178,7 +185,10 @@ class _Run:
         matrix = self.hooks.input_matrix(self.update, names).to(self.config.device)
         if is_half(matrix.dtype) and not self.config.noise_tolerant:
             # A bf16/fp16 update: cut above its rounding bulk, not at the fp32 rule (dager.precision).
-            return half_precision_span(matrix, tolerance=self.config.rank_tolerance)
+            span = half_precision_span(matrix, tolerance=self.config.rank_tolerance)
+            if not clear_cut(span):
+                self.unclear_gap = min(span.gap, self.unclear_gap or span.gap)
+            return span
         tolerance = span_tolerance(self.update.kind, self.config.rank_tolerance)  # FedAvg: drift directions too
         return span_of(matrix, tolerance=tolerance, by_gap=self.config.noise_tolerant, rank_hint=rank_hint)
 
@@ -209,6 +219,8 @@ def _attack(run: _Run, names: list[str]) -> Iterator[DagerEvent]:
     more = span1.rank // 4 if run.hooks.positional else span1.rank
     span2 = run.span(run.hooks.attention_parameters(1), rank_hint=span1.rank + more)
     yield _spectrum_event(2, span2)
+    if run.unclear_gap is not None:
+        yield AttackWarning(WarningCode.UNCLEAR_CUT, float(run.unclear_gap))
     d = run.hooks.hidden_size
     if not over and run.capacity2 and run.capacity2 < d and span2.rank >= OVER_CAPACITY * run.capacity2:
         # LoRA: block 1 reads one input per distinct prefix, more than layer 1's (token,
@@ -254,7 +266,7 @@ def _rank_step(run: _Run, names: list[str]) -> Generator[DagerEvent, None, tuple
         yield AttackWarning(WarningCode.OVER_CAPACITY, float(span1.rank))
     if run.update.padding_side != "right":
         yield AttackWarning(WarningCode.LEFT_PADDING, 0.0)
-    if not run.certifiable:
+    if run.dropout:
         yield AttackWarning(WarningCode.DROPOUT, float(run.update.info["dropout_rate"]))
     return span1, over
 
@@ -302,7 +314,7 @@ def _finished(run: _Run, span1: Span, over: bool) -> AttackFinished:
         DagerResult(
             sentences=tuple(run.bundle.decode(f.token_ids) for f in found),
             token_ids=tuple(f.token_ids for f in found),
-            exact=tuple(f.exact for f in found),
+            exact=tuple(f.exact and run.certifiable for f in found),  # as the SentenceRecovered events say
             rank=span1.rank,
             hidden_size=run.hooks.hidden_size,
             over_capacity=over,

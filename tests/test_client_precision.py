@@ -164,3 +164,42 @@ def test_llama_small_random_has_a_nonzero_bos_embedding():
     row = bundle.model.get_input_embeddings().weight.detach()[bundle.bos_token_id]  # (d,)
     assert bundle.bos_token_id == bundle.pad_token_id
     assert 0.01 < float(row.std()) < 0.03
+
+
+def _fading_gradient(*, d: int = 256, k: int = 768, r: int = 60) -> torch.Tensor:
+    """``(d, k)`` bf16 gradient of r inputs whose strengths fade from 1e-2 to 1e-4 of the
+    dominant one: the weakest true directions sink into the rounding bulk, with no edge."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(r, d, generator=gen)  # (r, d) inputs
+    scales = torch.cat([torch.ones(1), torch.logspace(-2.0, -4.0, r - 1)])  # (r,)
+    delta = torch.randn(r, k, generator=gen) * scales[:, None]  # (r, k)
+    return (x.T @ delta).to(torch.bfloat16)  # (d, k)
+
+
+def test_a_cut_with_no_edge_above_the_rounding_is_not_clear():
+    from dager.precision import CLEAR_CUT, clear_cut
+
+    clean = half_precision_span(_rounded_gradient(torch.bfloat16), tolerance=1e-6)
+    fading = half_precision_span(_fading_gradient(), tolerance=1e-6)
+    assert clean.rank == 24 and clear_cut(clean)
+    assert fading.rank < 60 and fading.gap < CLEAR_CUT and not clear_cut(fading)
+
+
+def test_an_unclear_half_precision_cut_certifies_no_sentence(tiny, monkeypatch):
+    """With the bar for a clear cut out of reach, the same tiny bf16 update that is
+    otherwise certified comes back with every sentence inexact and an unclear_cut warning."""
+    import dager.precision as precision
+    from dager.attack import iter_dager
+    from dager.events import AttackWarning, SentenceRecovered, WarningCode
+
+    bundle = tiny("llama", d=WIDTH)
+    update = compute_update(bundle.model, bundle.encode(SENTS, seed=0), parameters=required_parameters(bundle),
+                            training=ClientTraining(precision="bf16"))
+    monkeypatch.setattr(precision, "CLEAR_CUT", 1e12)
+    events = list(iter_dager(bundle, update))
+    result = events[-1].result
+    codes = [e.code for e in events if isinstance(e, AttackWarning)]
+    found = [e for e in events if isinstance(e, SentenceRecovered)]
+    assert WarningCode.UNCLEAR_CUT in codes and WarningCode.DROPOUT not in codes
+    assert sorted(e.text.strip() for e in found) == sorted(SENTS)
+    assert not any(e.exact for e in found) and not any(result.exact)
