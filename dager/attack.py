@@ -42,7 +42,7 @@ from dager.attack_search import _Decoding, _greedy_step, _partial_prefixes, _sea
 from dager.dropout_search import Input, distance_cut, dropout_search, masked_candidates
 from dager.layers import SCREEN, DecoderHooks, FamilyHooks, hooks_for
 from dager.lora import as_base_update, capacity
-from dager.precision import half_precision_span, is_half, span_tolerance
+from dager.precision import clear_cut, half_precision_span, is_half, span_tolerance
 from dager.search import Found
 from dager.span import Span, gap_threshold, span_of
 from dager.zoo import ModelBundle
@@ -166,19 +166,22 @@ class _Run:
     last_prefixes: tuple[tuple[int, ...], ...] = ()
     capacity: int = 0  # distinct inputs the span can hold: d, or k r for a LoRA update (0: d)
     capacity2: int = 0  # the same for block 1's span (LoRA: its own adapters' k r)
+    unclear_gap: float | None = None  # a half-precision span's ratio at an unclear cut (dager.precision.CLEAR_CUT)
 
     masks_solved: bool = False  # dropout: the search solved for the masks (dager.dropout_search)
 
     @property
     def dropout_rate(self) -> float:
+        """The client's dropout rate (the server set it; 0: none)."""
         return float(self.update.info.get("dropout_rate", 0.0))
 
     @property
     def certifiable(self) -> bool:
         """Whether the exact check can certify a sentence: not on an update trained with
-        dropout (its layer inputs carry masks the server cannot know, issue 11) unless
-        the dropout search solved for the masks."""
-        return self.dropout_rate <= 0.0 or self.masks_solved
+        dropout (its layer inputs carry masks the server cannot know) unless the dropout
+        search solved for the masks, nor on a half-precision one whose span has no clear
+        edge above the rounding (issue 11)."""
+        return (self.dropout_rate <= 0.0 or self.masks_solved) and self.unclear_gap is None
 
     def span(self, names: list[str], rank_hint: int | None = None) -> Span:
         """The span of the named weights' input space (``rank_hint`` sizes the fast path's
@@ -186,7 +189,10 @@ class _Run:
         matrix = self.hooks.input_matrix(self.update, names).to(self.config.device)
         if is_half(matrix.dtype) and not self.config.noise_tolerant:
             # A bf16/fp16 update: cut above its rounding bulk, not at the fp32 rule (dager.precision).
-            return half_precision_span(matrix, tolerance=self.config.rank_tolerance)
+            span = half_precision_span(matrix, tolerance=self.config.rank_tolerance)
+            if not clear_cut(span):
+                self.unclear_gap = min(span.gap, self.unclear_gap or span.gap)
+            return span
         tolerance = span_tolerance(self.update.kind, self.config.rank_tolerance)  # FedAvg: drift directions too
         return span_of(matrix, tolerance=tolerance, by_gap=self.config.noise_tolerant, rank_hint=rank_hint)
 
@@ -223,6 +229,8 @@ def _attack(run: _Run, names: list[str]) -> Iterator[DagerEvent]:
     more = span1.rank // 4 if run.hooks.positional else span1.rank
     span2 = run.span(run.hooks.attention_parameters(1), rank_hint=span1.rank + more)
     yield _spectrum_event(2, span2)
+    if run.unclear_gap is not None:
+        yield AttackWarning(WarningCode.UNCLEAR_CUT, float(run.unclear_gap))
     d = run.hooks.hidden_size
     if not over and run.capacity2 and run.capacity2 < d and span2.rank >= OVER_CAPACITY * run.capacity2:
         # LoRA: block 1 reads one input per distinct prefix, more than layer 1's (token,
@@ -360,7 +368,7 @@ def _finished(run: _Run, span1: Span, over: bool) -> AttackFinished:
         DagerResult(
             sentences=tuple(run.bundle.decode(f.token_ids) for f in found),
             token_ids=tuple(f.token_ids for f in found),
-            exact=tuple(f.exact for f in found),
+            exact=tuple(f.exact and run.certifiable for f in found),  # as the SentenceRecovered events say
             rank=span1.rank,
             hidden_size=run.hooks.hidden_size,
             over_capacity=over,

@@ -179,7 +179,7 @@ def _recovered(run: _Run, item: Found) -> SentenceRecovered:
         index=len(run.found) - 1,
         token_ids=item.token_ids,
         text=run.bundle.decode(item.token_ids),
-        exact=item.exact and run.certifiable,  # dropout: a passed check certifies nothing
+        exact=item.exact and run.certifiable,  # dropout, unclear cut: a passed check certifies nothing
         distance=item.distance,
     )
 

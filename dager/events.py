@@ -42,6 +42,10 @@ class WarningCode(str, Enum):
     DROPOUT = "dropout"
     """The client trained with dropout on (rate > 0): its layer inputs carry unknown
     masks, so no sentence can be certified exact; every one is reported inexact."""
+    UNCLEAR_CUT = "unclear_cut"
+    """A half-precision update's spectrum has no clear edge at its rounding level (the
+    value: the eigenvalue ratio at the cut): weak true directions may be lost in the
+    rounding, so no sentence can be certified exact; every one is reported inexact."""
 
 
 class StopReason(str, Enum):

@@ -146,7 +146,31 @@ def _llama_small(task: str):
         tie_word_embeddings=False,
     )
     cls = _head_class(task, LlamaForSequenceClassification, LlamaForCausalLM)
-    return _seeded(lambda: cls(config)), tok
+    model = _seeded(lambda: cls(config))
+    draw_bos_embedding(model, tok.bos_token_id, std=config.initializer_range)
+    return model, tok
+
+
+@torch.no_grad()
+def draw_bos_embedding(model: torch.nn.Module, token_id: int, *, std: float, seed: int = INIT_SEED) -> None:
+    """Give the BOS token a seeded random embedding row ``~ N(0, std^2)``, like every other token.
+
+    GPT-2's tokenizer has one special token for BOS, EOS and padding. A Llama built with it
+    as ``pad_token_id`` gets that row zeroed (transformers' ``padding_idx`` init), so every
+    sequence would start with a zero vector; a real Llama's BOS embedding is a trained,
+    nonzero vector. The zero vector is harmless in the forward, but RMSNorm's backward at
+    ``x = 0`` is ``w / sqrt(eps)`` (1000x at eps 1e-6): position 0's activation gradients
+    grow about 300-1000x per block (1e11 at the embeddings of the 6-block model, in fp32)
+    and only ever meet zeros (the normalised BOS input, the pad row's masked gradient).
+    fp32 hides them; an fp16 client overflows to inf, and ``inf * 0 = NaN`` poisons every
+    weight gradient (no loss scale fits: one small enough for position 0 flushes the real
+    gradients to zero). The row's gradient stays masked (``padding_idx``): the right-hand
+    padding shares the id, and padded positions get no gradient either way.
+    """
+    weight = model.get_input_embeddings().weight  # (V, d)
+    gen = torch.Generator().manual_seed(seed)
+    row = torch.randn(weight.shape[1], generator=gen) * std  # (d,)
+    weight[token_id] = row.to(device=weight.device, dtype=weight.dtype)
 
 
 @dataclass(frozen=True)

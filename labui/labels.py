@@ -40,4 +40,7 @@ WARNINGS = {
     "left_padding": "The update was computed on left-padded batches; positions are shifted.",
     "dropout": "The client trained with dropout (rate {value:g}): every layer input carries a random mask "
     "the server cannot know, so no sentence can be certified exact; what is shown is a best effort.",
+    "unclear_cut": "The half-precision update's spectrum has no clear edge above its rounding noise "
+    "(ratio {value:.2g} at the cut): weak true directions may be lost in the rounding, so a sentence "
+    "may be cut short; none is certified exact and what is shown is a best effort.",
 }

@@ -417,7 +417,7 @@ def test_lora_verdict_also_reads_block_1_whose_inputs_are_the_distinct_prefixes(
 
 
 def test_a_half_precision_overflow_is_refused_not_shared(tiny, monkeypatch):
-    """llama-small-random's fp16 client overflows (NaN gradients); such an update is refused."""
+    """An fp16 client whose gradient overflows (NaN) shares nothing: the update is refused."""
     import fedclient.client as client
 
     real = client.fedsgd_gradient
