@@ -41,7 +41,7 @@ from dager.events import (
 from dager.attack_search import _Decoding, _greedy_step, _partial_prefixes, _search_step, _search_stream
 from dager.dropout_search import Input, distance_cut, dropout_search, masked_candidates
 from dager.layers import SCREEN, DecoderHooks, FamilyHooks, hooks_for
-from dager.lora import as_base_update, capacity
+from dager.lora import as_base_update, capacity, is_lora_update
 from dager.precision import clear_cut, half_precision_span, is_half, span_tolerance
 from dager.search import Found
 from dager.span import Span, gap_threshold, span_of
@@ -120,7 +120,8 @@ def iter_dager(
     lora_capacity = capacity(update, hooks.attention_parameters(0), hooks.hidden_size)
     lora_capacity2 = capacity(update, hooks.attention_parameters(1), hooks.hidden_size)
     update = as_base_update(update, names, bundle.model, hooks.hidden_size)
-    missing = [n for n in names if n not in update]
+    optional = set(hooks.optional_parameters())
+    missing = [n for n in names if n not in update and n not in optional]
     if missing:
         raise IncompleteUpdateError(
             f"The shared update lacks {len(missing)} parameter(s) DAGER reads (e.g. {missing[0]!r}); "
@@ -256,7 +257,9 @@ def _attack(run: _Run, names: list[str]) -> Iterator[DagerEvent]:
 def _dropout_ready(run: _Run) -> bool:
     """Whether the dropout search can run: a decoder whose attention-output gradient is shared."""
     hooks = run.hooks
-    return isinstance(hooks, DecoderHooks) and all(n in run.update for n in hooks.attention_output_parameters(0))
+    if not isinstance(hooks, DecoderHooks) or is_lora_update(run.update):
+        return False  # a LoRA update's frozen output projection shares nothing to check against
+    return all(n in run.update for n in hooks.attention_output_parameters(0))
 
 
 def _dropout_step(run: _Run, span1: Span) -> Iterator[DagerEvent]:
@@ -278,6 +281,11 @@ def _dropout_step(run: _Run, span1: Span) -> Iterator[DagerEvent]:
             yield TokensFiltered(position=pos, token_ids=ids, distances=row[ids], threshold=distance_cut(rate),
                                  vocab_distances=top_d, vocab_token_ids=top_i)
         max_length = max(by_pos, default=-1) + 1
+        if sum(len(v) for v in by_pos.values()) < span1.rank:
+            # An input not found cuts its sentence short there, and a cut sentence would
+            # still pass every check: with inputs missing no sentence is certified.
+            run.masks_solved = False
+            yield AttackWarning(WarningCode.DROPOUT, rate)
 
         def candidates(pos: int) -> list[Input]:
             return by_pos.get(pos, [])

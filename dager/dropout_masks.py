@@ -206,10 +206,13 @@ def masked_inputs(
         return []
     gx = norm.weight.to(x.dtype) * x
     extra = _perp(_extra_directions(norm, x.dtype), basis)
-    start = max(32, min(x.shape[1] // 2, round(2 * rate * x.shape[1])))
+    d = x.shape[1]
+    start = min(d // 3, max(16, round(2 * rate * d)))  # about twice the dropped coordinates
     _, _, first = _grow(gx, basis, extra, rounds=1, start=start)
     order = first.argsort()
     order = order[first[order] < PRUNE]
+    if order.numel() == 0:
+        return []
     found: list[MaskedInput] = []
     for chunk in order.split(max(CHUNK, rank + rank // 4)):
         T, u, rel = _grow(gx[chunk], basis, extra, rounds=FIT_ROUNDS, start=start)
@@ -302,7 +305,7 @@ def _copies(
         if not todo:
             break
         bar = torch.stack([torch.stack(known[i]).any(0) for i in todo])
-        T, u, rel = _grow(gx[todo], basis, extra, rounds=FIT_ROUNDS, start=start, bar=bar)
+        T, u, rel = _grow(gx[todo], basis, extra, rounds=FIT_ROUNDS + 2, start=start, bar=bar)  # the bar costs rounds
         nxt = []
         for row, i in enumerate(todo):
             if rel[row] >= NEAR_FIT:

@@ -65,10 +65,15 @@ class FamilyHooks:
         raise NotImplementedError
 
     def required_parameters(self) -> list[str]:
+        """Every weight whose update DAGER reads (:meth:`optional_parameters` included)."""
         names = self.attention_parameters(0) + self.attention_parameters(1)
         if self.is_decoder:
             names += self.mlp_parameters(0)
-        return names
+        return names + self.optional_parameters()
+
+    def optional_parameters(self) -> list[str]:
+        """Weights read only in some settings (an update without them is not refused)."""
+        return []
 
     def input_matrix(self, update: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
         """``(d, k)``: columns spanning the input space of the named weights' layer."""

@@ -258,6 +258,10 @@ class DecoderHooks(FamilyHooks):
     """True when the client's dropout masks block 0's input before its norm (GPT-2's
     embedding dropout): the layer-1 inputs are then recovered by sparse fitting."""
 
+    def optional_parameters(self) -> list[str]:
+        # Block 0's attention output: read when the client trained with dropout.
+        return self.attention_output_parameters(0)
+
     def attention_output_parameters(self, layer: int) -> list[str]:
         """Names of the weights whose gradients span block ``layer``'s attention output
         (the heads' mix before the output projection, after attention dropout)."""
