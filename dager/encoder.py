@@ -103,8 +103,13 @@ What the measurements showed (minilm-l6, pretrained, d=384; medium set, B=8, bat
   B=4 held out (32)   32/32, 2.1 s     32/32, 1.5 s
   ==================  ===============  ================
 
-  No false exact sentence in any row. On the development batches, three passes without
-  any repair gave 17/32 at 11.2 s, 8 late repairs 19/32 at 12.6 s (16: no more).
+  No false exact sentence in any row. The bench, same session, load ~3
+  (``dager_bench.py --rows minilm-med-4 minilm-med-8``, OMP_NUM_THREADS=1; old engine
+  a3e40d7): minilm-med-4 90.6% at 2.58 s -> 93.8% at 2.55 s (CPU 2.63 -> 2.59),
+  minilm-med-8 34.4% at 8.91 s -> 56.2% at 10.50 s (CPU 8.95 -> 10.50). B=8 dev with
+  4 late repairs: 17/32 at 9.7 s; with 5 passes: 18/32, no more. On the development
+  batches, three passes without any repair gave 17/32 at 11.2 s, 8 late repairs 19/32
+  at 12.6 s (16: no more).
   Later passes as wide as the first: 41/64 held out at 10.8 s, but B=4 dev 3.5 s;
   their first positions at full width (96): 40/64 at 9.8 s, B=4 dev 3.0 s; widths
   scaled to the missing fraction of the batch, at least 8: 37/64 at 8.5 s. What did
