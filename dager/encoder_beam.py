@@ -63,15 +63,29 @@ PAIR_SHORTLIST = 6
 """Candidates per position in a repair's pair move (its best single moves): 36 whole
 sequences per pair."""
 
-MAX_REPAIRS_PER_STEP = 4
-"""Near endings repaired at one beam step (best [SEP] rows first)."""
+MAX_REPAIRS_PER_STEP = 0
+"""Near endings repaired inside a pass, at one beam step (best [SEP] rows first). None by
+default: repairs inside the pass took half of a B=8 batch's time; the nearest endings of
+all passes are repaired after them instead (:data:`LATE_REPAIRS`)."""
 
-MAX_PASSES = 1
+LATE_REPAIRS = 8
+"""Near endings (the [SEP] row below :data:`SEP_NEAR`, not exact) repaired after the
+passes, nearest [SEP] row first, none a near copy of a found sentence."""
+
+MAX_PASSES = 3
 """Beam passes; each later pass drops the variants of the sentences found before it
-(their near copies crowd the beam: one easy sentence fills it with variants). One by
-default: on a quiet 2-core CPU (medium set, 4 batches) three passes took minilm-l6 at B=8
-from 40.6% to 59.4% exact but from 8.5 s to 18.4 s a batch, past the 10 s target, and at
-B=4 (8 batches) cost 25% more time for no sentence more. Raise it to trade time for recall."""
+(their near copies crowd the beam: one easy sentence fills it with variants), and a pass
+that finds nothing new ends them. With repairs moved after the passes, three passes
+cost about what one pass with repairs did (minilm-l6, medium set; see
+:mod:`dager.encoder`)."""
+
+LATER_WIDTH_PER_MISSING = 8
+"""A later pass looks for the missing sentences only: it keeps this many prefixes per
+missing sentence, at most :data:`BEAM_WIDTH`, and its first positions shrink by the
+same share of :data:`EARLY_WIDTH` (a B=4 batch with one sentence missing after the
+first pass searches 8 wide, 24 at position 1; a B=8 batch with four missing, as wide as
+the first pass). Full-width later passes found one more of 64 held-out B=8 sentences but
+took B=4 batches from 2.5 to 3.0 CPU s."""
 
 BAN_FRACTION = 0.2
 """A prefix that differs from a found sentence's prefix in at most this fraction of its
@@ -167,6 +181,8 @@ class _BeamStage:
         self.s = search
         self.rm = _RowModel(search.hooks)
         self.tried: set[tuple[int, ...]] = set()
+        self.near: dict[tuple[int, ...], float] = {}  # near endings -> their [SEP] row
+        self.width, self.early_width = BEAM_WIDTH, EARLY_WIDTH
 
     def log_dist(self, rows: torch.Tensor, length: int) -> torch.Tensor:
         """Log relative distances of ``(..., d)`` rows; charges them as ``1/length``
@@ -176,13 +192,38 @@ class _BeamStage:
 
     def run(self) -> Iterator[Found | Step | Tick]:
         """Beam passes until the batch is found, a pass finds nothing new, or
-        :data:`MAX_PASSES` (each pass bans the variants of the sentences found so far)."""
+        :data:`MAX_PASSES` (each pass bans the variants of the sentences found so far
+        and is :data:`LATER_WIDTH_PER_MISSING` wide per missing sentence); then the
+        nearest endings of all passes are repaired (:data:`LATE_REPAIRS`)."""
         s = self.s
-        for _pass in range(MAX_PASSES):
+        for n in range(MAX_PASSES):
             before = len(s.found)
+            missing = s.batch_size - before
+            share = 1.0 if n == 0 else min(1.0, LATER_WIDTH_PER_MISSING * missing / BEAM_WIDTH)
+            self.width = max(1, round(BEAM_WIDTH * share))
+            self.early_width = max(1, round(EARLY_WIDTH * share))
             yield from self.one_pass()
             if s.done or len(s.found) == before:
+                break
+        yield from self.late_repairs()
+
+    def late_repairs(self) -> Iterator[Found | Tick]:
+        """Repair the nearest endings the passes left (best [SEP] rows first), skipping
+        those already repaired and the near copies of found sentences."""
+        s = self.s
+        done = 0
+        for key, _sep in sorted(self.near.items(), key=lambda kv: kv[1]):
+            if s.done or done >= LATE_REPAIRS:
                 return
+            found = [tuple(f.tolist()) for f in s.found]
+            if key in self.tried or any(_near_copy(key, f) for f in found):
+                continue
+            self.tried.add(key)
+            done += 1
+            seq, w = yield from self.repair(torch.tensor(key, device=s.device))
+            item = s.record(seq, w)
+            if item is not None:
+                yield item
 
     def one_pass(self) -> Iterator[Found | Step | Tick]:
         """Grow prefixes from ``[CLS]`` to the last occupied position; at each
@@ -230,7 +271,7 @@ class _BeamStage:
         # Every parent keeps its best children while the beam has room (the root keeps
         # a beam's worth: first tokens have the least context and rank worst), then the
         # outliers among its best BEAM_CHILDREN; with few candidates all go on.
-        width = EARLY_WIDTH if p <= EARLY_POSITIONS else BEAM_WIDTH
+        width = self.early_width if p <= EARLY_POSITIONS else self.width
         sure = max(1, width // len(beam))
         order = z.argsort(dim=1)[:, : max(sure, BEAM_CHILDREN)]
         children: list[_Prefix] = []
@@ -252,7 +293,8 @@ class _BeamStage:
         return _by_family(children, p, width, found=[tuple(f.tolist()) for f in s.found])
 
     def endings(self, beam: list[_Prefix], p: int) -> Iterator[Found | Tick]:
-        """Every prefix closed by ``[SEP]`` at ``p``, checked whole; near ones repaired."""
+        """Every prefix closed by ``[SEP]`` at ``p``, checked whole; near ones kept for
+        the late repairs (and repaired here, up to :data:`MAX_REPAIRS_PER_STEP`)."""
         s = self.s
         seqs = torch.tensor([[*b.ids, s.sep_id] for b in beam], device=s.device)  # (m, p+1)
         dist = []
@@ -269,6 +311,8 @@ class _BeamStage:
                 yield item
             elif float(worst[i]) >= s.thr and float(d[i, -1]) < SEP_NEAR:
                 near.append((float(d[i, -1]), i))
+                key = tuple(seqs[i].tolist())
+                self.near[key] = min(self.near.get(key, SEP_NEAR), float(d[i, -1]))
         for _, i in sorted(near)[:MAX_REPAIRS_PER_STEP]:
             if s.done:
                 return
@@ -385,3 +429,11 @@ def _variant(ids: tuple[int, ...], head: tuple[int, ...], p: int) -> bool:
         return False
     differ = sum(a != b for a, b in zip(ids, head))
     return differ <= max(1, int(BAN_FRACTION * p))
+
+
+def _near_copy(seq: tuple[int, ...], found: tuple[int, ...]) -> bool:
+    """Whether ``seq`` is a found sentence with at most :data:`BAN_FRACTION` of its
+    tokens changed (at least one): repairing it would lead back to that sentence."""
+    if len(seq) != len(found):
+        return False
+    return sum(a != b for a, b in zip(seq, found)) <= max(1, int(BAN_FRACTION * len(seq)))

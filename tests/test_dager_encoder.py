@@ -203,6 +203,80 @@ def test_a_pass_that_finds_every_sentence_is_the_only_one(tiny_bert, monkeypatch
     assert sum(1 for i in items if isinstance(i, Step) and i.position == 1) == 1
 
 
+def _stage(problem, truth):
+    """A beam stage on the captured problem, its threshold calibrated as the search does."""
+    from dager.encoder_assembly import _EncoderSearch
+    from dager.encoder_beam import _BeamStage
+
+    kwargs = {k: v for k, v in problem.items() if k not in ("hooks", "accepted", "span2")}
+    kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+    search = _EncoderSearch(problem["hooks"], problem["accepted"], problem["span2"], **kwargs)
+    search.thr = search.calibrate([len(t) for t in truth])
+    return _BeamStage(search)
+
+
+def _one_token_wrong(stage, sentence):
+    """``sentence`` with its middle token replaced by another candidate there."""
+    q = len(sentence) // 2
+    other = next(int(c) for c in stage.s.cands(q).tolist() if int(c) != sentence[q])
+    return (*sentence[:q], other, *sentence[q + 1 :])
+
+
+@pytest.mark.slow
+def test_late_repairs_turn_a_near_ending_into_its_sentence():
+    """minilm-l6 (pretrained: block-0 rows are local, so a repair can find the wrong
+    token; a random-init model's rows all move together): a near ending a pass left (one
+    token wrong) is repaired after the passes into the true sentence, reported exact."""
+    from dager.zoo import load_model
+
+    bundle = load_model("minilm-l6")
+    lines = [ln.strip() for ln in open("assets/sentences/medium.txt", encoding="utf-8") if ln.strip()]
+    problem = _problem(bundle, lines[:2])
+    truth = [tuple(bundle.tokenize(s)) for s in lines[:2]]
+    with torch.no_grad():
+        stage = _stage(problem, truth)
+        stage.near = {_one_token_wrong(stage, truth[0]): 0.05}
+        items = list(stage.late_repairs())
+    found = [i for i in items if isinstance(i, Found)]
+    assert [(f.token_ids, f.exact) for f in found] == [(truth[0], True)]
+
+
+def test_late_repairs_skip_the_near_copies_of_found_sentences(tiny_bert):
+    """A near ending one token away from a found sentence is not repaired (the repair
+    would lead back to that sentence): nothing is evaluated or charged."""
+    problem = _problem(tiny_bert, SENTENCES[:2])
+    truth = [tuple(tiny_bert.tokenize(s)) for s in SENTENCES[:2]]
+    with torch.no_grad():
+        stage = _stage(problem, truth)
+        copy = _one_token_wrong(stage, truth[0])
+        stage.s.found.append(torch.tensor(truth[0]))
+        stage.near = {copy: 0.05}
+        before = stage.s.checked
+        assert list(stage.late_repairs()) == []
+    assert stage.s.checked == before and copy not in stage.tried
+
+
+def test_later_passes_search_per_missing_sentence(tiny_bert, monkeypatch):
+    """A later pass keeps LATER_WIDTH_PER_MISSING prefixes per missing sentence and
+    shrinks its first positions by the same share: two sentences looked for as a batch
+    of four, the first pass finds both, the second looks for two at 2 x 1 wide."""
+    import dager.encoder_beam as beam_module
+
+    monkeypatch.setattr(beam_module, "LATER_WIDTH_PER_MISSING", 1)
+    problem = _problem(tiny_bert, SENTENCES[:2])
+    items = _run(encoder_search, problem, batch_size=4)
+    steps = [i for i in items if isinstance(i, Step)]
+    starts = [n for n, st in enumerate(steps) if st.position == 1]
+    assert len(starts) == 2  # the second pass finds nothing new: no third
+    share = 2 / beam_module.BEAM_WIDTH
+    first, second = steps[: starts[1]], steps[starts[1] :]
+    assert max(st.num_prefixes for st in first if st.position > 1) > 2
+    assert all(st.num_prefixes <= round(beam_module.BEAM_WIDTH * share) for st in second if st.position > 1)
+    assert second[0].num_prefixes <= round(beam_module.EARLY_WIDTH * share)
+    truth = sorted(tuple(tiny_bert.tokenize(s)) for s in SENTENCES[:2])
+    assert sorted(i.token_ids for i in items if isinstance(i, Found) and i.exact) == truth
+
+
 @pytest.mark.parametrize("batch_size", [2, 4])
 def test_same_results_as_the_search_before_the_refactor(tiny_bert, batch_size):
     # The assembly stage alone (beam=False) is the pre-refactor search, unchanged.
