@@ -66,12 +66,19 @@ class IncompleteUpdateError(LabInputError):
     """The shared update lacks a parameter the attack reads."""
 
 
-def required_parameters(bundle: ModelBundle) -> list[str]:
+def required_parameters(bundle: ModelBundle, *, dropout: bool = False) -> list[str]:
     """Names of the parameters whose update DAGER reads.
 
     Pass them to ``fedclient.compute_update(parameters=...)`` to compute only those.
+    With ``dropout`` (a client that trains with dropout on) they include block 0's
+    attention output projection, which the dropout search reads.
     """
-    return hooks_for(bundle.model).required_parameters()
+    hooks = hooks_for(bundle.model)
+    names = hooks.required_parameters()
+    if dropout:
+        return names
+    optional = set(hooks.optional_parameters())
+    return [n for n in names if n not in optional]
 
 
 def run_dager(

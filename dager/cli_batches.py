@@ -221,7 +221,7 @@ def _attack_batch(
         update = compute_update(
             bundle.model,
             batch,
-            parameters=required_parameters(bundle),
+            parameters=required_parameters(bundle, dropout=bool(training and training.dropout)),
             defense=defense,
             seed=args.seed,
             training=training,

@@ -94,7 +94,7 @@ def run_sweep(args: argparse.Namespace, *, engine: Engine) -> int:
     merged = prepare_client(training, bundle.model, device=args.device)
     server = dataclasses.replace(bundle, model=merged) if merged is not None else bundle  # LoRA: adapters merged
     run_dager, required_parameters = engine()
-    parameters = required_parameters(bundle)
+    parameters = required_parameters(bundle, dropout=training.dropout)
     encoded = [([s.text for s in b], bundle.encode([s.text for s in b], seed=args.seed)) for b in batches]
     any_failed = False
 

@@ -36,11 +36,12 @@ def dager_events(bundle, update, *, noise_tolerant: bool = False,  # noqa: ANN00
     return iter_dager(bundle, update, config=config)
 
 
-def dager_parameters(bundle) -> list[str]:  # noqa: ANN001
-    """The parameter names DAGER reads (the client shares only those: faster)."""
+def dager_parameters(bundle, dropout: bool = False) -> list[str]:  # noqa: ANN001
+    """The parameter names DAGER reads (the client shares only those: faster); a client
+    training with dropout also shares block 0's attention output projection."""
     from dager.attack import required_parameters
 
-    return list(required_parameters(bundle))
+    return list(required_parameters(bundle, dropout=dropout))
 
 
 def text_baseline_events(bundle, update, iterations: int,  # noqa: ANN001

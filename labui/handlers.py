@@ -150,7 +150,7 @@ def _text_items(name: str, task: str, sentences: list[str], defense: Defense | N
     yield ModelReady(bundle)
     server = engines.server_bundle(bundle, training)  # LoRA: the base with the adapters merged
     batch = bundle.encode(sentences, seed=0)
-    update = engines.compute_update(bundle.model, batch, parameters=engines.dager_parameters(bundle),
+    update = engines.compute_update(bundle.model, batch, parameters=engines.dager_parameters(bundle, training.dropout),
                                     defense=defense, seed=0, training=training)
     plain_utility = defense is not None and training.lora is None
     yield UpdateReady(engines.utility(bundle.model, batch, update) if plain_utility else None)

@@ -52,7 +52,7 @@ class Engine:
         self.action = action
         self.when = when
 
-    def required_parameters(self, bundle):
+    def required_parameters(self, bundle, dropout=False):
         return [PARAM]
 
     def run_dager(self, bundle, update, *, config=None):

@@ -203,7 +203,7 @@ def test_run_text_attack_end_to_end_with_a_hand_built_stream(tiny, monkeypatch):
         return _dager_stream(b, typed)
 
     monkeypatch.setattr(engines, "load_model", lambda name, task, device="cpu": bundle)
-    monkeypatch.setattr(engines, "dager_parameters", lambda b: ["transformer.h.0.attn.c_attn.weight"])
+    monkeypatch.setattr(engines, "dager_parameters", lambda b, dropout=False: ["transformer.h.0.attn.c_attn.weight"])
     monkeypatch.setattr(engines, "dager_events", fake_events)
     typed = ["Alice owes Bob ten pounds.", "The meeting is at noon."]
     outs = list(h.run_text_attack("\n".join(typed) + "\n\n", "tiny", "", "classification"))

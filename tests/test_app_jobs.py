@@ -100,7 +100,7 @@ def endless_dager(tiny, monkeypatch):
             closed.set()
 
     monkeypatch.setattr(engines, "load_model", lambda name, task="classification", device="cpu": bundle)
-    monkeypatch.setattr(engines, "dager_parameters", lambda b: ["transformer.h.0.attn.c_attn.weight"])
+    monkeypatch.setattr(engines, "dager_parameters", lambda b, dropout=False: ["transformer.h.0.attn.c_attn.weight"])
     monkeypatch.setattr(engines, "compute_update", slow_update)
     monkeypatch.setattr(engines, "dager_events", events)
     monkeypatch.setattr(session, "JOBS", JobRegistry())

@@ -208,7 +208,7 @@ def test_dropout_on_llama_keeps_the_layer1_token_bag(tiny):
     back certified (README: dropout)."""
     bundle = _dropout_bundle("llama")
     batch = _batch(bundle)
-    update = compute_update(bundle.model, batch, parameters=required_parameters(bundle),
+    update = compute_update(bundle.model, batch, parameters=required_parameters(bundle, dropout=True),
                             training=ClientTraining(dropout=True))
     accepted: set[int] = set()
     warnings, recovered = [], []

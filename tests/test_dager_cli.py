@@ -34,7 +34,7 @@ class FakeEngine:
         self.over_capacity = over_capacity
         self.fail_on = set(fail_on)
 
-    def required_parameters(self, bundle):
+    def required_parameters(self, bundle, dropout=False):
         return ["transformer.h.0.attn.c_attn.weight"]
 
     def run_dager(self, bundle, update, *, config=None):

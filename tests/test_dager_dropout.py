@@ -37,7 +37,7 @@ def test_a_dropout_client_is_recovered_exactly_and_every_exact_flag_is_true(mode
     were solved for); the two sentences share their first token at position 0."""
     bundle = _dropout_bundle(model_type)
     batch = bundle.encode(SENTS, seed=0)
-    update = compute_update(bundle.model, batch, parameters=required_parameters(bundle),
+    update = compute_update(bundle.model, batch, parameters=required_parameters(bundle, dropout=True),
                             training=ClientTraining(dropout=True), seed=3)
     assert update.info["dropout_rate"] == pytest.approx(0.1)
     events = list(iter_dager(bundle, update))
@@ -51,7 +51,8 @@ def test_without_the_attention_output_gradient_dropout_is_reported_inexact():
     """The fallback: an update lacking block 0's output projection cannot be certified."""
     bundle = _dropout_bundle("gpt2")
     batch = bundle.encode(SENTS[:2], seed=0)
-    names = [n for n in required_parameters(bundle) if "c_proj" not in n]
+    names = required_parameters(bundle)  # without dropout=True: no output projection
+    assert not any("c_proj" in n for n in names)
     update = compute_update(bundle.model, batch, parameters=names, training=ClientTraining(dropout=True))
     events = list(iter_dager(bundle, update))
     assert any(isinstance(e, AttackWarning) and e.code == WarningCode.DROPOUT for e in events)
