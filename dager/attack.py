@@ -175,6 +175,7 @@ class _Run:
     capacity: int = 0  # distinct inputs the span can hold: d, or k r for a LoRA update (0: d)
     capacity2: int = 0  # the same for block 1's span (LoRA: its own adapters' k r)
     unclear_gap: float | None = None  # a half-precision span's ratio at an unclear cut (dager.precision.CLEAR_CUT)
+    block1_unclear: float | None = None  # that ratio when only block 1's span was unclear
 
     masks_solved: bool = False  # dropout: the search solved for the masks (dager.dropout_search)
 
@@ -235,10 +236,11 @@ def _attack(run: _Run, names: list[str]) -> Iterator[DagerEvent]:
     # Block 1 sees every token with its own prefix: more inputs than layer 1, where
     # repeated tokens coincide (at one position; anywhere under RoPE, about half).
     more = span1.rank // 4 if run.hooks.positional else span1.rank
+    before = run.unclear_gap
     span2 = run.span(run.hooks.attention_parameters(1), rank_hint=span1.rank + more)
     yield _spectrum_event(2, span2)
-    if run.unclear_gap is not None:
-        yield AttackWarning(WarningCode.UNCLEAR_CUT, float(run.unclear_gap))
+    if before is None and run.unclear_gap is not None:
+        run.block1_unclear = run.unclear_gap  # only block 1's cut: block 0's MLP check may stand in
     d = run.hooks.hidden_size
     if not over and run.capacity2 and run.capacity2 < d and span2.rank >= OVER_CAPACITY * run.capacity2:
         # LoRA: block 1 reads one input per distinct prefix, more than layer 1's (token,
@@ -250,7 +252,11 @@ def _attack(run: _Run, names: list[str]) -> Iterator[DagerEvent]:
     decoding: _Decoding | None = None
     if run.stop is StopReason.COMPLETE:
         stream, decoding = _search_stream(run, accepted, span2)
+        if run.unclear_gap is not None:
+            yield AttackWarning(WarningCode.UNCLEAR_CUT, float(run.unclear_gap))
         yield from _search_step(run, stream)
+    elif run.unclear_gap is not None:
+        yield AttackWarning(WarningCode.UNCLEAR_CUT, float(run.unclear_gap))
     if decoding is not None and run.stop is StopReason.COMPLETE:
         if (not run.found or over or run.budget_exhausted) and len(run.found) < run.update.batch_size:
             yield from _greedy_step(run, decoding, span2)

@@ -203,3 +203,33 @@ def test_an_unclear_half_precision_cut_certifies_no_sentence(tiny, monkeypatch):
     assert WarningCode.UNCLEAR_CUT in codes and WarningCode.DROPOUT not in codes
     assert sorted(e.text.strip() for e in found) == sorted(SENTS)
     assert not any(e.exact for e in found) and not any(result.exact)
+
+
+@pytest.mark.parametrize("mlp_clear", [True, False])
+def test_an_unclear_block1_cut_is_stood_in_for_by_a_clear_mlp_cut(tiny, monkeypatch, mlp_clear):
+    """Only block 1's cut unclear (llama-small-random bf16): block 0's MLP-input check,
+    itself a function of the whole prefix, certifies alone when its own cut is clear;
+    when it is not either, nothing is certified."""
+    import dager.attack as attack
+    import dager.attack_search as attack_search
+    from dager.attack import iter_dager
+    from dager.events import AttackWarning, SentenceRecovered, WarningCode
+
+    calls = []
+
+    def block1_unclear(span):
+        calls.append(span)
+        return len(calls) != 2  # the spans come layer 1, block 1, block 0's MLP input
+
+    monkeypatch.setattr(attack, "clear_cut", block1_unclear)
+    monkeypatch.setattr(attack_search, "clear_cut", lambda span: mlp_clear)
+    bundle = tiny("llama", d=WIDTH)
+    update = compute_update(bundle.model, bundle.encode(SENTS, seed=0), parameters=required_parameters(bundle),
+                            training=ClientTraining(precision="bf16"))
+    events = list(iter_dager(bundle, update))
+    found = [e for e in events if isinstance(e, SentenceRecovered)]
+    unclear = [e for e in events if isinstance(e, AttackWarning) and e.code == WarningCode.UNCLEAR_CUT]
+    assert len(calls) >= 2
+    assert sorted(e.text.strip() for e in found) == sorted(SENTS)
+    assert all(e.exact for e in found) == mlp_clear and any(e.exact for e in found) == mlp_clear
+    assert bool(unclear) != mlp_clear
