@@ -61,6 +61,18 @@ def tiny_bundle(model_type: str, task: str = "classification", *, d: int = 64, l
     )
 
 
+def dropout_bundle(model_type: str, *, d: int = 64) -> ModelBundle:
+    """A tiny model with every dropout rate at 0.1 (the test models have none)."""
+    import dataclasses
+
+    bundle = tiny_bundle(model_type, d=d)
+    rates = {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1} if model_type == "gpt2" else {"attention_dropout": 0.1}
+    config = type(bundle.model.config)(**{**bundle.model.config.to_dict(), **rates})
+    model = type(bundle.model)(config)
+    model.load_state_dict(bundle.model.state_dict())
+    return dataclasses.replace(bundle, model=model.eval())
+
+
 @pytest.fixture
 def tiny():
     return tiny_bundle

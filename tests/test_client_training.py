@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import dager
-from conftest import tiny_bundle
+from conftest import dropout_bundle, tiny_bundle
 from dager import cli
 from dager.attack import iter_dager, required_parameters, run_dager
 from dager.events import AttackWarning, SentenceRecovered, TokensFiltered, WarningCode
@@ -178,18 +177,8 @@ def test_half_precision_update_is_in_that_dtype_and_layer1_still_finds_the_token
 
 
 @functools.cache
-def _dropout_bundle(model_type: str):
-    """The tiny model with dropout rates of 0.1 (the test models have none)."""
-    bundle = tiny_bundle(model_type)
-    rates = {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1} if model_type == "gpt2" else {"attention_dropout": 0.1}
-    config = type(bundle.model.config)(**{**bundle.model.config.to_dict(), **rates})
-    model = type(bundle.model)(config)
-    model.load_state_dict(bundle.model.state_dict())
-    return dataclasses.replace(bundle, model=model.eval())
-
-
 def test_dropout_is_seeded_and_changes_the_update(tiny):
-    bundle = _dropout_bundle("gpt2")
+    bundle = dropout_bundle("gpt2")
     batch = _batch(bundle)
     names = required_parameters(bundle)
     on = ClientTraining(dropout=True)
@@ -206,7 +195,7 @@ def test_dropout_on_llama_keeps_the_layer1_token_bag(tiny):
     unchanged by the client's dropout; the attention dropout inside block 0 is solved for
     through block 0's output projection (dager.dropout_search), so the sentences come
     back certified (README: dropout)."""
-    bundle = _dropout_bundle("llama")
+    bundle = dropout_bundle("llama")
     batch = _batch(bundle)
     update = compute_update(bundle.model, batch, parameters=required_parameters(bundle, dropout=True),
                             training=ClientTraining(dropout=True))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -12,19 +10,9 @@ from dager.dropout_masks import LayerNormTerms, masked_inputs
 from dager.events import AttackWarning, SentenceRecovered, WarningCode
 from fedclient import compute_update
 from fedclient.training import ClientTraining
-from tests.conftest import tiny_bundle
+from conftest import dropout_bundle
 
 SENTS = ["The cat sat on the mat by the door.", "The dog ran home fast today, again.", "A bird sang."]
-
-
-def _dropout_bundle(model_type: str, d: int = 96):
-    """A tiny model with every dropout rate at 0.1 (the test models have none)."""
-    bundle = tiny_bundle(model_type, d=d)
-    rates = {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1} if model_type == "gpt2" else {"attention_dropout": 0.1}
-    config = type(bundle.model.config)(**{**bundle.model.config.to_dict(), **rates})
-    model = type(bundle.model)(config)
-    model.load_state_dict(bundle.model.state_dict())
-    return dataclasses.replace(bundle, model=model.eval())
 
 
 def _truth(bundle, batch) -> list[str]:
@@ -35,7 +23,7 @@ def _truth(bundle, batch) -> list[str]:
 def test_a_dropout_client_is_recovered_exactly_and_every_exact_flag_is_true(model_type):
     """Both families: every sentence back, flagged exact, no dropout warning (the masks
     were solved for); the two sentences share their first token at position 0."""
-    bundle = _dropout_bundle(model_type)
+    bundle = dropout_bundle(model_type, d=96)
     batch = bundle.encode(SENTS, seed=0)
     update = compute_update(bundle.model, batch, parameters=required_parameters(bundle, dropout=True),
                             training=ClientTraining(dropout=True), seed=3)
@@ -49,7 +37,7 @@ def test_a_dropout_client_is_recovered_exactly_and_every_exact_flag_is_true(mode
 
 def test_without_the_attention_output_gradient_dropout_is_reported_inexact():
     """The fallback: an update lacking block 0's output projection cannot be certified."""
-    bundle = _dropout_bundle("gpt2")
+    bundle = dropout_bundle("gpt2", d=96)
     batch = bundle.encode(SENTS[:2], seed=0)
     names = required_parameters(bundle)  # without dropout=True: no output projection
     assert not any("c_proj" in n for n in names)
