@@ -40,8 +40,9 @@ class WarningCode(str, Enum):
     LEFT_PADDING = "left_padding"
     """The client padded on the left (positions shift)."""
     DROPOUT = "dropout"
-    """The client trained with dropout on (rate > 0): its layer inputs carry unknown
-    masks, so no sentence can be certified exact; every one is reported inexact."""
+    """The client trained with dropout on (rate > 0) and the dropout search could not solve
+    for every mask (a layer-1 input not found, no attention-output gradient, a LoRA
+    update): no sentence is certified exact; every one is reported inexact."""
     UNCLEAR_CUT = "unclear_cut"
     """A half-precision update's spectrum has no clear edge at its rounding level (the
     value: the eigenvalue ratio at the cut): weak true directions may be lost in the

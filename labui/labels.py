@@ -38,8 +38,9 @@ WARNINGS = {
     "combinations_capped": "The encoder search hit its cap on combinations ({value:.0f}).",
     "incomplete": "Some sentences could not be completed exactly ({value:.0f}).",
     "left_padding": "The update was computed on left-padded batches; positions are shifted.",
-    "dropout": "The client trained with dropout (rate {value:g}): every layer input carries a random mask "
-    "the server cannot know, so no sentence can be certified exact; what is shown is a best effort.",
+    "dropout": "The client trained with dropout (rate {value:g}): every layer input carries a random mask, "
+    "and not every mask could be solved for here (an input was not found, or the update lacks block 0's "
+    "output projection, as a LoRA update does), so no sentence is certified exact; what is shown is a best effort.",
     "unclear_cut": "The half-precision update's spectrum has no clear edge above its rounding noise "
     "(ratio {value:.2g} at the cut): weak true directions may be lost in the rounding, so a sentence "
     "may be cut short; none is certified exact and what is shown is a best effort.",
