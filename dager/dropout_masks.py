@@ -63,8 +63,15 @@ CHUNK = 64
 POLISH = 0.1
 """Coordinates whose embedding is below this fraction of the median are tried both ways."""
 
+POLISHED = 1e-6
+"""A certified input closer than this is not polished (float32 round-off is ~1e-7; a
+coordinate flipped where the embedding is ~0 left 1e-5)."""
+
 SAME = 1e-3
 """Two certified inputs closer than this (relative) are one."""
+
+COPY_CHUNK = 32
+"""Certified candidates probed for copies at once."""
 
 MAX_COPIES = 8
 """The most masked inputs looked for per candidate (sentences sharing a token and position)."""
@@ -224,7 +231,7 @@ def masked_inputs(
                 found.append(item)
                 certified.append((i, item))
         if len(found) < rank and certified:
-            found += _copies(candidates, x, gx, basis, extra, norm, rate, certified, start)
+            found += _copies(candidates, x, gx, basis, extra, norm, rate, certified, start, rank - len(found))
         if len(found) >= rank:
             break
     return found
@@ -264,6 +271,8 @@ def _certify(
     dist = float(_distance(z, basis))
     if dist >= CERTIFY:
         return None
+    if dist < POLISHED:
+        return MaskedInput(token=cand[0], position=cand[1], z=z, dropped=dropped, distance=dist)
     # The fit cannot tell kept from dropped where the embedding is ~0 (both miss the span
     # by little): try each such coordinate both ways and keep the closer input.
     small = (x.abs() < POLISH * x.abs().median()).nonzero()[:, 0]
@@ -292,30 +301,38 @@ def _copies(
     rate: float,
     certified: list[tuple[int, MaskedInput]],
     start: int,
+    missing: int,
 ) -> list[MaskedInput]:
-    """Further masks of certified candidates: support growth with the known masks barred."""
+    """Further masks of certified candidates (``missing`` of them expected): support
+    growth with the known masks barred."""
     known: dict[int, list[torch.Tensor]] = {}
     zs: dict[int, list[torch.Tensor]] = {}
     for i, item in certified:
         known.setdefault(i, []).append(item.dropped)
         zs.setdefault(i, []).append(item.z)
-    todo = sorted(known)
     new: list[MaskedInput] = []
-    for _ in range(MAX_COPIES - 1):
-        if not todo:
+    # Probed best first (certified order: a candidate with copies fits its clean input
+    # best), a chunk at a time, until the span's rank is accounted for.
+    order = list(dict.fromkeys(i for i, _ in certified))
+    for at in range(0, len(order), COPY_CHUNK):
+        todo = order[at : at + COPY_CHUNK]
+        for _ in range(MAX_COPIES - 1):
+            if not todo:
+                break
+            bar = torch.stack([torch.stack(known[i]).any(0) for i in todo])
+            T, u, rel = _grow(gx[todo], basis, extra, rounds=FIT_ROUNDS + 2, start=start, bar=bar)  # the bar costs rounds
+            nxt = []
+            for row, i in enumerate(todo):
+                if rel[row] >= NEAR_FIT:
+                    continue
+                item = _round(candidates[i], x[i], T[row], u[row], basis, norm, rate)
+                if item is None or any(_same(item.z, z) for z in zs[i]):
+                    continue
+                new.append(item)
+                known[i].append(item.dropped)
+                zs[i].append(item.z)
+                nxt.append(i)
+            todo = nxt
+        if len(new) >= missing:
             break
-        bar = torch.stack([torch.stack(known[i]).any(0) for i in todo])
-        T, u, rel = _grow(gx[todo], basis, extra, rounds=FIT_ROUNDS + 2, start=start, bar=bar)  # the bar costs rounds
-        nxt = []
-        for row, i in enumerate(todo):
-            if rel[row] >= NEAR_FIT:
-                continue
-            item = _round(candidates[i], x[i], T[row], u[row], basis, norm, rate)
-            if item is None or any(_same(item.z, z) for z in zs[i]):
-                continue
-            new.append(item)
-            known[i].append(item.dropped)
-            zs[i].append(item.z)
-            nxt.append(i)
-        todo = nxt
     return new

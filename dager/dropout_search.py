@@ -74,8 +74,12 @@ space: the combinations that lie in the span (float32 round-off sits near 1e-7).
 MAX_REPEATS = 10
 """Positions of one repeated value whose subsets are enumerated (the last ones)."""
 
-IRLS_ITERATIONS = 60
-"""Reweighted least-squares iterations of the L1 fit of a mask."""
+IRLS_ITERATIONS = 20
+"""Reweighted least-squares iterations of the L1 fit of a mask (true masks rounded and
+refitted after 10 on llama-small-random, or needed the random rows in any case)."""
+
+IRLS_CHECK = 10
+"""Iterations between tries to round and refit the L1 point (true masks round early)."""
 
 TRIALS = 64
 """Random row sets tried at once when solving for an attention mask."""
@@ -267,15 +271,17 @@ def _shares(scaled: torch.Tensor, single: torch.Tensor, fitted: torch.Tensor) ->
     ones = torch.ones(sub.shape[0], dtype=scaled.dtype)
     eye = torch.eye(scaled.shape[1], dtype=scaled.dtype)
     a = torch.linalg.lstsq(sub, ones.unsqueeze(1), driver="gelsd").solution[:, 0]
-    for _ in range(IRLS_ITERATIONS):
+    for it in range(1, IRLS_ITERATIONS + 1):
         w = 1.0 / (sub @ a - ones).abs().clamp_min(1e-9)
         normal = (sub.T * w) @ sub
         a = torch.linalg.solve(normal + 1e-14 * float(normal.diagonal().amax()) * eye, (sub.T * w) @ ones)
+        if it % IRLS_CHECK == 0 and bool(single.any()):
+            e = (scaled @ a)[single]
+            fit = _refit(scaled, single, e)
+            if fit is not None:
+                return scaled @ fit
     if not bool(single.any()):
         return scaled @ a  # repeated values only: the subset sums are snapped after
-    a = _refit(scaled, single, (scaled @ a)[single])
-    if a is not None:
-        return scaled @ a
     k = scaled.shape[1]
     rows = single.nonzero()[:, 0]
     if rows.numel() < k:
