@@ -272,7 +272,8 @@ def _dropout_ready(run: _Run) -> bool:
     hooks = run.hooks
     if not isinstance(hooks, DecoderHooks) or is_lora_update(run.update):
         return False  # a LoRA update's frozen output projection shares nothing to check against
-    return all(n in run.update for n in hooks.attention_output_parameters(0))
+    names = hooks.optional_parameters()
+    return bool(names) and all(n in run.update for n in names)
 
 
 def _dropout_step(run: _Run, span1: Span) -> Iterator[DagerEvent]:

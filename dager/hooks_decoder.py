@@ -259,8 +259,12 @@ class DecoderHooks(FamilyHooks):
     embedding dropout): the layer-1 inputs are then recovered by sparse fitting."""
 
     def optional_parameters(self) -> list[str]:
-        # Block 0's attention output: read when the client trained with dropout.
-        return self.attention_output_parameters(0)
+        # Block 0's attention output: read when the client trained with dropout (a family
+        # without the dropout hooks reads none, and a dropout update falls back to inexact).
+        try:
+            return self.attention_output_parameters(0)
+        except NotImplementedError:
+            return []
 
     def attention_output_parameters(self, layer: int) -> list[str]:
         """Names of the weights whose gradients span block ``layer``'s attention output
