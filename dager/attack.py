@@ -175,7 +175,7 @@ class _Run:
     capacity: int = 0  # distinct inputs the span can hold: d, or k r for a LoRA update (0: d)
     capacity2: int = 0  # the same for block 1's span (LoRA: its own adapters' k r)
     unclear_gap: float | None = None  # a half-precision span's ratio at an unclear cut (dager.precision.CLEAR_CUT)
-    block1_unclear: float | None = None  # that ratio when only block 1's span was unclear
+    block1_unclear: bool = False  # only block 1's span was unclear (block 0's MLP check may stand in)
 
     masks_solved: bool = False  # dropout: the search solved for the masks (dager.dropout_search)
 
@@ -240,7 +240,7 @@ def _attack(run: _Run, names: list[str]) -> Iterator[DagerEvent]:
     span2 = run.span(run.hooks.attention_parameters(1), rank_hint=span1.rank + more)
     yield _spectrum_event(2, span2)
     if before is None and run.unclear_gap is not None:
-        run.block1_unclear = run.unclear_gap  # only block 1's cut: block 0's MLP check may stand in
+        run.block1_unclear = True
     d = run.hooks.hidden_size
     if not over and run.capacity2 and run.capacity2 < d and span2.rank >= OVER_CAPACITY * run.capacity2:
         # LoRA: block 1 reads one input per distinct prefix, more than layer 1's (token,
@@ -250,13 +250,13 @@ def _attack(run: _Run, names: list[str]) -> Iterator[DagerEvent]:
     log.debug("spans done at %.3f s", run.deadline.elapsed())
     accepted = yield from _filter_step(run, span1)
     decoding: _Decoding | None = None
+    stream = None
     if run.stop is StopReason.COMPLETE:
-        stream, decoding = _search_stream(run, accepted, span2)
-        if run.unclear_gap is not None:
-            yield AttackWarning(WarningCode.UNCLEAR_CUT, float(run.unclear_gap))
-        yield from _search_step(run, stream)
-    elif run.unclear_gap is not None:
+        stream, decoding = _search_stream(run, accepted, span2)  # may clear an unclear block-1 cut
+    if run.unclear_gap is not None:
         yield AttackWarning(WarningCode.UNCLEAR_CUT, float(run.unclear_gap))
+    if stream is not None:
+        yield from _search_step(run, stream)
     if decoding is not None and run.stop is StopReason.COMPLETE:
         if (not run.found or over or run.budget_exhausted) and len(run.found) < run.update.batch_size:
             yield from _greedy_step(run, decoding, span2)

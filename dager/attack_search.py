@@ -56,7 +56,7 @@ def _search_stream(
         span_mlp = run.span(hooks.mlp_parameters(0), rank_hint=span2.rank)
         log.debug("MLP span done at %.3f s", run.deadline.elapsed())
         layer2 = config.layer2_threshold
-        if run.block1_unclear is not None and run.unclear_gap == run.block1_unclear and clear_cut(span_mlp):
+        if run.block1_unclear and clear_cut(span_mlp):
             # A half-precision update whose block-1 cut is unclear while block 0's MLP-input
             # cut is clear (llama-small-random bf16: ratios 1.21 and 8.0): the MLP-input
             # check, a function of the whole prefix as well, certifies alone.

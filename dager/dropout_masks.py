@@ -54,6 +54,9 @@ NEAR_FIT = 1e-3
 ROUNDINGS = (0.5, 0.3, 0.7, 0.15, 0.85)
 """Cuts tried to round fitted mask values (a fit between two copies lands between 0 and 1)."""
 
+FIT_BYTES = 64 * 2**20
+"""Working set of one batch of support growth (candidates are fitted in batches under it)."""
+
 PRUNE = 0.3
 """Candidates whose first-round misfit is above this are not grown further."""
 
@@ -131,6 +134,13 @@ def _grow(
         one, and the relative misfit ``(N,)``.
     """
     n, d = gx.shape
+    k = min(d, start + (rounds - 1) * (start // 3))  # freed coordinates after the last round
+    per_row = 8 * (2 * (k + extra.shape[0]) ** 2 + k * basis.shape[1] + 4 * d)  # normal matrix, basis rows
+    step = max(1, FIT_BYTES // per_row)
+    if n > step:  # a bounded working set, whatever the number of candidates
+        parts = [_grow(gx[i : i + step], basis, extra, rounds=rounds, start=start,
+                       bar=None if bar is None else bar[i : i + step]) for i in range(0, n, step)]
+        return tuple(torch.cat(t) for t in zip(*parts))  # type: ignore[return-value]
     r0 = _perp(gx, basis)
     ee = extra @ extra.T  # (e, e)
     c0 = torch.linalg.lstsq(ee.expand(n, *ee.shape), -(r0 @ extra.T).unsqueeze(-1)).solution[..., 0]

@@ -435,21 +435,17 @@ def masked_candidates(
 
     cut = distance_cut(rate)
     pairs: list[tuple[int, int]] = []
+    rows: list[torch.Tensor] = []
     for row in range(dists.shape[0]):
         near = (dists[row] < cut).nonzero()[:, 0]
         if near.numel() > MAX_PER_POSITION:
             near = near[dists[row, near].topk(MAX_PER_POSITION, largest=False).indices]
-        pairs += [(int(t), first_pos + row) for t in near.tolist()]
+        if near.numel():
+            pairs += [(int(t), first_pos + row) for t in near.tolist()]
+            rows.append(hooks.token_inputs(near, first_pos + row).detach().double())
     if not pairs:
         return {}
-    tokens = torch.tensor([t for t, _ in pairs])
-    x = torch.cat([
-        hooks.token_inputs(tokens[[i for i, (_, p) in enumerate(pairs) if p == pos]], pos).detach().double()
-        for pos in sorted({p for _, p in pairs})
-    ])
-    order = sorted(range(len(pairs)), key=lambda i: pairs[i][1])  # x is grouped by position
-    pairs = [pairs[i] for i in order]
-    found = masked_inputs(pairs, x, basis1, hooks.input_norm(), rate, rank=rank)
+    found = masked_inputs(pairs, torch.cat(rows), basis1, hooks.input_norm(), rate, rank=rank)
     by_pos: dict[int, list[Input]] = {}
     for item in found:
         by_pos.setdefault(item.position, []).append(Input(item.token, item.z))
