@@ -287,7 +287,12 @@ def _dropout_step(run: _Run, span1: Span) -> Iterator[DagerEvent]:
     bos = run.bundle.bos_token_id if run.bundle.family.prepend_bos else None
     if hooks.embedding_dropout:
         dists, first_pos = _layer1(hooks, span1, run.deadline, lower_bounds=False)
-        by_pos = masked_candidates(hooks, dists, first_pos, basis1, rate, span1.rank)
+        by_pos = masked_candidates(hooks, dists, first_pos, basis1, rate, span1.rank, expired=run.deadline.expired)
+        warning = run.out_of_time()
+        if warning is not None:  # the masked inputs took the budget: nothing certified
+            run.masks_solved = False
+            yield warning
+            return
         for pos in sorted(by_pos):
             ids = torch.tensor([c.token for c in by_pos[pos]])
             row = dists[pos - first_pos]

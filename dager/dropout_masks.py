@@ -37,6 +37,7 @@ through.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -204,8 +205,10 @@ def masked_inputs(
     rate: float,
     *,
     rank: int,
+    expired: Callable[[], bool] = lambda: False,
 ) -> list[MaskedInput]:
-    """The certified masked layer-1 inputs among ``candidates``.
+    """The certified masked layer-1 inputs among ``candidates`` (those found before
+    ``expired`` says the time budget is spent, checked between chunks).
 
     Args:
         candidates: ``(token, position)`` pairs, one per row of ``x``.
@@ -232,6 +235,8 @@ def masked_inputs(
         return []
     found: list[MaskedInput] = []
     for chunk in order.split(max(CHUNK, rank + rank // 4)):
+        if expired():
+            break
         T, u, rel = _grow(gx[chunk], basis, extra, rounds=FIT_ROUNDS, start=start)
         certified = []
         for row in (rel < NEAR_FIT).nonzero()[:, 0].tolist():

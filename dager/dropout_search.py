@@ -428,7 +428,8 @@ MAX_PER_POSITION = 512
 
 
 def masked_candidates(
-    hooks: DecoderHooks, dists: torch.Tensor, first_pos: int, basis1: torch.Tensor, rate: float, rank: int
+    hooks: DecoderHooks, dists: torch.Tensor, first_pos: int, basis1: torch.Tensor, rate: float, rank: int,
+    expired: Callable[[], bool] = lambda: False,
 ) -> dict[int, list[Input]]:
     """GPT-2's masked layer-1 inputs by position, from the clean layer-1 distances ``(P, V)``."""
     from dager.dropout_masks import masked_inputs
@@ -445,7 +446,7 @@ def masked_candidates(
             rows.append(hooks.token_inputs(near, first_pos + row).detach().double())
     if not pairs:
         return {}
-    found = masked_inputs(pairs, torch.cat(rows), basis1, hooks.input_norm(), rate, rank=rank)
+    found = masked_inputs(pairs, torch.cat(rows), basis1, hooks.input_norm(), rate, rank=rank, expired=expired)
     by_pos: dict[int, list[Input]] = {}
     for item in found:
         by_pos.setdefault(item.position, []).append(Input(item.token, item.z))

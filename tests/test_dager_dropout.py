@@ -77,3 +77,18 @@ def test_a_clean_candidate_is_not_certified_as_a_masked_input():
     assert float((clean - basis @ (basis.T @ clean)).norm() / clean.norm()) > 0.1
     found = masked_inputs([(7, 0), (8, 0)], x[7:9], basis, norm, 0.1, rank=basis.shape[1])
     assert found == []
+
+
+def test_a_dropout_run_stops_at_its_time_budget_and_certifies_nothing():
+    """The masked-input fit and the search answer to the attack's time budget."""
+    from dager.config import DagerConfig
+    from dager.events import AttackFinished, StopReason
+
+    bundle = dropout_bundle("gpt2", d=96)
+    update = compute_update(bundle.model, bundle.encode(SENTS, seed=0), parameters=required_parameters(bundle, dropout=True),
+                            training=ClientTraining(dropout=True), seed=3)
+    events = list(iter_dager(bundle, update, config=DagerConfig(time_budget_s=1e-6)))
+    assert any(isinstance(e, AttackWarning) and e.code == WarningCode.TIME_BUDGET for e in events)
+    result = events[-1].result
+    assert isinstance(events[-1], AttackFinished) and result.stop_reason is StopReason.TIME_BUDGET
+    assert not any(result.exact)
