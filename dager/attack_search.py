@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dager.encoder import encoder_search
+from dager.encoder_tuning import ENCODER_THREADS
 from dager.events import (
     AttackWarning,
     DagerEvent,
@@ -27,10 +28,12 @@ from dager.events import (
     WarningCode,
 )
 from dager.layers import BertHooks, DecoderHooks
+from dager.placement import place_tokens
 from dager.precision import clear_cut
 from dager.search import Found, Step, Thresholds, Tick, Warn, decoder_greedy, decoder_search
 from dager.span import Span
 from dager.zoo import ModelBundle
+from fedclient.threads import on_threads
 
 if TYPE_CHECKING:  # pragma: no cover
     from dager.attack import _Run
@@ -93,6 +96,8 @@ def _search_stream(
         )
         return stream, _Decoding(candidates, start, max_length)
     if isinstance(hooks, BertHooks):
+        gradients = hooks.input_matrix(run.update, hooks.attention_parameters(0))
+        placement = place_tokens(hooks.embedding_parts(), gradients, accepted, run.update.batch_size)
         stream = encoder_search(
             hooks,
             accepted,
@@ -101,8 +106,9 @@ def _search_stream(
             batch_size=run.update.batch_size,
             threshold=config.layer2_threshold,
             max_combinations=config.max_combinations,
+            placement=placement,
         )
-        return stream, None
+        return on_threads(stream, ENCODER_THREADS), None
     raise TypeError(f"unknown hooks type {type(hooks).__name__}")  # pragma: no cover
 
 

@@ -177,6 +177,7 @@ from dager.encoder_tuning import (
     THRESHOLD_FRACTION,
 )
 from dager.layers import BertHooks
+from dager.placement import Placement
 from dager.search import Found, Step, Tick, Warn
 from dager.span import Span
 
@@ -231,6 +232,7 @@ def encoder_search(
     max_combinations: int,
     generator: torch.Generator | None = None,
     beam: bool = True,
+    placement: Placement | None = None,
 ) -> Iterator[Found | Step | Warn | Tick]:
     """Recover encoder sequences from per-position candidates (Sec. 4.3, heuristic).
 
@@ -295,5 +297,6 @@ def encoder_search(
         max_combinations=max_combinations,
         generator=generator,
         beam=beam,
+        placement=placement,
     )
     yield from search.run()

@@ -34,6 +34,7 @@ from dager.encoder_tuning import (
 )
 from dager.events import WarningCode
 from dager.hooks_bert import BertHooks
+from dager.placement import Placement
 from dager.search_items import Found, Step, Tick, Warn
 from dager.span import Span
 
@@ -66,8 +67,12 @@ class _EncoderSearch:
         max_combinations: int,
         generator: torch.Generator | None,
         beam: bool = True,
+        placement: Placement | None = None,
     ) -> None:
         self.use_beam = beam
+        self.narrowed = placement.narrowed if placement is not None else None
+        self.located = placement.located if placement is not None else {}
+        self.narrow = False  # the beam's first passes read ``narrowed`` (dager.placement)
         self.hooks = hooks
         self.accepted = accepted
         self.span2 = span2
@@ -84,7 +89,7 @@ class _EncoderSearch:
         self.keys: set[tuple[int, ...]] = set()
         self.results: list[tuple[torch.Tensor, float]] = []
         self._specials = torch.tensor([self.cls_id, self.sep_id], device=self.device)
-        self._cands: dict[int, torch.Tensor] = {}
+        self._cands: dict[tuple[int, bool], torch.Tensor] = {}
 
     # -- small helpers -------------------------------------------------------------
 
@@ -98,11 +103,14 @@ class _EncoderSearch:
         return len(self.found) >= self.batch_size or self.left <= 0
 
     def cands(self, p: int) -> torch.Tensor:
-        """``(c,)`` layer-1 candidates at position ``p`` without ``[CLS]``/``[SEP]``."""
-        if p not in self._cands:
-            c = self.accepted[p].to(self.device)
-            self._cands[p] = c[~torch.isin(c, self._specials)]
-        return self._cands[p]
+        """``(c,)`` layer-1 candidates at position ``p`` without ``[CLS]``/``[SEP]`` (the
+        placement's narrower ones while :attr:`narrow` is set)."""
+        source = self.narrowed if self.narrow and self.narrowed is not None else self.accepted
+        key = (p, source is self.accepted)
+        if key not in self._cands:
+            c = source[p].to(self.device)
+            self._cands[key] = c[~torch.isin(c, self._specials)]
+        return self._cands[key]
 
     def rows(self, seqs: torch.Tensor) -> torch.Tensor:
         """``(n, L)`` distances of every block-1 input row to the layer-2 span (charged)."""

@@ -130,6 +130,20 @@ class _RowModel:
         pos = torch.full((1, ids.shape[0]), position, dtype=torch.long, device=ids.device)
         return self.hooks.emb(input_ids=ids.unsqueeze(0), token_type_ids=torch.zeros_like(pos), position_ids=pos)[0]
 
+    def row(self, seqs: torch.Tensor, r: int) -> torch.Tensor:
+        """``(n, d)``: block 0's output at row ``r`` of each of ``(n, L)`` whole sequences."""
+        n, L = seqs.shape
+        H, dh = self.heads, self.head_dim
+        att = self.att
+        e = self.embed(seqs)  # (n, L, d)
+        k = att.key(e).reshape(n, L, H, dh)
+        v = att.value(e).reshape(n, L, H, dh)
+        q = att.query(e[:, r]).reshape(n, H, dh)
+        a = (torch.einsum("nhd,nlhd->nhl", q, k) / math.sqrt(dh)).softmax(-1)
+        mix = torch.einsum("nhl,nlhd->nhd", a, v).reshape(n, H * dh)
+        hidden = self.blk.attention.output(mix, e[:, r])  # dense + residual + LayerNorm
+        return self.blk.output(self.blk.intermediate(hidden), hidden)
+
     def rows(self, ctx: torch.Tensor, position: int, cand: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """``(m, c, len(rows), d)``: rows of each context with each candidate at ``position``.
 
@@ -196,6 +210,7 @@ class _BeamStage:
         and is :data:`LATER_WIDTH_PER_MISSING` wide per missing sentence); then the
         nearest endings of all passes are repaired (:data:`LATE_REPAIRS`)."""
         s = self.s
+        s.narrow = s.narrowed is not None  # the passes read the placement's candidates
         for n in range(MAX_PASSES):
             before = len(s.found)
             missing = s.batch_size - before
@@ -205,6 +220,7 @@ class _BeamStage:
             yield from self.one_pass()
             if s.done or len(s.found) == before:
                 break
+        s.narrow = False  # repairs may use any layer-1 candidate
         yield from self.late_repairs()
 
     def late_repairs(self) -> Iterator[Found | Tick]:
@@ -274,21 +290,23 @@ class _BeamStage:
         width = self.early_width if p <= EARLY_POSITIONS else self.width
         sure = max(1, width // len(beam))
         order = z.argsort(dim=1)[:, : max(sure, BEAM_CHILDREN)]
-        children: list[_Prefix] = []
-        for i, b in enumerate(beam):
-            keep = [
-                j
-                for n, j in enumerate(order[i].tolist())
-                if n < sure or (n < BEAM_CHILDREN and (c <= BEAM_CHILDREN or float(z[i, j]) < -BEAM_Z))
-            ]
-            kept = cand[keep]
-            settled = torch.zeros(len(keep), dtype=torch.float64)
-            if p >= 2:
-                # The parent's newest row, now with its right neighbour known.
-                out = self.rm.rows(ctx[i : i + 1], p, kept, [p - 1])[0, :, 0]
-                settled = self.log_dist(out, L)
-            for n, j in enumerate(keep):
-                children.append(_Prefix((*b.ids, int(cand[j])), b.settled + float(settled[n]), float(r[i, j])))
+        pairs = [
+            (i, j)
+            for i in range(len(beam))
+            for n, j in enumerate(order[i].tolist())
+            if n < sure or (n < BEAM_CHILDREN and (c <= BEAM_CHILDREN or float(z[i, j]) < -BEAM_Z))
+        ]
+        settled = [0.0] * len(pairs)
+        if p >= 2:
+            # Each parent's newest row, now with its right neighbour (the child) known:
+            # every kept pair in one batch.
+            seqs = ctx[[i for i, _ in pairs]].clone()
+            seqs[:, p] = cand[[j for _, j in pairs]]
+            settled = self.log_dist(self.rm.row(seqs, p - 1), L).tolist()
+        children = [
+            _Prefix((*beam[i].ids, int(cand[j])), beam[i].settled + settled[n], float(r[i, j]))
+            for n, (i, j) in enumerate(pairs)
+        ]
         yield s.tick(L)
         return _by_family(children, p, width, found=[tuple(f.tolist()) for f in s.found])
 

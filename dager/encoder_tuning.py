@@ -3,6 +3,13 @@
 The beam stage's own constants live in :mod:`dager.encoder_beam`.
 """
 
+ENCODER_THREADS = 1
+"""Torch threads while the encoder search runs (the caller's count is restored at every
+event): its steps are small (one row per candidate, chunks of a few hundred rows), so
+threads mostly synchronise. minilm-l6, medium set, B=8, batch 0 in process on the
+2-core CPU: 9.5 s with torch's two threads, 14.8 s with passive OpenMP waits (the
+faces' policy, :mod:`fedclient.threads`), 6.1 s on one thread."""
+
 FALLBACK = False
 """Run the assembly search after the beam when sentences are still missing."""
 

@@ -54,6 +54,13 @@ class BertHooks(FamilyHooks):
             lower_bounds=lower_bounds,
         )
 
+    def embedding_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The additive embedding's parts (:func:`dager.placement.place_tokens`): the token
+        table, the position table with token type 0 added, the LayerNorm's weight and bias."""
+        e = self.emb
+        positions = e.position_embeddings.weight + e.token_type_embeddings.weight[0]
+        return e.word_embeddings.weight, positions, e.LayerNorm.weight, e.LayerNorm.bias
+
     def layer2_inputs(self, ids: torch.Tensor) -> torch.Tensor:
         """``(n, L, d)`` block 1's attention input (= ``hidden_states[1]``) of full sequences.
 
