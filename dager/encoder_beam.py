@@ -21,7 +21,18 @@ if TYPE_CHECKING:
     from dager.encoder_assembly import _EncoderSearch
 
 BEAM_WIDTH = 32
-"""Prefixes kept per position by the beam (after the family rule)."""
+"""Prefixes kept per position by the beam (after the family rule), at least: a batch of
+more than four sentences keeps :data:`WIDTH_PER_SENTENCE` per sentence."""
+
+WIDTH_PER_SENTENCE = 8
+"""Beam width per sentence of the batch (up to :data:`MAX_BEAM_WIDTH`). minilm-l6, medium
+set, B=8, in process on one thread: 32 wide 24/32 exact at 5.8 s per batch (development
+batches 0-3) and 47/64 at 5.9 s (held-out batches 8-15); 64 wide 26/32 at 7.6 s and
+51/64 at 6.4 s; 96 wide 26/32 at 9.8 s. B=4 stays 32 wide (64: 2.3 s per batch, not
+1.0, for the same 32/32 held out)."""
+
+MAX_BEAM_WIDTH = 128
+"""The widest beam (B=16 and more)."""
 
 BEAM_CHILDREN = 8
 """The most children a prefix may keep at one position."""
@@ -81,7 +92,7 @@ cost about what one pass with repairs did (minilm-l6, medium set; see
 
 LATER_WIDTH_PER_MISSING = 8
 """A later pass looks for the missing sentences only: it keeps this many prefixes per
-missing sentence, at most :data:`BEAM_WIDTH`, and its first positions shrink by the
+missing sentence, at most the first pass's width, and its first positions shrink by the
 same share of :data:`EARLY_WIDTH` (a B=4 batch with one sentence missing after the
 first pass searches 8 wide, 24 at position 1; a B=8 batch with four missing, as wide as
 the first pass). Full-width later passes found one more of 64 held-out B=8 sentences but
@@ -196,7 +207,8 @@ class _BeamStage:
         self.rm = _RowModel(search.hooks)
         self.tried: set[tuple[int, ...]] = set()
         self.near: dict[tuple[int, ...], float] = {}  # near endings -> their [SEP] row
-        self.width, self.early_width = BEAM_WIDTH, EARLY_WIDTH
+        self.full_width = min(MAX_BEAM_WIDTH, max(BEAM_WIDTH, WIDTH_PER_SENTENCE * search.batch_size))
+        self.width, self.early_width = self.full_width, EARLY_WIDTH
 
     def log_dist(self, rows: torch.Tensor, length: int) -> torch.Tensor:
         """Log relative distances of ``(..., d)`` rows; charges them as ``1/length``
@@ -214,8 +226,8 @@ class _BeamStage:
         for n in range(MAX_PASSES):
             before = len(s.found)
             missing = s.batch_size - before
-            share = 1.0 if n == 0 else min(1.0, LATER_WIDTH_PER_MISSING * missing / BEAM_WIDTH)
-            self.width = max(1, round(BEAM_WIDTH * share))
+            share = 1.0 if n == 0 else min(1.0, LATER_WIDTH_PER_MISSING * missing / self.full_width)
+            self.width = max(1, round(self.full_width * share))
             self.early_width = max(1, round(EARLY_WIDTH * share))
             yield from self.one_pass()
             if s.done or len(s.found) == before:
