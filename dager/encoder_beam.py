@@ -21,15 +21,10 @@ if TYPE_CHECKING:
     from dager.encoder_assembly import _EncoderSearch
 
 BEAM_WIDTH = 32
-"""Prefixes kept per position by the beam (after the family rule), at least: a batch of
-more than four sentences keeps :data:`WIDTH_PER_SENTENCE` per sentence."""
-
-WIDTH_PER_SENTENCE = 8
-"""Beam width per sentence of the batch (up to :data:`MAX_BEAM_WIDTH`). minilm-l6, medium
-set, B=8, in process on one thread: 32 wide 24/32 exact at 5.8 s per batch (development
-batches 0-3) and 47/64 at 5.9 s (held-out batches 8-15); 64 wide 26/32 at 7.6 s and
-51/64 at 6.4 s; 96 wide 26/32 at 9.8 s. B=4 stays 32 wide (64: 2.3 s per batch, not
-1.0, for the same 32/32 held out)."""
+"""Prefixes kept per position by the beam (after the family rule). With the open anchors
+of the later passes (:data:`ANCHOR_FILLERS`) a wider first pass no longer pays:
+minilm-l6, medium, B=8, held-out batches 8-15, in process: 64 wide 56/64 exact at 9.1 s
+per batch, 32 wide 56/64 at 6.0 s (without anchors: 51/64 at 6.4 s and 47/64 at 5.9 s)."""
 
 ANCHOR_FILLERS = 4
 """Later passes also score each candidate with the tokens located one position to its
@@ -40,10 +35,15 @@ behind "s"), and the missing sentences' located tokens are the likely neighbours
 Given its true prefix among the batch's true prefixes, a located token ranks its own
 prefix first 261 times in 265 (medium set, B=8, batches 0-3). minilm-l6, medium, B=8, in
 process: development batches 26/32 -> 29/32 exact, held-out 51/64 -> 56/64, at 7.1 ->
-9.1 s per batch (the later passes are 8 prefixes per missing sentence wide)."""
+9.1 s per batch (64 wide; see :data:`BEAM_WIDTH`)."""
 
-MAX_BEAM_WIDTH = 128
-"""The widest beam (B=16 and more)."""
+ANCHOR_PARENTS = 2
+"""In later passes each open anchor at a position (a missing sentence's located token)
+keeps the children of its best parents (this many) beyond the width, whatever their rank
+across the beam: sentences sharing a frequent first token ("the ...") lost all but one
+child of it at position 2. minilm-l6, medium, B=8, in process: batches 4-7 (not used while
+tuning anything before) 26/32 exact with none, 28/32 with one, 30/32 with two; with two,
+batches 0-3 29/32 and 8-15 56/64 -> 61/64 (all 16 batches: 120/128, 93.8%), 6-8 s per batch."""
 
 BEAM_CHILDREN = 8
 """The most children a prefix may keep at one position."""
@@ -101,13 +101,16 @@ that finds nothing new ends them. With repairs moved after the passes, three pas
 cost about what one pass with repairs did (minilm-l6, medium set; see
 :mod:`dager.encoder`)."""
 
-LATER_WIDTH_PER_MISSING = 8
+LATER_WIDTH_PER_MISSING = 12
 """A later pass looks for the missing sentences only: it keeps this many prefixes per
-missing sentence, at most the first pass's width, and its first positions shrink by the
+missing sentence, at most :data:`BEAM_WIDTH`, and its first positions shrink by the
 same share of :data:`EARLY_WIDTH` (a B=4 batch with one sentence missing after the
-first pass searches 8 wide, 24 at position 1; a B=8 batch with four missing, as wide as
+first pass searches 12 wide, 36 at position 1; a B=8 batch with three missing, as wide as
 the first pass). Full-width later passes found one more of 64 held-out B=8 sentences but
-took B=4 batches from 2.5 to 3.0 CPU s."""
+took B=4 batches from 2.5 to 3.0 CPU s (fourth round, 8 per missing sentence). With the
+open anchors (:data:`ANCHOR_FILLERS`) 12 per missing sentence against 8: held-out B=8
+batches 8-15 56/64 -> 58/64 exact at 6.0 -> 5.6 s per batch (later passes that find
+more end sooner), development batches 0-3 29/32 both, B=4 31/32 at 1.7 s."""
 
 BAN_FRACTION = 0.2
 """A prefix that differs from a found sentence's prefix in at most this fraction of its
@@ -218,8 +221,7 @@ class _BeamStage:
         self.rm = _RowModel(search.hooks)
         self.tried: set[tuple[int, ...]] = set()
         self.near: dict[tuple[int, ...], float] = {}  # near endings -> their [SEP] row
-        self.full_width = min(MAX_BEAM_WIDTH, max(BEAM_WIDTH, WIDTH_PER_SENTENCE * search.batch_size))
-        self.width, self.early_width = self.full_width, EARLY_WIDTH
+        self.width, self.early_width = BEAM_WIDTH, EARLY_WIDTH
         self.anchor_fillers = False
 
     def log_dist(self, rows: torch.Tensor, length: int) -> torch.Tensor:
@@ -238,8 +240,8 @@ class _BeamStage:
         for n in range(MAX_PASSES):
             before = len(s.found)
             missing = s.batch_size - before
-            share = 1.0 if n == 0 else min(1.0, LATER_WIDTH_PER_MISSING * missing / self.full_width)
-            self.width = max(1, round(self.full_width * share))
+            share = 1.0 if n == 0 else min(1.0, LATER_WIDTH_PER_MISSING * missing / BEAM_WIDTH)
+            self.width = max(1, round(BEAM_WIDTH * share))
             self.early_width = max(1, round(EARLY_WIDTH * share))
             self.anchor_fillers = n > 0 and ANCHOR_FILLERS > 0
             yield from self.one_pass()
@@ -307,9 +309,11 @@ class _BeamStage:
             fills += self.open_anchors(p + 1)[:ANCHOR_FILLERS]
         L = p + 3
         r: torch.Tensor | None = None
+        first: torch.Tensor | None = None  # the random filler's contexts (the settled rows use them)
         for fill in fills:
             # [CLS] prefix <candidate> <filler> [SEP]; the token written at p is ignored.
             ctx = torch.tensor([[*b.ids, s.sep_id, fill, s.sep_id] for b in beam], device=s.device)  # (m, L)
+            first = ctx if first is None else first
             per_chunk = max(1, (SCORE_CHUNK * L) // c)
             parts = []
             for start in range(0, len(beam), per_chunk):
@@ -336,11 +340,20 @@ class _BeamStage:
             for n, j in enumerate(order[i].tolist())
             if n < sure or (n < BEAM_CHILDREN and (c <= BEAM_CHILDREN or float(z[i, j]) < -BEAM_Z))
         ]
+        linked: set[tuple[int, int]] = set()
+        if self.anchor_fillers and ANCHOR_PARENTS > 0 and len(beam) > 1:
+            # Each open anchor here keeps its best parents whatever their rank: given the
+            # batch's prefixes, a located token ranks its own first (see ANCHOR_FILLERS).
+            cols = torch.isin(cand, torch.tensor(self.open_anchors(p), dtype=cand.dtype, device=cand.device))
+            for j in cols.nonzero().squeeze(1).tolist():
+                linked.update((i, j) for i in r[:, j].argsort()[:ANCHOR_PARENTS].tolist())
+            pairs += sorted(linked - set(pairs))
         settled = [0.0] * len(pairs)
         if p >= 2:
             # Each parent's newest row, now with its right neighbour (the child) known:
             # every kept pair in one batch.
-            seqs = ctx[[i for i, _ in pairs]].clone()
+            assert first is not None
+            seqs = first[[i for i, _ in pairs]].clone()
             seqs[:, p] = cand[[j for _, j in pairs]]
             settled = self.log_dist(self.rm.row(seqs, p - 1), L).tolist()
         children = [
@@ -348,7 +361,14 @@ class _BeamStage:
             for n, (i, j) in enumerate(pairs)
         ]
         yield s.tick(L)
-        return _by_family(children, p, width, found=[tuple(f.tolist()) for f in s.found])
+        found = [tuple(f.tolist()) for f in s.found]
+        kept = _by_family(children, p, width, found=found)
+        if linked:
+            have = {ch.ids for ch in kept}
+            links = {(*beam[i].ids, int(cand[j])) for i, j in linked}
+            anchored = _by_family([ch for ch in children if ch.ids in links], p, len(links), found=found)
+            kept += [ch for ch in anchored if ch.ids not in have]
+        return kept
 
     def endings(self, beam: list[_Prefix], p: int) -> Iterator[Found | Tick]:
         """Every prefix closed by ``[SEP]`` at ``p``, checked whole; near ones kept for

@@ -88,7 +88,7 @@ def test_placement_stands_aside_where_it_does_not_apply(tiny_bert, minilm):
 
 def test_batched_row_equals_the_whole_block(tiny_bert):
     hooks = hooks_for(tiny_bert.model)
-    seqs = torch.tensor([tiny_bert.tokenize("The cat sat on the mat."), tiny_bert.tokenize("A red kite flew to the sea.")][:1] * 2)
+    seqs = torch.tensor([tiny_bert.tokenize("The cat sat on the mat.")] * 2)
     seqs[1, 3] = seqs[0, 2]
     with torch.no_grad():
         got = _RowModel(hooks).row(seqs, 2)
