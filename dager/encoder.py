@@ -123,6 +123,35 @@ What the measurements showed (minilm-l6, pretrained, d=384; medium set, B=8, bat
   (18/32 at 1.7-1.8x the one-pass time); the first 2 or 3 positions wider (19 and
   20/32, noise). The misses stay early: in a hard batch half of the true prefixes
   are cut by position 4, in every pass. The B=8 target (>= 90% exact) is not met.
+* Placement and anchors (issue 10 item 4, fifth round). (1) The gradient, not only its
+  row space, places tokens: with the additive embedding, block 0's attention gradient
+  splits into one backward-signal vector per bag token and one per position, and a
+  non-negative fit of each position's vector on the tokens' locates the once-occurring
+  tokens (:mod:`dager.placement`); the passes read the narrowed candidates (96 -> ~40 per
+  position at B=8, ~3% of sentences cut, which the repairs may still reach with all
+  candidates). (2) The search runs on one torch thread (:data:`ENCODER_THREADS`), and
+  each position's settled rows are scored in one batch (they were one call per parent).
+  (3) Rows depend on their right neighbour: behind a random filler the true token ranked
+  28-40 of 44 where it is first behind its true neighbour (``it ' s``, ``our flight to``).
+  Later passes add the missing sentences' located tokens one position to the right as
+  fillers and keep each candidate's best row (:data:`ANCHOR_FILLERS`), and each such open
+  anchor keeps its two best parents' children beyond the width (:data:`ANCHOR_PARENTS`;
+  among the batch's true prefixes a located token ranks its own first 261 times in 265).
+  minilm-l6, medium, in process, the fourth round's engine against this one: B=8
+  batches 0-3 17/32 at 11.7 s per batch (torch's default spinning waits; the faces'
+  passive waits made it slower) -> 29/32 at 7.8 s (passive waits); all 16 B=8 batches 120/128 (93.8%) at 6-8 s (batches 4-7,
+  untouched while tuning before the anchor parents, 26/32 -> 30/32 with them); B=4
+  batches 0-7 31/32 at 1.9 s, 16-23 32/32 at 1.2 s. What did not help: a right-to-left
+  pass (suffixes cannot be truncated like prefixes: with a filler left of the row and the
+  positions between missing, the true token ranks first 20% of the time, not 87%), the
+  minimum over two or three random fillers (26/32 at 1.5x the time), every located token
+  keeping its best parents in every pass (no gain), scores centred by the candidate's
+  median over parents, more children per parent, a 64- or 96-wide first pass once the
+  anchors existed (same count, 1.5x the time), and the query-gradient test below as a
+  child score. The query gradient of a once-occurring token lies, head by head, in the
+  span of its sentence's key differences (to ~1e-4, wrong sentences 1e-2 and more), an
+  exact per-token check that could replace block 1's; as a next-token score it ranks the
+  true token first only 25% of the time.
 * Whole-sequence coordinate descent from random assemblies (the earlier search)
   recovered 0/32 sentences at B=8 in 33 s per batch. The layer-2 score is flat far
   from a sentence, and each move costs ``c`` whole sequences.
@@ -140,6 +169,8 @@ import torch
 
 from dager.encoder_assembly import _Descent, _EncoderSearch
 from dager.encoder_beam import (
+    ANCHOR_FILLERS,
+    ANCHOR_PARENTS,
     BAN_FRACTION,
     BEAM_CHILDREN,
     BEAM_WIDTH,
@@ -163,6 +194,7 @@ from dager.encoder_beam import (
 )
 from dager.encoder_tuning import (
     DISTANCE_FLOOR,
+    ENCODER_THREADS,
     ENCODER_CEILING,
     EXHAUSTIVE_CAP,
     FALLBACK,
@@ -182,6 +214,8 @@ from dager.search import Found, Step, Tick, Warn
 from dager.span import Span
 
 __all__ = [
+    "ANCHOR_FILLERS",
+    "ANCHOR_PARENTS",
     "BAN_FRACTION",
     "BEAM_CHILDREN",
     "BEAM_WIDTH",
@@ -190,6 +224,7 @@ __all__ = [
     "EARLY_POSITIONS",
     "EARLY_WIDTH",
     "ENCODER_CEILING",
+    "ENCODER_THREADS",
     "EXHAUSTIVE_CAP",
     "FALLBACK",
     "FAMILY_FRACTION",
@@ -243,7 +278,11 @@ def encoder_search(
     most :data:`FAMILY_SIZE` per family of near-identical prefixes. Every prefix closed
     by ``[SEP]`` is checked whole (exact check). Up to :data:`MAX_PASSES` passes, each
     dropping the near copies of the sentences found so far; then near misses with the
-    right length are repaired (:data:`LATE_REPAIRS`). See the module docstring for the measurements behind this design.
+    right length are repaired (:data:`LATE_REPAIRS`). With a ``placement``
+    (:func:`dager.placement.place_tokens`) the passes read its narrower candidates, and
+    later passes use the missing sentences' located tokens as right neighbours and keep
+    their best parents (:data:`ANCHOR_FILLERS`, :data:`ANCHOR_PARENTS`). See the module
+    docstring for the measurements behind this design.
 
     Then, with ``beam=False`` (or :data:`FALLBACK`), the assembly search:
     sentence ends come first: ``[SEP]`` among a position's layer-1 candidates means a
@@ -280,6 +319,8 @@ def encoder_search(
         generator: seeds the probes, the beam's fillers and the restarts.
         beam: run the beam stage (the default); ``False`` runs the assembly search
             alone, as before the beam existed.
+        placement: what block 0's gradient says about the tokens' positions (``None``:
+            the layer-1 candidates alone).
 
     Yields:
         :class:`Tick` after every scored chunk, :class:`Step` per beam position
