@@ -96,8 +96,10 @@ def _search_stream(
         )
         return stream, _Decoding(candidates, start, max_length)
     if isinstance(hooks, BertHooks):
-        gradients = hooks.input_matrix(run.update, hooks.attention_parameters(0))
-        placement = place_tokens(hooks.embedding_parts(), gradients, accepted, run.update.batch_size)
+        placement = None
+        if not run.deadline.expired():  # a screen: past the time budget the search goes without it
+            gradients = hooks.input_matrix(run.update, hooks.attention_parameters(0))
+            placement = place_tokens(hooks.embedding_parts(), gradients, accepted, run.update.batch_size)
         stream = encoder_search(
             hooks,
             accepted,
