@@ -46,11 +46,9 @@ class BertHooks(FamilyHooks):
         return int(self.emb.position_embeddings.weight.shape[0])
 
     def layer1_filter(self, span: Span, *, lower_bounds: bool = False) -> AdditiveLayerNormFilter:
-        pos = self.emb.position_embeddings.weight
-        typ = self.emb.token_type_embeddings.weight[0]
-        ln = self.emb.LayerNorm
+        tokens, positions, weight, bias = self.embedding_parts()
         return AdditiveLayerNormFilter(
-            self.emb.word_embeddings.weight, ln.weight, ln.bias, ln.eps, span, lambda r: pos[r.start : r.stop] + typ,
+            tokens, weight, bias, self.emb.LayerNorm.eps, span, lambda r: positions[r.start : r.stop],
             lower_bounds=lower_bounds,
         )
 
