@@ -117,14 +117,17 @@ def place_tokens(
         log.debug("placement skipped: misfit %.2e", misfit)
         return None
     per_token, per_position = split[: bag.numel()], split[bag.numel() : bag.numel() + length]
+    gram_inv = torch.linalg.pinv(per_token @ per_token.T, hermitian=True)
+    own = 1.0 / (gram_inv.diagonal() * per_token.norm(dim=1) ** 2).clamp(min=1e-300)
+    distinct = own.sqrt().numpy() >= DISTINCT
+    if not distinct.any():
+        return None  # no weight would mean anything: skip the fits
     scale = float(per_token.norm(dim=1).mean().clamp(min=1e-300))
     u = (per_token / scale).numpy().T
     weights = np.stack([nnls(u, (per_position[j] / scale).numpy(), maxiter=50 * u.shape[1])[0] for j in range(length)])
     best = weights.max(axis=0)
     total = weights.sum(axis=0) + 1e-12
-    gram_inv = torch.linalg.pinv(per_token @ per_token.T, hermitian=True)
-    own = 1.0 / (gram_inv.diagonal() * per_token.norm(dim=1) ** 2).clamp(min=1e-300)
-    located = (best >= LOCATED) & (best / total >= SHARE) & (own.sqrt().numpy() >= DISTINCT)
+    located = (best >= LOCATED) & (best / total >= SHARE) & distinct
     if not located.any():
         return None
     allowed = (weights > PRESENT) | ~located[None, :]  # (length, bag)
